@@ -1,0 +1,40 @@
+"""pgslots: global concurrency limits and rate limits that live in PostgreSQL."""
+
+from __future__ import annotations
+
+from .errors import (
+    AcquireConcurrencySlotTimeoutError,
+    ConcurrencySlotAcquisitionError,
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidLimitNameError,
+    InvalidLimitValueError,
+    LeaseLostError,
+    LimitExistsError,
+    LimitNotFoundError,
+    MissingLimitsError,
+    PgSlotsError,
+    RateLimitWithoutDecayError,
+    SchemaNotInstalledError,
+    SlotsExceedLimitError,
+)
+from .migrate import LATEST_VERSION, migrate
+
+__all__ = [
+    "LATEST_VERSION",
+    "AcquireConcurrencySlotTimeoutError",
+    "ConcurrencySlotAcquisitionError",
+    "ConfigurationError",
+    "InvalidArgumentError",
+    "InvalidLimitNameError",
+    "InvalidLimitValueError",
+    "LeaseLostError",
+    "LimitExistsError",
+    "LimitNotFoundError",
+    "MissingLimitsError",
+    "PgSlotsError",
+    "RateLimitWithoutDecayError",
+    "SchemaNotInstalledError",
+    "SlotsExceedLimitError",
+    "migrate",
+]

@@ -1,0 +1,120 @@
+"""The exceptions pgslots raises, and the one place that maps database errors onto them.
+
+::
+
+    PgSlotsError
+    ├── ConfigurationError                   no database configured or reachable
+    ├── SchemaNotInstalledError              schema missing or older than this library
+    ├── InvalidArgumentError (ValueError)    bad slots, lease seconds or other argument
+    │   ├── InvalidLimitNameError            a name breaks the naming rule
+    │   └── InvalidLimitValueError           a negative limit, a NaN or infinite decay, ...
+    ├── LimitExistsError                     create of a name that is taken
+    ├── LimitNotFoundError                   update/delete/inspect of an unknown name
+    ├── LeaseLostError                       renew of a lease that expired or was released
+    ├── ConcurrencySlotAcquisitionError      an acquire that cannot succeed
+    │   ├── SlotsExceedLimitError            more slots than the limit has
+    │   ├── MissingLimitsError               strict acquire of limits that do not exist
+    │   └── RateLimitWithoutDecayError       rate limit on limits without decay
+    └── AcquireConcurrencySlotTimeoutError (TimeoutError)
+
+SQL raises with pgslots' own SQLSTATE codes (class ``PS``); :func:`translate` turns them, and the
+"schema not installed" family of errors, into the classes above.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pg_errors
+
+MIGRATE_HINT = "run `pgslots migrate` (or pgslots.migrate() from Python) to install it"
+
+
+class PgSlotsError(Exception):
+    """Base class of every error pgslots raises on purpose."""
+
+
+class ConfigurationError(PgSlotsError):
+    """No database is configured, or the configured one cannot be reached."""
+
+
+class SchemaNotInstalledError(PgSlotsError):
+    """The database has no pgslots schema, or an older one than this library needs."""
+
+
+class InvalidArgumentError(PgSlotsError, ValueError):
+    """An argument is out of range: slots, lease seconds, names list, ..."""
+
+
+class InvalidLimitNameError(InvalidArgumentError):
+    """A limit name is empty, too long or contains one of ``/ % & > <``."""
+
+
+class InvalidLimitValueError(InvalidArgumentError):
+    """A limit's slot count or decay is negative, NaN or infinite."""
+
+
+class LimitExistsError(PgSlotsError):
+    """A limit with this name exists already."""
+
+
+class LimitNotFoundError(PgSlotsError):
+    """No limit has this name."""
+
+
+class LeaseLostError(PgSlotsError):
+    """A lease expired or was released before it could be renewed."""
+
+
+class ConcurrencySlotAcquisitionError(PgSlotsError):
+    """Slots could not be acquired (and waiting would not help, or retries ran out)."""
+
+
+class SlotsExceedLimitError(ConcurrencySlotAcquisitionError):
+    """More slots were requested than the limit has: it could never succeed."""
+
+
+class MissingLimitsError(ConcurrencySlotAcquisitionError):
+    """A strict acquire named limits that do not exist."""
+
+
+class RateLimitWithoutDecayError(ConcurrencySlotAcquisitionError):
+    """A rate limit named limits that have no slot decay."""
+
+
+class AcquireConcurrencySlotTimeoutError(PgSlotsError, TimeoutError):
+    """Waiting for slots took longer than ``timeout_seconds``."""
+
+
+_BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
+    "PS001": InvalidLimitNameError,
+    "PS002": InvalidLimitValueError,
+    "PS003": LimitExistsError,
+    "PS004": LimitNotFoundError,
+    "PS005": InvalidArgumentError,
+    "PS006": SlotsExceedLimitError,
+    "PS007": InvalidArgumentError,
+    "PS008": MissingLimitsError,
+    "PS009": RateLimitWithoutDecayError,
+    "PS010": LeaseLostError,
+    "PS011": InvalidArgumentError,
+}
+
+
+def translate(exc: psycopg.Error) -> PgSlotsError | None:
+    """The pgslots error a database error stands for, or None when it is not one of ours."""
+    diag = exc.diag
+    state = getattr(exc, "sqlstate", None) or ""
+    cls = _BY_SQLSTATE.get(state)
+    if cls is not None:
+        return cls(diag.message_primary or str(exc))
+    if isinstance(exc, (pg_errors.InvalidSchemaName, pg_errors.UndefinedTable)) or (
+        isinstance(exc, pg_errors.UndefinedFunction) and "pgslots." in str(exc)
+    ):
+        return SchemaNotInstalledError(f"The pgslots schema is not installed in this database: {MIGRATE_HINT}.")
+    if isinstance(exc, psycopg.OperationalError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ConfigurationError(
+            f"Cannot reach the database ({first}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, "
+            "and that the server is running."
+        )
+    return None
