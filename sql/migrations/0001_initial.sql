@@ -347,10 +347,9 @@ BEGIN
             need := occupied + ahead + slots - lim."limit";
             IF need > 1e-9 THEN
                 blocked := blocked || lim.id;
-                IF lim.slot_decay_per_second > 0
-                   AND need <= pgslots._decayed(lim.unleased_slots, lim.slot_decay_per_second,
-                                                 lim.decayed_at, at) + 1e-9 THEN
-                    hint := need / lim.slot_decay_per_second;    -- exact: decay is continuous
+                IF lim.slot_decay_per_second > 0 AND lim.leased_slots + slots <= lim."limit" THEN
+                    -- Exact: decay is continuous, and the slots of waiters ahead decay too.
+                    hint := need / lim.slot_decay_per_second;
                 ELSE
                     hint := least(30, greatest(0.1,
                         lim.avg_slot_occupancy_seconds * need / greatest(lim."limit", 1)));

@@ -1,0 +1,69 @@
+"""Small helpers for tests that call the SQL API directly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+def one(conn: psycopg.Connection[Any], query: str, params: Any = None) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+        assert row is not None
+        return row
+
+
+def rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+def acquire(conn: psycopg.Connection[Any], names: list[str], slots: int = 1, lease_seconds: float = 300,
+            **kw: Any) -> dict[str, Any]:
+    args = ", ".join(f"{k} => %({k})s" for k in kw)
+    query = "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s" + (", " + args if args else "") + ")"
+    return one(conn, query, {"names": names, "slots": slots, "lease_seconds": lease_seconds, **kw})
+
+
+def rate_limit(conn: psycopg.Connection[Any], names: list[str], slots: int = 1, **kw: Any) -> dict[str, Any]:
+    args = ", ".join(f"{k} => %({k})s" for k in kw)
+    query = "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s" + (", " + args if args else "") + ")"
+    return one(conn, query, {"names": names, "slots": slots, **kw})
+
+
+def create(conn: psycopg.Connection[Any], name: str, limit: int, decay: float = 0, active: bool = True) -> Any:
+    return one(conn, "SELECT pgslots.create_limit(%s, %s, %s, %s) AS id", [name, limit, decay, active])["id"]
+
+
+def status(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:
+    return one(conn, "SELECT * FROM pgslots.status WHERE name = %s", [name])
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> list[Any]:
+    """Everything a rejected call must leave unchanged."""
+    return [
+        conn.execute("SELECT * FROM pgslots.limits ORDER BY name").fetchall(),
+        conn.execute("SELECT * FROM pgslots.leases ORDER BY id, limit_id").fetchall(),
+        conn.execute("SELECT * FROM pgslots.waiters ORDER BY limit_id, id").fetchall(),
+    ]
+
+
+def advance_clock(conn: psycopg.Connection[Any], seconds: float) -> None:
+    conn.execute("UPDATE pgslots.settings SET clock_offset = clock_offset + make_interval(secs => %s)", [seconds])
+
+
+def expect_error(conn: psycopg.Connection[Any], sqlstate: str, query: str, params: Any = None) -> str:
+    """Runs a call that must fail with `sqlstate`, proves it changed nothing, returns the message."""
+    before = snapshot(conn)
+    try:
+        with conn.transaction():
+            conn.execute(query, params)
+    except psycopg.Error as exc:
+        assert exc.sqlstate == sqlstate, f"expected {sqlstate}, got {exc.sqlstate}: {exc}"
+        assert snapshot(conn) == before
+        return exc.diag.message_primary or ""
+    raise AssertionError(f"no error from {query} {params}")
