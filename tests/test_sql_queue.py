@@ -54,12 +54,15 @@ def test_heartbeat_keeps_the_place(sql: Conn) -> None:
     create(sql, "hb", 1)
     client = uuid.uuid4()
     lease = acquire(sql, ["hb"], lease_seconds=60)["lease_id"]
-    acquire(sql, ["hb"], lease_seconds=60, queue_client=client)
+    ticket = acquire(sql, ["hb"], lease_seconds=60, queue_client=client)["waiter"]
+    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == []   # nothing free yet
     one(sql, "SELECT pgslots.release(%s)", [lease])
     for _ in range(3):
         advance_clock(sql, 4)
-        assert one(sql, "SELECT pgslots.heartbeat(%s) AS n", [client])["n"] == 1
+        # Still queued, and the free slot could serve it: the heartbeat says so.
+        assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == [ticket]
     assert not acquire(sql, ["hb"], lease_seconds=60)["granted"]
+    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [uuid.uuid4()])["t"] == []
 
 
 def test_leave_queue(sql: Conn) -> None:
@@ -111,3 +114,23 @@ def test_release_notifies_the_waiters_it_can_serve(fresh_dsn: str) -> None:
         # Four free now: the three queued waiters, not more, in order.
         assert notes[0].payload == ",".join(str(t) for t in tickets)
         assert rows(admin, "SELECT id FROM pgslots.waiters ORDER BY id")
+
+
+def test_heartbeat_counts_expired_leases_as_free(sql: Conn) -> None:
+    create(sql, "gone", 1)
+    acquire(sql, ["gone"], lease_seconds=60)   # its holder dies: nobody releases
+    client = uuid.uuid4()
+    ticket = acquire(sql, ["gone"], lease_seconds=60, queue_client=client)["waiter"]
+    advance_clock(sql, 5)
+    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == []
+    advance_clock(sql, 56)
+    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == [ticket]
+    assert acquire(sql, ["gone"], lease_seconds=60, ticket=ticket, queue_client=client)["granted"]
+
+
+def test_client_chosen_lease_id(sql: Conn) -> None:
+    create(sql, "named", 2)
+    chosen = uuid.uuid4()
+    got = acquire(sql, ["named"], lease_seconds=60, new_lease_id=chosen)
+    assert got["lease_id"] == chosen
+    assert one(sql, "SELECT pgslots.release(%s) AS r", [chosen])["r"] is True

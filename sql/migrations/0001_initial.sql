@@ -207,9 +207,10 @@ BEGIN
 END
 $$;
 
--- Notifies the queued waiters of one limit that the slots free now can serve, head first.
-CREATE FUNCTION pgslots._wake(target uuid, at timestamptz) RETURNS void
-LANGUAGE plpgsql
+-- The queued waiters of one limit that the slots free now can serve, head first. Slots of expired
+-- leases count as free: the waiter's own acquire will reclaim them.
+CREATE FUNCTION pgslots._wakeable(target uuid, at timestamptz) RETURNS bigint[]
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
@@ -220,14 +221,16 @@ DECLARE
     woken bigint[] := '{}';
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgslots.waiters x WHERE x.limit_id = target) THEN
-        RETURN;
+        RETURN woken;
     END IF;
     SELECT * INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF NOT FOUND OR NOT lim.active THEN
         free := 'Infinity';   -- deleted or disabled: every waiter must look again
     ELSE
         free := lim."limit" - lim.leased_slots
-                - pgslots._decayed(lim.unleased_slots, lim.slot_decay_per_second, lim.decayed_at, at);
+                - pgslots._decayed(lim.unleased_slots, lim.slot_decay_per_second, lim.decayed_at, at)
+                + (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x
+                   WHERE x.limit_id = target AND x.expires_at <= at);
     END IF;
     FOR w IN SELECT x.id, x.slots FROM pgslots.waiters x
              WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
@@ -236,6 +239,18 @@ BEGIN
         woken := woken || w.id;
         EXIT WHEN cardinality(woken) >= 400;   -- a NOTIFY payload holds about 8000 bytes
     END LOOP;
+    RETURN woken;
+END
+$$;
+
+-- Notifies the waiters of one limit that the slots free now can serve (payload: their tickets).
+CREATE FUNCTION pgslots._wake(target uuid, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    woken bigint[] := pgslots._wakeable(target, at);
+BEGIN
     IF cardinality(woken) > 0 THEN
         PERFORM pg_notify('pgslots', array_to_string(woken, ','));
     END IF;
@@ -269,7 +284,7 @@ $$;
 
 CREATE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
-    ticket bigint, queue_client uuid, for_rate_limit boolean,
+    ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
 LANGUAGE plpgsql
@@ -373,7 +388,7 @@ BEGIN
                 decayed_at = at
             WHERE l.id = ANY (ids);
         ELSE
-            lease_id := gen_random_uuid();
+            lease_id := coalesce(new_lease_id, gen_random_uuid());
             fencing_token := nextval('pgslots.fencing_tokens');
             expires_at := at + lease_for;
             INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at,
@@ -420,18 +435,21 @@ CREATE FUNCTION pgslots.acquire(
     strict boolean DEFAULT false,
     ticket bigint DEFAULT NULL,
     queue_client uuid DEFAULT NULL,
+    new_lease_id uuid DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
 LANGUAGE sql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
-    SELECT * FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false)
+    SELECT * FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client,
+                                 false, new_lease_id)
 $$;
-COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid) IS
+COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
 '(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
 'blocked_by. missing lists names with no limit (strict => error). With queue_client, a refused '
-'caller is queued and gets a waiter ticket to pass back; queued callers are served first-come.';
+'caller is queued and gets a waiter ticket to pass back; queued callers are served first-come. '
+'new_lease_id lets a client name the lease up front, so it can release it after an interrupted call.';
 
 CREATE FUNCTION pgslots.rate_limit(
     names text[],
@@ -445,7 +463,7 @@ LANGUAGE sql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true) AS a
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a
 $$;
 COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid) IS
 'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
@@ -546,24 +564,30 @@ COMMENT ON FUNCTION pgslots.sweep() IS
 -- Public API: queue upkeep for waiting clients.
 ---------------------------------------------------------------------------------------------------
 
-CREATE FUNCTION pgslots.heartbeat(queue_client uuid) RETURNS integer
+CREATE FUNCTION pgslots.heartbeat(queue_client uuid) RETURNS bigint[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
-    kept integer;
+    at timestamptz := pgslots._now();
+    mine bigint[];
 BEGIN
     UPDATE pgslots.waiters w
-    SET expires_at = pgslots._now() + make_interval(secs => s.waiter_ttl_seconds)
+    SET expires_at = at + make_interval(secs => s.waiter_ttl_seconds)
     FROM pgslots.settings s
     WHERE w.client_id = queue_client;
-    GET DIAGNOSTICS kept = ROW_COUNT;
-    RETURN kept;
+    -- One walk of the queue per limit, not per waiter.
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO mine
+    FROM (SELECT DISTINCT w.limit_id FROM pgslots.waiters w WHERE w.client_id = queue_client) q,
+         unnest(pgslots._wakeable(q.limit_id, at)) AS t
+    WHERE EXISTS (SELECT 1 FROM pgslots.waiters v WHERE v.id = t AND v.client_id = queue_client);
+    RETURN coalesce(mine, '{}');
 END
 $$;
 COMMENT ON FUNCTION pgslots.heartbeat(uuid) IS
-'Keeps every queued waiter of one client in its place for another waiter_ttl_seconds; returns how '
-'many waiter rows it kept. A client that stops calling it leaves the queue by itself.';
+'Keeps every queued waiter of one client in its place for another waiter_ttl_seconds, and returns '
+'the tickets among them that free slots could serve now (a backstop for lost notifications). A '
+'client that stops calling it leaves the queue by itself.';
 
 CREATE FUNCTION pgslots.leave_queue(ticket bigint) RETURNS void
 LANGUAGE plpgsql
