@@ -1,0 +1,231 @@
+"""The I/O-free heart of the client: validating a request and deciding what follows each attempt.
+
+The sync and async front-ends are thin drivers around :class:`Attempts`: they run the query it
+asks for, feed it the row, and either return the grant or wait as long as it says. Whether a slot
+is free is never decided here: that is the SQL's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
+
+from . import _queries as q
+from ._engine import Engine
+from .errors import (
+    AcquireConcurrencySlotTimeoutError,
+    ConcurrencySlotAcquisitionError,
+    InvalidArgumentError,
+)
+
+logger = logging.getLogger("pgslots")
+
+_HOST = socket.gethostname()
+LONGEST_WAIT_SECONDS = 60.0   # even a waiter that is never woken looks again this often
+POLL_SECONDS = 1.0            # without LISTEN, the longest pause between attempts
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted acquire: what ``with concurrency(...) as lease`` gives the body."""
+
+    lease_id: uuid.UUID | None
+    fencing_token: int | None
+    expires_at: datetime | None
+    names: tuple[str, ...]
+    slots: int
+    lease_seconds: float
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Request:
+    names: tuple[str, ...]
+    slots: int
+    timeout_seconds: float | None
+    max_retries: int | None
+    lease_seconds: float
+    strict: bool
+    holder: dict[str, Any] | None
+    rate_limit: bool
+
+
+def normalize_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentError(f"names must be a string or a list of strings, got {names!r}.")
+    return tuple(dict.fromkeys(names))
+
+
+def _check_number(label: str, value: Any, *, minimum: float, integer: bool, allow_none: bool) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise InvalidArgumentError(f"{label} is required.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{label} must be a number, got {value!r}.")
+    if integer and not isinstance(value, int):
+        raise InvalidArgumentError(f"{label} must be a whole number, got {value!r}.")
+    if not math.isfinite(value) or value < minimum:
+        raise InvalidArgumentError(f"{label} must be a finite number >= {minimum:g}, got {value!r}.")
+    if integer and value > 2**31 - 1:
+        raise InvalidArgumentError(f"{label} must be at most {2**31 - 1}, got {value!r}.")
+
+
+def make_request(
+    names: str | list[str] | tuple[str, ...] | None,
+    occupy: int,
+    timeout_seconds: float | None,
+    max_retries: int | None,
+    lease_duration: float,
+    strict: bool,
+    holder: dict[str, Any] | None,
+    rate_limit: bool,
+) -> Request | None:
+    """A validated request, or None when there is nothing to acquire (no names)."""
+    wanted = normalize_names(names)
+    _check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
+    _check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
+    _check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
+    _check_number("lease_duration", lease_duration, minimum=0, integer=False, allow_none=False)
+    if holder is not None and not isinstance(holder, dict):
+        raise InvalidArgumentError(f"holder must be a dict such as {{'type': 'worker', 'id': '7'}}, got {holder!r}.")
+    if not wanted:
+        return None
+    return Request(wanted, occupy, timeout_seconds, max_retries, float(lease_duration), strict, holder, rate_limit)
+
+
+def list_literal(names: tuple[str, ...] | list[str]) -> str:
+    return repr(list(names))
+
+
+def timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
+    return AcquireConcurrencySlotTimeoutError(
+        f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)"
+    )
+
+
+@dataclass
+class Attempts:
+    """The state of one acquire or rate limit call across its attempts."""
+
+    request: Request
+    queue_client: uuid.UUID | None
+    listening: bool
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    ticket: int | None = None
+    pending_lease: uuid.UUID | None = None
+    warned: bool = False
+
+    @property
+    def deadline(self) -> float | None:
+        t = self.request.timeout_seconds
+        return None if t is None else self.started + t
+
+    def remaining(self) -> float | None:
+        """Seconds left before the timeout (None: no timeout); raises once it has passed."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timeout_error(self.request.timeout_seconds)
+        return left
+
+    def query(self) -> tuple[Any, dict[str, Any]]:
+        """The statement and parameters of the next attempt."""
+        r = self.request
+        params: dict[str, Any] = {
+            "names": list(r.names),
+            "slots": r.slots,
+            "strict": r.strict,
+            "ticket": self.ticket,
+            "queue_client": self.queue_client,
+        }
+        if r.rate_limit:
+            return q.RATE_LIMIT, params
+        self.pending_lease = uuid.uuid4()
+        holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
+        params.update(lease_seconds=r.lease_seconds, holder=Jsonb(holder), new_lease_id=self.pending_lease)
+        return q.ACQUIRE, params
+
+    def record(self, row: dict[str, Any]) -> Lease | float:
+        """Digests one attempt: a Lease when granted, else the longest time to wait before the next."""
+        self.attempts += 1
+        r = self.request
+        if row["missing"] and not self.warned:
+            self.warned = True
+            logger.warning("Concurrency limits %s do not exist - skipping acquisition.", list_literal(row["missing"]))
+        self.ticket = row["waiter"]
+        if row["granted"]:
+            self.ticket = None
+            self.pending_lease = None
+            return Lease(
+                lease_id=row.get("lease_id"),
+                fencing_token=row.get("fencing_token"),
+                expires_at=row.get("expires_at"),
+                names=r.names,
+                slots=r.slots,
+                lease_seconds=r.lease_seconds,
+                missing=tuple(row["missing"] or ()),
+            )
+        self.pending_lease = None
+        if r.max_retries is not None and self.attempts > r.max_retries:
+            raise ConcurrencySlotAcquisitionError(
+                f"Unable to acquire concurrency slots on {list_literal(r.names)}: still full "
+                f"({', '.join(row['blocked_by'] or [])}) after {self.attempts} attempts (max_retries={r.max_retries})"
+            )
+        hint = float(row["retry_after"] or 0.1)
+        if r.rate_limit:
+            wait = hint                 # exact: the time until enough slots have decayed
+        elif self.listening:
+            # A release notifies us and the engine's heartbeat is the backstop; the cap is a last resort.
+            wait = LONGEST_WAIT_SECONDS * random.uniform(0.8, 1.0)
+        else:
+            wait = min(hint, POLL_SECONDS)   # no LISTEN connection (e.g. PgBouncer): poll
+        remaining = self.remaining()
+        return wait if remaining is None else min(wait, remaining)
+
+    def abandon(self, engine: Engine) -> None:
+        """After an interruption: release a grant that may have raced with it, and leave the queue."""
+        if self.pending_lease is not None:
+            engine.release_later(self.pending_lease)
+            self.pending_lease = None
+        if self.ticket is not None and self.queue_client is not None:
+            engine.leave_later(self.ticket)
+            self.ticket = None
+
+    def pool_timeout(self, exc: BaseException) -> BaseException:
+        """Waiting for a pooled connection past the deadline is the caller's timeout, not an outage."""
+        if isinstance(exc.__cause__, PoolTimeout) and self.deadline is not None and time.monotonic() >= self.deadline:
+            return timeout_error(self.request.timeout_seconds)
+        return exc
+
+
+def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
+    """What the engine does when a lease cannot be renewed: interrupt the body, or warn."""
+
+    def lost(error: BaseException) -> None:
+        if raise_on_failure:
+            logger.error("Lease renewal failed (%s): interrupting the body that holds the slots.", error)
+            interrupt(error)
+        else:
+            logger.warning("Lease renewal failed (%s): the body keeps running, but its slots may be lost.", error)
+
+    return lost

@@ -1,0 +1,173 @@
+"""Async API: ``concurrency()`` and ``rate_limit()``, with the signatures of
+``prefect.concurrency.asyncio``.
+
+::
+
+    from pgslots.asyncio import concurrency, rate_limit
+
+    async with concurrency("database", occupy=2, timeout_seconds=30):
+        ...
+
+    await rate_limit("external-api")
+
+Waiting tasks hold no database connection: they sleep on a future that the process's single
+listening connection resolves when a release frees slots for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import psycopg
+
+from . import _queries as q
+from ._core import Attempts, Lease, Request, logger, make_request, on_lease_lost
+from ._engine import Engine
+from .client import Client, default_client
+from .errors import PgSlotsError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
+    if ticket is None:
+        await asyncio.sleep(seconds)
+        return
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def wake() -> None:   # called from the engine's thread
+        with contextlib.suppress(RuntimeError):   # the loop has closed
+            loop.call_soon_threadsafe(settle)
+
+    engine.register(ticket, wake)
+    try:
+        await asyncio.wait_for(woken, seconds)
+    except TimeoutError:
+        pass
+    finally:
+        engine.unregister(ticket)
+
+
+async def _acquire(client: Client, request: Request) -> Lease:
+    engine = client.engine
+    state = Attempts(request, engine.client_id, listening=engine.listening)
+    try:
+        while True:
+            query, params = state.query()
+            try:
+                row = (await client.acall(query, params, timeout=state.remaining()))[0]
+            except PgSlotsError as exc:
+                raise state.pool_timeout(exc) from exc.__cause__
+            outcome = state.record(row)
+            if isinstance(outcome, Lease):
+                return outcome
+            if not state.listening and engine.listen:
+                state.listening = await asyncio.to_thread(
+                    engine.ensure_listening, min(10.0, state.remaining() or 10.0)
+                )
+                if state.listening:
+                    continue   # wake-ups can reach us now: look once more before sleeping
+            await _wait(engine, state.ticket, outcome)
+    except BaseException:
+        state.abandon(engine)
+        raise
+
+
+class concurrency:  # noqa: N801 - named like the function it replaces
+    """``async with concurrency(...)``: holds ``occupy`` slots on every named limit while the block
+    runs; also a decorator for coroutine functions. Same arguments and errors as the sync one; a
+    lease that cannot be renewed cancels the task holding it (``raise_on_lease_renewal_failure``)."""
+
+    def __init__(
+        self,
+        names: str | list[str] | None,
+        occupy: int = 1,
+        timeout_seconds: float | None = None,
+        max_retries: int | None = None,
+        lease_duration: float = 300,
+        strict: bool = False,
+        holder: dict[str, Any] | None = None,
+        raise_on_lease_renewal_failure: bool | None = None,
+        *,
+        client: Client | None = None,
+    ) -> None:
+        self._request = make_request(
+            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False
+        )
+        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
+        self._client = client
+        self._lease: Lease | None = None
+        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder,
+                      raise_on_lease_renewal_failure)
+
+    def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(func)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            async with concurrency(*self._args, client=self._client):
+                return await func(*args, **kwargs)
+
+        return wrapper
+
+    async def __aenter__(self) -> Lease | None:
+        if self._request is None:
+            return None
+        client = self._client or default_client()
+        self._lease = await _acquire(client, self._request)
+        if self._lease.lease_id is not None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+
+            def cancel_task(error: BaseException) -> None:   # called from the engine's thread
+                if task is not None:
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(task.cancel, f"pgslots lease lost: {error}")
+
+            lost = on_lease_lost(self._raise_on_failure, cancel_task)
+            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
+        return self._lease
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None or lease.lease_id is None:
+            return
+        client = self._client or default_client()
+        client.engine.drop(lease.lease_id)
+        try:
+            await client.acall(q.RELEASE, {"lease_id": lease.lease_id})
+        except BaseException as error:
+            # Cancelled or the database is away: the slots must come back all the same.
+            client.engine.release_later(lease.lease_id)
+            if not isinstance(error, PgSlotsError | psycopg.Error):
+                raise
+            logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+
+
+async def rate_limit(
+    names: str | list[str] | None,
+    occupy: int = 1,
+    timeout_seconds: float | None = None,
+    strict: bool = False,
+    *,
+    client: Client | None = None,
+) -> None:
+    """Occupies ``occupy`` decaying slots on every named limit; returns once they fit."""
+    request = make_request(names, occupy, timeout_seconds, None, 300, strict, None, rate_limit=True)
+    if request is None:
+        return
+    await _acquire(client or default_client(), request)
+
+
+__all__ = ["concurrency", "rate_limit"]

@@ -1,0 +1,175 @@
+"""Blocking API: ``concurrency()`` and ``rate_limit()``, with the signatures of
+``prefect.concurrency.sync``.
+
+::
+
+    from pgslots.sync import concurrency, rate_limit
+
+    with concurrency("database", occupy=2, timeout_seconds=30):
+        ...                                   # at most `limit` slots are in use, on every machine
+
+    rate_limit("external-api")                # returns once a slot is free; slots decay
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import psycopg
+
+from . import _queries as q
+from ._core import POLL_SECONDS, Attempts, Lease, Request, logger, make_request, on_lease_lost
+from ._engine import Engine, interrupt_thread
+from .client import Client, default_client
+from .errors import PgSlotsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
+    if ticket is None:
+        time.sleep(seconds)
+        return
+    woken = threading.Event()
+    engine.register(ticket, woken.set)
+    try:
+        woken.wait(seconds)
+    finally:
+        engine.unregister(ticket)
+
+
+def _acquire(client: Client, request: Request) -> Lease:
+    engine = client.engine
+    state = Attempts(request, engine.client_id, listening=engine.listening)
+    try:
+        while True:
+            query, params = state.query()
+            try:
+                row = client.call(query, params, timeout=state.remaining())[0]
+            except PgSlotsError as exc:
+                raise state.pool_timeout(exc) from exc.__cause__
+            outcome = state.record(row)
+            if isinstance(outcome, Lease):
+                return outcome
+            if not state.listening and engine.listen:
+                state.listening = engine.ensure_listening(min(10.0, state.remaining() or 10.0))
+                if state.listening:
+                    continue   # wake-ups can reach us now: look once more before sleeping
+            _wait(engine, state.ticket, outcome)
+    except BaseException:
+        state.abandon(engine)
+        raise
+
+
+def _acquire_in_transaction(client: Client, request: Request, conn: psycopg.Connection[Any]) -> Lease:
+    """Acquire inside the caller's transaction. A refusal is rolled back to a savepoint (freeing the
+    row locks it took) and retried after the hint: queueing needs committed rows, so this path polls."""
+    state = Attempts(request, None, listening=False)
+    while True:
+        query, params = state.query()
+        with conn.transaction() as savepoint:
+            outcome = state.record(client.call_on(conn, query, params)[0])
+            if isinstance(outcome, Lease):
+                return outcome
+            raise psycopg.Rollback(savepoint)   # quietly undoes the refused attempt
+        time.sleep(min(outcome, POLL_SECONDS))
+
+
+class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
+    """Holds ``occupy`` slots on every named limit while the block (or decorated function) runs.
+
+    Waits first-come-first-served until the slots are free, ``timeout_seconds`` passes
+    (``AcquireConcurrencySlotTimeoutError``) or ``max_retries`` refusals happened
+    (``ConcurrencySlotAcquisitionError``). The lease is renewed in the background every 0.75 x
+    ``lease_duration``. Pass ``connection=`` to acquire inside your own transaction, ``client=`` to
+    use a database other than the default one.
+    """
+
+    def __init__(
+        self,
+        names: str | list[str] | None,
+        occupy: int = 1,
+        timeout_seconds: float | None = None,
+        max_retries: int | None = None,
+        lease_duration: float = 300,
+        strict: bool = False,
+        holder: dict[str, Any] | None = None,
+        raise_on_lease_renewal_failure: bool | None = None,
+        *,
+        client: Client | None = None,
+        connection: psycopg.Connection[Any] | None = None,
+    ) -> None:
+        self._request = make_request(
+            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False
+        )
+        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
+        self._client = client
+        self._connection = connection
+        self._lease: Lease | None = None
+        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder,
+                      raise_on_lease_renewal_failure)
+
+    def _recreate_cm(self) -> concurrency:
+        # Each call of a decorated function gets its own acquire.
+        return concurrency(*self._args, client=self._client, connection=self._connection)
+
+    def __enter__(self) -> Lease | None:
+        if self._request is None:
+            return None
+        client = self._client or default_client()
+        if self._connection is not None:
+            self._lease = _acquire_in_transaction(client, self._request, self._connection)
+            return self._lease
+        self._lease = _acquire(client, self._request)
+        if self._lease.lease_id is not None:
+            lost = on_lease_lost(self._raise_on_failure, interrupt_thread(threading.get_ident()))
+            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
+        return self._lease
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None or lease.lease_id is None:
+            return
+        client = self._client or default_client()
+        if self._connection is not None:
+            with contextlib.suppress(PgSlotsError, psycopg.Error):
+                client.call_on(self._connection, q.RELEASE, {"lease_id": lease.lease_id})
+            return
+        client.engine.drop(lease.lease_id)
+        try:
+            client.call(q.RELEASE, {"lease_id": lease.lease_id})
+        except BaseException as error:
+            # The slots must come back even if the database is away right now.
+            client.engine.release_later(lease.lease_id)
+            if not isinstance(error, PgSlotsError | psycopg.Error):
+                raise
+            logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+
+
+def rate_limit(
+    names: str | list[str] | None,
+    occupy: int = 1,
+    timeout_seconds: float | None = None,
+    strict: bool = False,
+    *,
+    client: Client | None = None,
+) -> None:
+    """Occupies ``occupy`` slots that decay (never released); blocks until they fit.
+
+    The named limits need ``slot_decay_per_second`` > 0. A refused call sleeps exactly as long as
+    the database says it takes for enough slots to decay, first-come-first-served.
+    """
+    request = make_request(names, occupy, timeout_seconds, None, 300, strict, None, rate_limit=True)
+    if request is None:
+        return
+    _acquire(client or default_client(), request)
+
+
+__all__ = ["concurrency", "rate_limit"]
