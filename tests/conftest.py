@@ -141,3 +141,21 @@ def sql(sql_db: str) -> Iterator[psycopg.Connection[Any]]:
             yield conn
         finally:
             conn.rollback()
+
+
+@pytest.fixture
+def client(fresh_dsn: str) -> Iterator[Any]:
+    """A pgslots client on a fresh database, also installed as the default client."""
+    import pgslots.client
+
+    c = pgslots.client.configure(fresh_dsn)
+    try:
+        yield c
+    finally:
+        c.close()
+        pgslots.client._default = None
+
+
+def set_min_lease(dsn: str, seconds: float) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pgslots.settings SET min_lease_seconds = %s", [seconds])

@@ -194,6 +194,8 @@ class Attempts:
         hint = float(row["retry_after"] or 0.1)
         if r.rate_limit:
             wait = hint                 # exact: the time until enough slots have decayed
+        elif r.max_retries is not None:
+            wait = hint                 # retries are counted: space them by the database's estimate
         elif self.listening:
             # A release notifies us and the engine's heartbeat is the backstop; the cap is a last resort.
             wait = LONGEST_WAIT_SECONDS * random.uniform(0.8, 1.0)

@@ -32,3 +32,7 @@ GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"
 SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
 LISTEN: LiteralString = "LISTEN pgslots"
+# Only for acquires inside the caller's transaction: undo a refused attempt, keep a granted one.
+SAVEPOINT: LiteralString = "SAVEPOINT pgslots_acquire"
+ROLLBACK_TO_SAVEPOINT: LiteralString = "ROLLBACK TO SAVEPOINT pgslots_acquire"
+RELEASE_SAVEPOINT: LiteralString = "RELEASE SAVEPOINT pgslots_acquire"

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.rows import dict_row
@@ -77,7 +77,7 @@ def _application_name() -> str:
     return f"pgslots:{prog}"[:63]
 
 
-def raise_translated(exc: psycopg.Error) -> None:
+def raise_translated(exc: psycopg.Error) -> NoReturn:
     mapped = translate(exc)
     if mapped is None:
         raise exc
@@ -126,6 +126,7 @@ class Client:
     def pool(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._pool is None:
+                self._probe()
                 self._pool = ConnectionPool(
                     self.dsn,
                     min_size=1,
@@ -142,6 +143,7 @@ class Client:
         loop = asyncio.get_running_loop()
         apool = self._apools.get(loop)
         if apool is None:
+            await self._aprobe()
             apool = AsyncConnectionPool(
                 self.dsn,
                 min_size=1,
@@ -153,6 +155,36 @@ class Client:
             self._apools[loop] = apool
             await apool.open()
         return apool
+
+    def _probe(self) -> None:
+        """One direct connection before a pool exists: a clear error for a wrong DSN or a missing
+        schema, instead of a pool that retries in the background until a timeout."""
+        if self._schema_checked:
+            return
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
+                row = conn.execute(q.SCHEMA_VERSION).fetchone()
+        except psycopg.Error as exc:
+            raise_translated(exc)
+        self._check_version(row[0] if row else None)
+
+    async def _aprobe(self) -> None:
+        if self._schema_checked:
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, **self._probe_kwargs()
+            ) as conn:
+                row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
+        except psycopg.Error as exc:
+            raise_translated(exc)
+        self._check_version(row[0] if row else None)
+
+    def _probe_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self._connect_kwargs)
+        if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(self.dsn):
+            kwargs["connect_timeout"] = 10
+        return kwargs
 
     def _check_version(self, version: int | None) -> None:
         if version is None or version < LATEST_VERSION:
@@ -166,29 +198,21 @@ class Client:
         """Runs one statement on a pooled connection; pgslots errors come out translated."""
         try:
             with self.pool().connection(timeout=timeout) as conn:
-                if not self._schema_checked:
-                    row = conn.execute(q.SCHEMA_VERSION).fetchone()
-                    self._check_version(row[0] if row else None)
                 with conn.cursor(row_factory=dict_row) as cur:
                     cur.execute(query, params)
                     return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
-            raise  # unreachable
 
     async def acall(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         try:
             apool = await self.apool()
             async with apool.connection(timeout=timeout) as conn:
-                if not self._schema_checked:
-                    row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
-                    self._check_version(row[0] if row else None)
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(query, params)
                     return await cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
-            raise  # unreachable
 
     def call_on(self, conn: psycopg.Connection[Any], query: Any, params: Any = None) -> list[dict[str, Any]]:
         """Runs one statement on the caller's own connection (inside the caller's transaction)."""
@@ -198,7 +222,6 @@ class Client:
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
-            raise  # unreachable
 
     def close(self) -> None:
         self.engine.stop()

@@ -26,7 +26,7 @@ from . import _queries as q
 from ._core import POLL_SECONDS, Attempts, Lease, Request, logger, make_request, on_lease_lost
 from ._engine import Engine, interrupt_thread
 from .client import Client, default_client
-from .errors import PgSlotsError
+from .errors import InvalidArgumentError, PgSlotsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,14 +69,24 @@ def _acquire(client: Client, request: Request) -> Lease:
 def _acquire_in_transaction(client: Client, request: Request, conn: psycopg.Connection[Any]) -> Lease:
     """Acquire inside the caller's transaction. A refusal is rolled back to a savepoint (freeing the
     row locks it took) and retried after the hint: queueing needs committed rows, so this path polls."""
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        raise InvalidArgumentError(
+            "connection= acquires inside your transaction, but this connection is in autocommit mode "
+            "outside a transaction: open one (with conn.transaction(): ...) or leave out connection=."
+        )
     state = Attempts(request, None, listening=False)
     while True:
         query, params = state.query()
-        with conn.transaction() as savepoint:
+        client.call_on(conn, q.SAVEPOINT)
+        try:
             outcome = state.record(client.call_on(conn, query, params)[0])
-            if isinstance(outcome, Lease):
-                return outcome
-            raise psycopg.Rollback(savepoint)   # quietly undoes the refused attempt
+        except BaseException:
+            client.call_on(conn, q.ROLLBACK_TO_SAVEPOINT)
+            raise
+        if isinstance(outcome, Lease):
+            client.call_on(conn, q.RELEASE_SAVEPOINT)
+            return outcome
+        client.call_on(conn, q.ROLLBACK_TO_SAVEPOINT)   # frees the row locks the refused attempt took
         time.sleep(min(outcome, POLL_SECONDS))
 
 

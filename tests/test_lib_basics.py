@@ -1,0 +1,359 @@
+"""The Python API's behaviour as a Prefect user knows it, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgslots
+from pgslots import asyncio as pa
+from pgslots.client import Client
+from pgslots.sync import concurrency, rate_limit
+
+
+def held(client: Client, name: str) -> float:
+    return client.read_limit(name).active_slots
+
+
+def test_body_runs_and_slots_return(client: Client) -> None:
+    client.create_limit("db", 2)
+    with concurrency("db", occupy=2) as lease:
+        assert lease is not None and lease.lease_id is not None and lease.fencing_token
+        assert held(client, "db") == 2
+    assert held(client, "db") == 0
+
+
+def test_slots_return_when_the_body_raises(client: Client) -> None:
+    client.create_limit("db", 1)
+    with pytest.raises(ZeroDivisionError), concurrency("db"):
+        1 / 0  # noqa: B018
+    assert held(client, "db") == 0
+
+
+def test_async_body_and_exceptions(client: Client) -> None:
+    client.create_limit("db", 1)
+
+    async def main() -> None:
+        async with pa.concurrency("db") as lease:
+            assert lease is not None
+            assert held(client, "db") == 1
+        with pytest.raises(KeyError):
+            async with pa.concurrency("db"):
+                raise KeyError("x")
+
+    asyncio.run(main())
+    assert held(client, "db") == 0
+
+
+def test_occupy_over_limit_fails_at_once(client: Client) -> None:
+    client.create_limit("small", 2)
+    start = time.monotonic()
+    with pytest.raises(pgslots.ConcurrencySlotAcquisitionError) as info, concurrency("small", occupy=3):
+        pass
+    assert time.monotonic() - start < 1
+    assert str(info.value).startswith("Unable to acquire concurrency slots on ['small']: slots requested is greater")
+
+
+def test_timeout_message_and_type(client: Client) -> None:
+    client.create_limit("busy", 1)
+    with concurrency("busy"):
+        start = time.monotonic()
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError) as info, concurrency(
+            "busy", timeout_seconds=0.5
+        ):
+            pass
+        assert 0.45 < time.monotonic() - start < 3
+    assert isinstance(info.value, TimeoutError)
+    assert str(info.value) == "Attempt to acquire concurrency slots timed out after 0.5 second(s)"
+    assert held(client, "busy") == 0
+    _until(lambda: client.read_limit("busy").waiters == 0)
+
+
+def test_async_timeout(client: Client) -> None:
+    client.create_limit("busy", 1)
+
+    async def main() -> None:
+        async with pa.concurrency("busy"):
+            with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError):
+                async with pa.concurrency("busy", timeout_seconds=0.3):
+                    pass
+
+    asyncio.run(main())
+    assert held(client, "busy") == 0
+
+
+def test_max_retries(client: Client) -> None:
+    client.create_limit("busy", 1)
+    with concurrency("busy"):
+        with pytest.raises(pgslots.ConcurrencySlotAcquisitionError) as info, concurrency(
+            "busy", max_retries=2
+        ):
+            pass
+        assert "max_retries=2" in str(info.value)
+        assert str(info.value).startswith("Unable to acquire concurrency slots on ['busy']")
+    assert client.read_limit("busy").denied_slots == 3   # N + 1 attempts
+
+
+def test_max_retries_zero_is_one_attempt(client: Client) -> None:
+    client.create_limit("busy", 1)
+    with concurrency("busy"), pytest.raises(pgslots.ConcurrencySlotAcquisitionError):
+        with concurrency("busy", max_retries=0):
+            pass
+    assert client.read_limit("busy").denied_slots == 1
+
+
+def test_missing_limits_warn_and_run(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pgslots")
+    ran = False
+    with concurrency(["ghost", "ghoul"]) as lease:
+        ran = True
+        assert lease is not None and lease.lease_id is None
+    assert ran
+    assert "Concurrency limits ['ghost', 'ghoul'] do not exist - skipping acquisition." in caplog.text
+
+
+def test_partial_misses_are_named_and_the_rest_enforced(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pgslots")
+    client.create_limit("real", 1)
+    with concurrency(["real", "ghost"]) as lease:
+        assert lease is not None and lease.missing == ("ghost",)
+        assert held(client, "real") == 1
+    assert "Concurrency limits ['ghost'] do not exist - skipping acquisition." in caplog.text
+
+
+def test_missing_limits_strict(client: Client) -> None:
+    client.create_limit("real", 1)
+    with pytest.raises(pgslots.MissingLimitsError) as info, concurrency(["real", "ghost"], strict=True):
+        pass
+    assert str(info.value) == "Concurrency limits ['ghost'] must be created before acquiring slots"
+    assert isinstance(info.value, pgslots.ConcurrencySlotAcquisitionError)
+    assert held(client, "real") == 0
+
+
+def test_empty_names_touch_nothing() -> None:
+    unreachable = Client("host=127.0.0.1 port=1 dbname=nothing connect_timeout=1")
+    with concurrency([], client=unreachable) as lease:
+        assert lease is None
+    with concurrency(None, client=unreachable):
+        pass
+    rate_limit([], client=unreachable)
+    asyncio.run(pa.rate_limit(None, client=unreachable))
+
+
+def test_unreachable_database_is_a_configuration_error() -> None:
+    unreachable = Client("host=127.0.0.1 port=1 dbname=nothing connect_timeout=1")
+    with pytest.raises(pgslots.ConfigurationError) as info, concurrency("x", client=unreachable, timeout_seconds=3):
+        pass
+    assert "Cannot reach the database" in str(info.value)
+    unreachable.close()
+
+
+def test_rate_limit_needs_decay(client: Client) -> None:
+    client.create_limit("plain", 5)
+    with pytest.raises(pgslots.RateLimitWithoutDecayError) as info:
+        rate_limit("plain")
+    assert str(info.value) == (
+        "Only concurrency limits with slot decay can be used for rate limiting. "
+        "The following limits do not have a decay configured: 'plain'"
+    )
+
+
+def test_rate_limit_sleeps_the_exact_wait(client: Client) -> None:
+    client.create_limit("api", 2, slot_decay_per_second=5)
+    start = time.monotonic()
+    for _ in range(2 + 5):
+        rate_limit("api")
+    elapsed = time.monotonic() - start
+    assert 0.95 < elapsed < 1.3   # burst of 2, then 5 more at 5/s
+    assert client.read_limit("api").denied_slots <= 6   # one refusal per wait: no polling
+
+
+def test_async_rate_limit_timeout(client: Client) -> None:
+    client.create_limit("slow", 1, slot_decay_per_second=0.1)
+
+    async def main() -> None:
+        await pa.rate_limit("slow")
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError):
+            await pa.rate_limit("slow", timeout_seconds=0.3)
+
+    asyncio.run(main())
+
+
+def test_multi_name_acquire(client: Client) -> None:
+    client.create_limit("a", 2)
+    client.create_limit("b", 1)
+    with concurrency(["a", "b"]):
+        assert held(client, "a") == 1 and held(client, "b") == 1
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency(["a", "b"], timeout_seconds=0.2):
+            pass
+        assert held(client, "a") == 1
+    assert held(client, "a") == 0 and held(client, "b") == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"occupy": 0}, {"occupy": -1}, {"occupy": 1.5}, {"timeout_seconds": math.nan}, {"timeout_seconds": -1},
+     {"max_retries": -1}, {"lease_duration": math.inf}, {"holder": "me"}, {"occupy": 2**40}],
+)
+def test_bad_arguments(client: Client, kwargs: dict[str, Any]) -> None:
+    client.create_limit("x", 3)
+    with pytest.raises(pgslots.InvalidArgumentError):
+        with concurrency("x", **kwargs):
+            pass
+    assert held(client, "x") == 0
+
+
+def test_lease_duration_below_the_minimum(client: Client) -> None:
+    client.create_limit("x", 3)
+    with pytest.raises(pgslots.InvalidArgumentError) as info, concurrency("x", lease_duration=5):
+        pass
+    assert "between 60 and 86400" in str(info.value)
+
+
+def test_bad_names_from_python(client: Client) -> None:
+    with pytest.raises(pgslots.InvalidLimitNameError):
+        client.create_limit("a/b", 1)
+    with pytest.raises(pgslots.InvalidLimitNameError), concurrency("50%"):
+        pass
+
+
+def test_holder_recorded(client: Client) -> None:
+    client.create_limit("h", 1)
+    with concurrency("h", holder={"type": "flow_run", "id": "42"}):
+        (lease,) = client.list_leases("h")
+        assert lease.holder is not None and lease.holder["type"] == "flow_run"
+        assert lease.pid is not None and lease.host
+        assert lease.application_name and lease.application_name.startswith("pgslots:")
+
+
+def test_decorators(client: Client) -> None:
+    client.create_limit("deco", 1)
+
+    @concurrency("deco")
+    def work(x: int) -> int:
+        assert held(client, "deco") == 1
+        return x * 2
+
+    @pa.concurrency("deco")
+    async def awork(x: int) -> int:
+        assert held(client, "deco") == 1
+        return x * 3
+
+    assert work(2) == 4 and work(3) == 6
+    assert asyncio.run(awork(2)) == 6
+    assert held(client, "deco") == 0
+
+
+def test_acquire_inside_the_callers_transaction(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("tx", 1)
+    with psycopg.connect(fresh_dsn) as conn:
+        with concurrency("tx", connection=conn) as lease:
+            assert lease is not None
+        conn.rollback()   # the lease and its release vanish with the caller's work
+        assert held(client, "tx") == 0
+        with conn.transaction():
+            conn.execute("CREATE TABLE work (n int)")
+            ctx = concurrency("tx", connection=conn)
+            ctx.__enter__()
+        # Committed with the table: another caller sees the slot taken.
+        assert held(client, "tx") == 1
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("tx", timeout_seconds=0.3):
+            pass
+        ctx.__exit__(None, None, None)
+        conn.commit()
+    assert held(client, "tx") == 0
+
+
+def test_admin_calls(client: Client) -> None:
+    info = client.create_limit("adm", 3, slot_decay_per_second=0.5)
+    assert info.limit == 3 and info.slot_decay_per_second == 0.5
+    with pytest.raises(pgslots.LimitExistsError):
+        client.create_limit("adm", 3)
+    with pytest.raises(pgslots.InvalidArgumentError):
+        client.create_limit("neg", -1)
+    with pytest.raises(pgslots.InvalidArgumentError):
+        client.create_limit("nan", 1, slot_decay_per_second=math.nan)
+    assert client.update_limit("adm", limit=5, active=False).limit == 5
+    assert [x.name for x in client.read_limits()] == ["adm"]
+    with concurrency("adm"):
+        pass
+    client.update_limit("adm", active=True)
+    with concurrency("adm") as lease:
+        assert lease is not None and lease.lease_id is not None
+        (listed,) = client.list_leases()
+        assert listed.lease_id == lease.lease_id
+        assert client.release(str(lease.lease_id)) is True
+        assert client.release(lease.lease_id) is False
+    assert client.sweep() == 0
+    with pytest.raises(pgslots.InvalidArgumentError):
+        client.release("not-a-uuid")
+    client.delete_limit("adm")
+    with pytest.raises(pgslots.LimitNotFoundError):
+        client.read_limit("adm")
+    with pytest.raises(pgslots.LimitNotFoundError):
+        client.delete_limit("adm")
+
+
+def test_schema_not_installed(empty_dsn: str) -> None:
+    c = Client(empty_dsn)
+    with pytest.raises(pgslots.SchemaNotInstalledError) as info, concurrency("x", client=c):
+        pass
+    assert "pgslots migrate" in str(info.value)
+    assert c.migrate()
+    with concurrency("x", client=c):
+        pass
+    c.close()
+
+
+def test_one_worker_thread_serves_every_lease(client: Client) -> None:
+    client.create_limit("threads", 10)
+    with concurrency("threads"):
+        pass
+    before = threading.active_count()
+    for _ in range(50):
+        with concurrency("threads"):
+            pass
+    assert threading.active_count() == before
+
+
+def test_acquire_and_release_are_one_commit_each(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("lean", 2)
+    with concurrency("lean"):
+        pass
+    dbname = psycopg.conninfo.conninfo_to_dict(fresh_dsn)["dbname"]
+
+    def commits() -> int:
+        time.sleep(1.2)   # backends flush their counters about once a second when idle
+        with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", [dbname]).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    start = commits()
+    for _ in range(100):
+        with concurrency("lean"):
+            pass
+    spent = commits() - start
+    assert spent <= 2 * 100 + 3, spent   # +3: the counting connections themselves
+
+
+def _until(check: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_lease_ids_are_unguessable(client: Client) -> None:
+    client.create_limit("u", 5)
+    with concurrency("u") as a, concurrency("u") as b:
+        assert a is not None and b is not None
+        assert isinstance(a.lease_id, uuid.UUID) and a.lease_id.version == 4 and a.lease_id != b.lease_id
