@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -28,6 +29,7 @@ from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     InvalidArgumentError,
+    PgSlotsError,
 )
 
 logger = logging.getLogger("pgslots")
@@ -212,6 +214,13 @@ class Attempts:
         if self.ticket is not None and self.queue_client is not None:
             engine.leave_later(self.ticket)
             self.ticket = None
+
+    def failed(self, exc: PgSlotsError) -> BaseException:
+        """The error to raise for a failed attempt. The database answering with an error means the
+        attempt rolled back, so there is no grant to clean up."""
+        if not isinstance(exc.__cause__, psycopg.OperationalError):
+            self.pending_lease = None
+        return self.pool_timeout(exc)
 
     def pool_timeout(self, exc: BaseException) -> BaseException:
         """Waiting for a pooled connection past the deadline is the caller's timeout, not an outage."""

@@ -166,8 +166,8 @@ class Engine:
             except psycopg.Error as exc:
                 logger.debug("pgslots engine connection lost: %s", exc)
                 self._disconnect()
-                if self._stop.is_set() and not self._cleanup:
-                    return
+                if self._stop.is_set():
+                    return   # stopping with the database away: leases left behind expire by themselves
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

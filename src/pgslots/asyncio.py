@@ -60,6 +60,7 @@ async def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
 
 
 async def _acquire(client: Client, request: Request) -> Lease:
+    await client.apool()   # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
     try:
@@ -68,7 +69,7 @@ async def _acquire(client: Client, request: Request) -> Lease:
             try:
                 row = (await client.acall(query, params, timeout=state.remaining()))[0]
             except PgSlotsError as exc:
-                raise state.pool_timeout(exc) from exc.__cause__
+                raise state.failed(exc) from exc.__cause__
             outcome = state.record(row)
             if isinstance(outcome, Lease):
                 return outcome

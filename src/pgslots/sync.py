@@ -44,6 +44,7 @@ def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
 
 
 def _acquire(client: Client, request: Request) -> Lease:
+    client.pool()   # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
     try:
@@ -52,7 +53,7 @@ def _acquire(client: Client, request: Request) -> Lease:
             try:
                 row = client.call(query, params, timeout=state.remaining())[0]
             except PgSlotsError as exc:
-                raise state.pool_timeout(exc) from exc.__cause__
+                raise state.failed(exc) from exc.__cause__
             outcome = state.record(row)
             if isinstance(outcome, Lease):
                 return outcome

@@ -1,0 +1,334 @@
+"""Waiting: pushed wake-ups, first-come service, lease renewal and expiry, cancellation; most of it
+with real OS processes. Measured figures are printed (run with -s to see them)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgslots
+from conftest import set_min_lease
+from pgslots import asyncio as pa
+from pgslots._engine import LeaseRenewalFailedError
+from pgslots.client import Client, configure
+from pgslots.sync import concurrency, rate_limit
+
+CTX = mp.get_context("fork")
+
+
+def _count_backends(dsn: str, application_name: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [application_name]
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+# ---- fairness -------------------------------------------------------------------------------
+
+
+def _small_requests(dsn: str, stop_at: float) -> None:
+    configure(dsn)
+    while time.time() < stop_at:
+        with concurrency("fair", occupy=1):
+            time.sleep(0.02)
+
+
+@pytest.mark.processes
+def test_big_request_is_not_starved_by_small_ones(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("fair", 5)
+    stop_at = time.time() + 12
+    procs = [CTX.Process(target=_small_requests, args=(fresh_dsn, stop_at)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(1.0)   # let the small requests saturate the limit
+        assert client.read_limit("fair").active_slots >= 4
+        start = time.monotonic()
+        with concurrency("fair", occupy=5, timeout_seconds=8):
+            waited = time.monotonic() - start
+            assert client.read_limit("fair").active_slots == 5
+        print(f"\noccupy=5 among 6 looping occupy=1 processes: granted after {waited * 1000:.0f} ms")
+        assert waited < 5
+    finally:
+        for p in procs:
+            p.join(20)
+    assert all(p.exitcode == 0 for p in procs)
+
+
+# ---- hand-off -------------------------------------------------------------------------------
+
+
+def _waiter(dsn: str, ready: Any, times: Any, rounds: int) -> None:
+    configure(dsn)
+    for _ in range(rounds):
+        ready.wait()
+        with concurrency("baton"):
+            times.put(time.time())
+            time.sleep(0.01)
+
+
+@pytest.mark.processes
+def test_hand_off_to_a_waiter_in_another_process_is_pushed(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("baton", 1)
+    rounds = 15
+    ready = CTX.Event()
+    times: Any = CTX.Queue()
+    proc = CTX.Process(target=_waiter, args=(fresh_dsn, ready, times, rounds))
+    proc.start()
+    latencies = []
+    try:
+        for _ in range(rounds):
+            with concurrency("baton"):
+                ready.set()
+                # Wait until the other process is queued behind us, then let go.
+                deadline = time.monotonic() + 10
+                while client.read_limit("baton").waiters < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                ready.clear()
+                released_at = time.time()
+            got_at = times.get(timeout=10)
+            latencies.append(got_at - released_at)
+            time.sleep(0.03)   # the waiter's body ends; the slot is free again
+    finally:
+        proc.join(20)
+    median_ms = statistics.median(latencies) * 1000
+    print(f"\nhand-off release -> waiter holds the slot: median {median_ms:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    assert median_ms < 50, latencies
+
+
+# ---- connections while waiting --------------------------------------------------------------
+
+
+def test_200_waiting_tasks_use_at_most_3_connections(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("crowd", 1)
+    waiter_client = Client(fresh_dsn + " application_name=crowd")
+
+    async def main() -> int:
+        async with pa.concurrency("crowd", client=waiter_client):
+            done = 0
+
+            async def task() -> None:
+                nonlocal done
+                async with pa.concurrency("crowd", client=waiter_client):
+                    done += 1
+
+            tasks = [asyncio.create_task(task()) for _ in range(200)]
+            deadline = time.monotonic() + 20
+            while client.read_limit("crowd").waiters < 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            in_use = await asyncio.to_thread(_count_backends, fresh_dsn, "crowd")
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert done == 200
+        return in_use
+
+    in_use = asyncio.run(main())
+    print(f"\n200 waiting tasks: {in_use} connections")
+    assert in_use <= 3
+    waiter_client.close()
+
+
+# ---- expiry of a killed holder --------------------------------------------------------------
+
+
+def _holder(dsn: str, holding: Any) -> None:
+    configure(dsn)
+    with concurrency("fragile", lease_duration=2):
+        holding.set()
+        time.sleep(3600)
+
+
+@pytest.mark.processes
+def test_killed_holder_slots_come_back_at_lease_expiry(client: Client, fresh_dsn: str) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("fragile", 1)
+    holding = CTX.Event()
+    proc = CTX.Process(target=_holder, args=(fresh_dsn, holding))
+    proc.start()
+    assert holding.wait(10)
+    time.sleep(1.8)   # its renewal (every 1.5 s) has run: the lease is alive because it is kept alive
+    assert client.read_limit("fragile").expired_leases == 0
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(5)
+    killed_at = time.monotonic()
+    with concurrency("fragile", timeout_seconds=10):
+        waited = time.monotonic() - killed_at
+    print(f"\nslots of a SIGKILLed holder (lease 2 s) came back after {waited:.2f} s, no sweeper running")
+    assert waited < 6
+
+
+# ---- rate accuracy --------------------------------------------------------------------------
+
+
+def _saturate(dsn: str, stop_at: float, grants: Any) -> None:
+    configure(dsn)
+    while True:
+        rate_limit("paced", timeout_seconds=max(0.0, stop_at - time.time()) + 1)
+        now = time.time()
+        if now > stop_at:
+            return
+        grants.put(now)
+
+
+@pytest.mark.processes
+def test_rate_accuracy_with_saturating_processes(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("paced", 5, slot_decay_per_second=20)
+    stop_at = time.time() + 4
+    grants: Any = CTX.Queue()
+    procs = [CTX.Process(target=_saturate, args=(fresh_dsn, stop_at, grants)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    stamps = []
+    while not grants.empty():
+        stamps.append(grants.get())
+    stamps.sort()
+    stamps = stamps[8:]   # past the burst of 5 and the processes' start
+    achieved = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    print(f"\nrate limit 20/s, 3 saturating processes: achieved {achieved:.2f}/s ({achieved / 20:.4f} x)")
+    assert abs(achieved / 20 - 1) < 0.03
+
+
+# ---- cancellation ---------------------------------------------------------------------------
+
+
+def test_cancelled_waiter_leaks_nothing(client: Client) -> None:
+    client.create_limit("cancel", 2)
+
+    async def main() -> None:
+        async with pa.concurrency("cancel", occupy=2):
+            for _ in range(5):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(pa.concurrency("cancel").__aenter__(), 0.2)
+            assert client.read_limit("cancel").active_slots == 2
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while client.read_limit("cancel").waiters or client.engine.pending_cleanup():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    info = client.read_limit("cancel")
+    assert info.active_slots == 0 and info.leases == 0
+
+
+def test_cancellation_racing_a_grant_releases_it(client: Client) -> None:
+    """Cancel acquires at random moments while slots are free: every grant that raced is released."""
+    client.create_limit("race", 3)
+
+    async def main() -> None:
+        for i in range(40):
+            try:
+                await asyncio.wait_for(pa.concurrency("race").__aenter__(), 0.0005 * (i % 8))
+            except TimeoutError:
+                pass
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while client.engine.pending_cleanup():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Uncancelled acquires never exited (we only entered): count what the cancelled ones left.
+    leases = client.list_leases("race")
+    assert client.read_limit("race").active_slots == len(leases) <= 3
+
+
+def test_keyboard_interrupt_while_waiting_leaks_nothing(client: Client) -> None:
+    client.create_limit("kbd", 1)
+    main_thread = threading.get_ident()
+
+    def interrupt() -> None:
+        time.sleep(0.5)
+        import ctypes
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main_thread), ctypes.py_object(KeyboardInterrupt))
+
+    with concurrency("kbd"):
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt), concurrency("kbd"):
+            pass
+    deadline = time.monotonic() + 5
+    while client.read_limit("kbd").waiters or client.engine.pending_cleanup():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.read_limit("kbd").active_slots == 0
+
+
+# ---- leases kept alive ----------------------------------------------------------------------
+
+
+def test_lease_is_renewed_while_the_body_runs(client: Client, fresh_dsn: str) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("long", 1)
+    with concurrency("long", lease_duration=1.2) as lease:
+        assert lease is not None
+        time.sleep(3.5)   # three lease durations
+        (listed,) = client.list_leases("long")
+        assert not listed.expired
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("long", timeout_seconds=0.2):
+            pass
+    assert client.read_limit("long").active_slots == 0
+
+
+def test_renewal_continues_while_the_event_loop_is_blocked(client: Client, fresh_dsn: str) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("cpu", 1)
+
+    async def main() -> None:
+        async with pa.concurrency("cpu", lease_duration=1.2):
+            time.sleep(3.0)   # CPU-bound work that never yields to the loop
+            (listed,) = client.list_leases("cpu")
+            assert not listed.expired
+
+    asyncio.run(main())
+
+
+def test_lost_lease_interrupts_a_sync_body(client: Client, fresh_dsn: str) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("lost", 1)
+    with pytest.raises(LeaseRenewalFailedError), concurrency("lost", lease_duration=1.2, strict=True) as lease:
+        assert lease is not None and lease.lease_id is not None
+        client.release(lease.lease_id)   # an operator force-releases it under the running body
+        for _ in range(100):
+            time.sleep(0.05)
+    assert isinstance(LeaseRenewalFailedError(), pgslots.LeaseLostError)
+
+
+def test_lost_lease_cancels_an_async_body(client: Client, fresh_dsn: str) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("lost", 1)
+
+    async def main() -> None:
+        async with pa.concurrency("lost", lease_duration=1.2, raise_on_lease_renewal_failure=True) as lease:
+            assert lease is not None and lease.lease_id is not None
+            client.release(lease.lease_id)
+            await asyncio.sleep(5)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+
+
+def test_lost_lease_warns_when_not_strict(client: Client, fresh_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    set_min_lease(fresh_dsn, 1)
+    client.create_limit("lost", 1)
+    finished = False
+    with concurrency("lost", lease_duration=1.2) as lease:
+        assert lease is not None and lease.lease_id is not None
+        client.release(lease.lease_id)
+        time.sleep(2.0)
+        finished = True
+    assert finished
+    assert "Lease renewal failed" in caplog.text and "was lost" in caplog.text
