@@ -763,6 +763,14 @@ $$;
 COMMENT ON FUNCTION pgslots.get_limits(text[]) IS
 'The status rows of the named limits (all limits when names is NULL), by name.';
 
+CREATE FUNCTION pgslots.lock_for_apply() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$ SELECT pg_advisory_xact_lock(7048297117402) $$;
+COMMENT ON FUNCTION pgslots.lock_for_apply() IS
+'Taken by declarative appliers (pgslots apply) for the rest of their transaction, so two of them '
+'never plan against the same state.';
+
 CREATE FUNCTION pgslots.list_leases(name text DEFAULT NULL)
 RETURNS TABLE (lease_id uuid, limit_names text[], slots integer, fencing_token bigint,
                acquired_at timestamptz, expires_at timestamptz, expired boolean,

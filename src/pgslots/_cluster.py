@@ -57,18 +57,30 @@ def find_bindir() -> Path | None:
 
 
 def server_user() -> str | None:
-    """The OS user to run the server as: None when we are not root."""
+    """The OS user to run the server as: None when we are not root.
+
+    As root: PGSLOTS_SERVER_USER if set, else ``postgres`` if it exists, else a system user
+    ``pgslots`` created for the purpose.
+    """
     if os.geteuid() != 0:
         return None
-    name = os.environ.get("PGSLOTS_SERVER_USER", "postgres")
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigurationError(
-            f"PostgreSQL refuses to run as root and there is no OS user {name!r} to run it as: "
-            f"create one (useradd --system {name}) or set PGSLOTS_SERVER_USER."
-        ) from None
-    return name
+    candidates = [os.environ["PGSLOTS_SERVER_USER"]] if os.environ.get("PGSLOTS_SERVER_USER") else ["postgres", "pgslots"]
+    for name in candidates:
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    name = candidates[-1]
+    useradd = shutil.which("useradd")
+    if useradd and subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], capture_output=True
+    ).returncode == 0:
+        return name
+    raise ConfigurationError(
+        f"PostgreSQL refuses to run as root and there is no OS user {name!r} to run it as: "
+        f"create one (useradd --system {name}) or set PGSLOTS_SERVER_USER."
+    )
 
 
 @dataclass

@@ -29,6 +29,8 @@ UPDATE_LIMIT: LiteralString = (
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
 GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"
+# apply: serializes appliers for the rest of the transaction.
+LOCK_FOR_APPLY: LiteralString = "SELECT pgslots.lock_for_apply()"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"
 SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
 LISTEN: LiteralString = "LISTEN pgslots"

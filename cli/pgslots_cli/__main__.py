@@ -1,0 +1,3 @@
+from pgslots_cli.main import main
+
+main()

@@ -1,0 +1,374 @@
+"""The ``pgslots`` command: global concurrency and rate limits kept in PostgreSQL.
+
+Commands mirror ``prefect gcl`` where it has the same command, with the same flags and messages.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import psycopg
+
+import pgslots
+from pgslots.client import Client, LimitInfo
+
+from .output import dumps, echo_error, number, seconds, table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> NoReturn:
+    echo_error(message)
+    sys.exit(1)
+
+
+class Group(click.Group):
+    """Turns every expected error into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except pgslots.PgSlotsError as exc:
+            fail(str(exc))
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(f"The database refused the request: {first}")
+
+
+class State:
+    def __init__(self, dsn: str | None) -> None:
+        self.dsn = dsn
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.dsn, listen=True)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def output_options(func: F) -> F:
+    return click.option(
+        "-o", "--output", metavar="FORMAT", help="Print machine-readable output; 'json' is the only format."
+    )(func)
+
+
+def check_output(output: str | None) -> bool:
+    if output is None:
+        return False
+    if output.lower() != "json":
+        fail("Only 'json' output format is supported.")
+    return True
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--dsn",
+    metavar="DSN",
+    help="PostgreSQL connection string. Default: $PGSLOTS_DSN, else $DATABASE_URL, else libpq's PG* "
+    "variables, else the embedded local server (see 'pgslots embedded').",
+)
+@click.version_option(package_name="pgslots")
+@click.pass_context
+def cli(ctx: click.Context, dsn: str | None) -> None:
+    """Global concurrency limits and rate limits that live in PostgreSQL.
+
+    A limit is a named pool of slots shared by every process on every machine that uses the same
+    database. Start with 'pgslots migrate', then 'pgslots create NAME --limit N'.
+    """
+    state = State(dsn)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+# ---- schema ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_state
+def migrate(state: State) -> None:
+    """Install or upgrade the pgslots schema (safe to run again, and from several places at once)."""
+    applied = state.client.migrate()
+    if applied:
+        click.echo(f"Applied migrations {', '.join(map(str, applied))}: schema is at version {applied[-1]}.")
+    else:
+        click.echo(f"The schema is up to date (version {pgslots.LATEST_VERSION}); nothing changed.")
+
+
+# ---- limits ---------------------------------------------------------------------------------
+
+
+def limit_json(info: LimitInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "name": info.name,
+        "limit": info.limit,
+        "active": info.active,
+        "active_slots": info.active_slots,
+        "leased_slots": info.leased_slots,
+        "slot_decay_per_second": info.slot_decay_per_second,
+        "denied_slots": info.denied_slots,
+        "avg_slot_occupancy_seconds": info.avg_slot_occupancy_seconds,
+        "leases": info.leases,
+        "expired_leases": info.expired_leases,
+        "waiters": info.waiters,
+        "oldest_waiter_seconds": info.oldest_waiter_seconds,
+        "created": info.created,
+        "updated": info.updated,
+    }
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-l", "--limit", type=click.IntRange(min=0), required=True, help="Number of slots (>= 0).")
+@click.option(
+    "--slot-decay-per-second",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Slots freed per second; > 0 makes the limit usable as a rate limit.",
+)
+@click.option("--active-slots", type=click.IntRange(min=0), default=0, help="Slots to mark occupied from the start.")
+@click.option("--disable", is_flag=True, help="Create the limit inactive: it enforces nothing until enabled.")
+@pass_state
+def create(state: State, name: str, limit: int, slot_decay_per_second: float, active_slots: int, disable: bool) -> None:
+    """Create the limit NAME with LIMIT slots."""
+    _finite(slot_decay_per_second, "--slot-decay-per-second")
+    try:
+        info = state.client.create_limit(
+            name, limit, slot_decay_per_second=slot_decay_per_second, active=not disable, active_slots=active_slots
+        )
+    except pgslots.LimitExistsError:
+        fail(f"Global concurrency limit {name!r} already exists.")
+    click.echo(f"Created global concurrency limit with name {name!r} and ID '{info.id}'.")
+    click.echo(f"Run 'pgslots inspect {_quote(name)}' to view details.")
+
+
+@cli.command("ls")
+@output_options
+@pass_state
+def ls(state: State, output: str | None) -> None:
+    """List every limit: slots in use after decay, decay, waiters."""
+    as_json = check_output(output)
+    limits = state.client.read_limits()
+    if as_json:
+        click.echo(dumps([limit_json(i) for i in limits]))
+        return
+    if not limits:
+        click.echo("No global concurrency limits found.")
+        return
+    rows = [
+        [
+            i.name,
+            str(i.limit),
+            number(round(i.active_slots, 2)),
+            number(i.slot_decay_per_second),
+            "yes" if i.active else "no",
+            str(i.waiters),
+            str(i.id),
+        ]
+        for i in limits
+    ]
+    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "DECAY/S", "ACTIVE", "WAITERS", "ID"], rows))
+
+
+@cli.command()
+@click.argument("name")
+@output_options
+@click.option("-f", "--file", "path", type=click.Path(dir_okay=False, path_type=Path), help="Write the output to PATH (needs --output).")
+@pass_state
+def inspect(state: State, name: str, output: str | None, path: Path | None) -> None:
+    """Show everything about the limit NAME."""
+    if path is not None and output is None:
+        fail("The --file/-f option requires the --output option to be set.")
+    as_json = check_output(output)
+    info = _read(state, name)
+    if as_json:
+        text = dumps(limit_json(info))
+        if path is not None:
+            path.write_text(text + "\n", encoding="utf-8")
+            click.echo(f"Global concurrency limit {name!r} written to {path}.")
+        else:
+            click.echo(text)
+        return
+    rows = [[key, _show(value)] for key, value in limit_json(info).items()]
+    click.echo(table(["FIELD", "VALUE"], rows, shrink=1))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-l", "--limit", type=click.IntRange(min=0), help="New number of slots.")
+@click.option("--active-slots", type=click.IntRange(min=0), help="Set the occupied slots (not below those leased).")
+@click.option("--slot-decay-per-second", type=click.FloatRange(min=0), help="New decay; 0 turns decay off.")
+@click.option("--enable", is_flag=True, help="Enforce the limit again.")
+@click.option("--disable", is_flag=True, help="Stop enforcing the limit (acquires pass freely).")
+@pass_state
+def update(
+    state: State,
+    name: str,
+    limit: int | None,
+    active_slots: int | None,
+    slot_decay_per_second: float | None,
+    enable: bool,
+    disable: bool,
+) -> None:
+    """Change the limit NAME. Lowering the limit pre-empts no holder."""
+    if enable and disable:
+        fail("Cannot enable and disable a global concurrency limit at the same time.")
+    if limit is None and active_slots is None and slot_decay_per_second is None and not (enable or disable):
+        fail("No update arguments provided.")
+    if slot_decay_per_second is not None:
+        _finite(slot_decay_per_second, "--slot-decay-per-second")
+    active = True if enable else False if disable else None
+    try:
+        state.client.update_limit(
+            name, limit=limit, active_slots=active_slots, slot_decay_per_second=slot_decay_per_second, active=active
+        )
+    except pgslots.LimitNotFoundError:
+        fail(f"Global concurrency limit {name!r} not found.")
+    click.echo(f"Updated global concurrency limit with name {name!r}.")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def delete(state: State, name: str, yes: bool) -> None:
+    """Delete the limit NAME with its leases and queue."""
+    _read(state, name)
+    if not yes and not click.confirm(f"Are you sure you want to delete global concurrency limit with name {name!r}?"):
+        fail("Deletion aborted.")
+    try:
+        state.client.delete_limit(name)
+    except pgslots.LimitNotFoundError:
+        fail(f"Global concurrency limit {name!r} not found.")
+    click.echo(f"Deleted global concurrency limit with name {name!r}.")
+
+
+def _toggle(state: State, name: str, active: bool) -> None:
+    word = "enabled" if active else "disabled"
+    if _read(state, name).active == active:
+        fail(f"Global concurrency limit with name {name!r} is already {word}.")
+    state.client.update_limit(name, active=active)
+    click.echo(f"{word.capitalize()} global concurrency limit with name {name!r}.")
+
+
+@cli.command()
+@click.argument("name")
+@pass_state
+def enable(state: State, name: str) -> None:
+    """Enforce the limit NAME again; waiters that now fit are woken at once."""
+    _toggle(state, name, True)
+
+
+@cli.command()
+@click.argument("name")
+@pass_state
+def disable(state: State, name: str) -> None:
+    """Stop enforcing the limit NAME: acquires pass without taking slots."""
+    _toggle(state, name, False)
+
+
+# ---- leases ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("name", required=False)
+@output_options
+@pass_state
+def leases(state: State, name: str | None, output: str | None) -> None:
+    """Who holds what (all limits, or just NAME), since when, expiring when."""
+    as_json = check_output(output)
+    if name is not None:
+        _read(state, name)
+    found = state.client.list_leases(name)
+    if as_json:
+        click.echo(dumps(found))
+        return
+    if not found:
+        click.echo(f"No leases held on {name!r}." if name else "No leases held.")
+        return
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    rows = []
+    for lease in found:
+        holder = f"{lease.host or '?'}:{lease.pid or '?'}"
+        if lease.application_name:
+            holder += f" ({lease.application_name})"
+        expires = "expired" if lease.expired else "in " + seconds((lease.expires_at - now).total_seconds())
+        rows.append([
+            str(lease.lease_id),
+            ",".join(lease.limit_names),
+            str(lease.slots),
+            holder,
+            seconds((now - lease.acquired_at).total_seconds()),
+            expires,
+            str(lease.fencing_token),
+        ])
+    click.echo(table(["LEASE ID", "LIMITS", "SLOTS", "HOLDER", "HELD FOR", "EXPIRES", "TOKEN"], rows, shrink=3))
+
+
+@cli.command()
+@click.argument("lease_id")
+@pass_state
+def release(state: State, lease_id: str) -> None:
+    """Force-release the lease LEASE_ID (see 'pgslots leases'); its holder is not interrupted."""
+    if state.client.release(lease_id):
+        click.echo(f"Released lease '{lease_id}'.")
+    else:
+        click.echo(f"Lease '{lease_id}' is not held (released already, or reclaimed after expiry); nothing changed.")
+
+
+@cli.command()
+@pass_state
+def sweep(state: State) -> None:
+    """Reclaim the slots of every expired lease now (full limits also do this by themselves)."""
+    count = state.client.sweep()
+    click.echo(f"Reclaimed {count} expired lease{'s' if count != 1 else ''}.")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _read(state: State, name: str) -> LimitInfo:
+    try:
+        return state.client.read_limit(name)
+    except pgslots.LimitNotFoundError:
+        fail(f"Global concurrency limit {name!r} not found.")
+
+
+def _finite(value: float, flag: str) -> None:
+    if value != value or value in (float("inf"), float("-inf")):
+        fail(f"{flag} must be a finite number >= 0, got {value}.")
+
+
+def _quote(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").replace(".", "").isalnum() else repr(name)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return number(round(value, 3))
+    return str(value)
+
+
+def main() -> None:
+    cli(prog_name="pgslots")
+
+
+# These modules add their commands to `cli` when imported.
+from . import apply_cmd, demo, embedded_cmd, watch  # noqa: E402,F401

@@ -1,0 +1,66 @@
+"""``pgslots watch``: a live view of limits, holders and waiters."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import click
+
+from pgslots.client import Client
+
+from .main import State, cli, pass_state
+from .output import bar, number, seconds
+
+HOLDERS_SHOWN = 5
+
+
+def frame(client: Client, names: tuple[str, ...] = ()) -> str:
+    """One screenful: per limit a bar of occupied/limit, its holders and its queue."""
+    limits = client.read_limits(list(names) if names else None)
+    leases = client.list_leases()
+    now = datetime.now(timezone.utc)
+    lines = [f"pgslots watch - {now.astimezone().strftime('%Y-%m-%d %H:%M:%S')} - {len(limits)} limit(s)", ""]
+    if not limits:
+        lines.append("No global concurrency limits found.")
+    width = max([len(i.name) for i in limits] + [4])
+    for info in limits:
+        state = "" if info.active else "  (disabled: not enforced)"
+        decay = f"  decay {number(info.slot_decay_per_second)}/s" if info.slot_decay_per_second else ""
+        waiting = f"  waiters {info.waiters}"
+        if info.waiters and info.oldest_waiter_seconds is not None:
+            waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"
+        lines.append(
+            f"{info.name.ljust(width)}  {bar(info.active_slots, info.limit)} "
+            f"{number(round(info.active_slots, 2))}/{info.limit}{decay}{waiting}{state}"
+        )
+        held = [lease for lease in leases if info.name in lease.limit_names]
+        for lease in held[:HOLDERS_SHOWN]:
+            age = seconds((now - lease.acquired_at).total_seconds())
+            who = f"{lease.host or '?'} pid {lease.pid or '?'}"
+            expired = "  EXPIRED" if lease.expired else ""
+            lines.append(f"{'':{width}}    {lease.slots} slot(s)  {who}  held {age}{expired}")
+        if len(held) > HOLDERS_SHOWN:
+            lines.append(f"{'':{width}}    ... and {len(held) - HOLDERS_SHOWN} more lease(s)")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+@click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between refreshes.")
+@pass_state
+def watch(state: State, names: tuple[str, ...], once: bool, interval: float) -> None:
+    """Live view of limits (all, or NAMES): occupied slots, holders, waiters. Ctrl-C to stop."""
+    if once:
+        click.echo(frame(state.client, names))
+        return
+    try:
+        while True:
+            text = frame(state.client, names)
+            click.clear()
+            click.echo(text)
+            click.echo("\n(Ctrl-C to stop)")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo("")

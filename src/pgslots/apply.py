@@ -1,0 +1,125 @@
+"""Declarative limits: make the database's limits match a TOML file, in one transaction.
+
+The file has one table per limit::
+
+    [api]
+    limit = 10
+
+    ["nightly export"]
+    limit = 2
+    slot_decay_per_second = 0.5
+    active = false
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _queries as q
+from .client import Client, LimitInfo
+from .errors import InvalidArgumentError
+
+FIELDS = ("limit", "slot_decay_per_second", "active")
+
+
+@dataclass(frozen=True)
+class Desired:
+    name: str
+    limit: int
+    slot_decay_per_second: float = 0.0
+    active: bool = True
+
+
+@dataclass
+class Plan:
+    create: list[Desired] = field(default_factory=list)
+    change: list[tuple[Desired, dict[str, tuple[Any, Any]]]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.change or self.delete)
+
+
+def load(path: str | Path) -> list[Desired]:
+    """Reads and checks a limits file; every problem is reported before anything changes."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"No such file: {path}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"{path} is not valid TOML: {exc}.") from None
+    desired = []
+    for name, table in data.items():
+        where = f"{path}: [{name}]"
+        if not isinstance(table, dict):
+            raise InvalidArgumentError(f"{where} must be a table such as [{name}] with limit = N.")
+        unknown = sorted(set(table) - set(FIELDS))
+        if unknown:
+            raise InvalidArgumentError(f"{where} has unknown keys {unknown}; allowed: {', '.join(FIELDS)}.")
+        limit = table.get("limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidArgumentError(f"{where}: limit must be a whole number >= 0, got {limit!r}.")
+        decay = table.get("slot_decay_per_second", 0.0)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+            raise InvalidArgumentError(f"{where}: slot_decay_per_second must be a finite number >= 0, got {decay!r}.")
+        active = table.get("active", True)
+        if not isinstance(active, bool):
+            raise InvalidArgumentError(f"{where}: active must be true or false, got {active!r}.")
+        desired.append(Desired(name, limit, float(decay), active))
+    return desired
+
+
+def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
+    result = Plan()
+    by_name = {info.name: info for info in current}
+    for want in desired:
+        have = by_name.get(want.name)
+        if have is None:
+            result.create.append(want)
+            continue
+        changes = {
+            f: (getattr(have, f), getattr(want, f)) for f in FIELDS if getattr(have, f) != getattr(want, f)
+        }
+        if changes:
+            result.change.append((want, changes))
+        else:
+            result.unchanged.append(want.name)
+    if prune:
+        wanted = {d.name for d in desired}
+        result.delete = sorted(name for name in by_name if name not in wanted)
+    return result
+
+
+def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_run: bool = False) -> Plan:
+    """Computes the plan and, unless dry_run, carries it out in one transaction."""
+    with client.pool().connection() as conn, conn.transaction():
+        client.call_on(conn, q.LOCK_FOR_APPLY)
+        current = [LimitInfo(**row) for row in client.call_on(conn, q.GET_LIMITS, {"names": None})]
+        todo = plan(current, desired, prune)
+        if dry_run:
+            return todo
+        for want in todo.create:
+            client.call_on(conn, q.CREATE_LIMIT, {
+                "name": want.name, "limit": want.limit, "slot_decay_per_second": want.slot_decay_per_second,
+                "active": want.active, "active_slots": 0,
+            })
+        for want, changes in todo.change:
+            client.call_on(conn, q.UPDATE_LIMIT, {
+                "name": want.name,
+                "limit": changes["limit"][1] if "limit" in changes else None,
+                "slot_decay_per_second": changes["slot_decay_per_second"][1]
+                if "slot_decay_per_second" in changes else None,
+                "active": changes["active"][1] if "active" in changes else None,
+                "active_slots": None,
+                "new_name": None,
+            })
+        for name in todo.delete:
+            client.call_on(conn, q.DELETE_LIMIT, {"name": name})
+    return todo
