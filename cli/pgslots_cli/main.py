@@ -14,6 +14,7 @@ import click
 import psycopg
 
 import pgslots
+from pgslots import embedded
 from pgslots.client import Client, LimitInfo
 
 from .output import dumps, echo_error, number, seconds, table
@@ -28,6 +29,19 @@ def fail(message: str) -> NoReturn:
 
 class Group(click.Group):
     """Turns every expected error into one line on stderr and exit status 1, never a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = f"pgslots {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "pgslots"
+            fail(f"Error: {exc.format_message()} (see '{where} --help')")
+        except click.ClickException as exc:
+            fail(f"Error: {exc.format_message()}")
+        except (click.Abort, KeyboardInterrupt):
+            fail("Aborted.")
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -48,6 +62,11 @@ class State:
     def client(self) -> Client:
         if self._client is None:
             self._client = Client(self.dsn, listen=True)
+            if embedded.started_here is not None:
+                echo_error(
+                    f"(No database configured: started the embedded PostgreSQL in {embedded.started_here.root}; "
+                    "'pgslots embedded stop' stops it.)"
+                )
         return self._client
 
     def close(self) -> None:

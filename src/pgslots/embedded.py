@@ -15,6 +15,7 @@ from ._cluster import LocalCluster, find_bindir, server_user
 from .errors import ConfigurationError
 
 _cached_dsn: str | None = None
+started_here: LocalCluster | None = None   # set when this process started the server
 
 
 def home() -> Path:
@@ -49,6 +50,7 @@ def embedded_dsn(start: bool = True) -> str | None:
 
 
 def ensure_running(local: LocalCluster) -> None:
+    global started_here
     local.root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = local.root.parent / "embedded.lock"
     with open(lock_path, "a+") as lock:
@@ -58,6 +60,7 @@ def ensure_running(local: LocalCluster) -> None:
                 local.init(durable=True)
             if not local.running():
                 local.start()
+                started_here = local
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

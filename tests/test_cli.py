@@ -1,0 +1,278 @@
+"""The `pgslots` command line, through Click's CliRunner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from pgslots.client import Client
+from pgslots_cli.main import cli
+from pgslots.sync import concurrency
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(dsn: str, *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(cli, ["--dsn", dsn, *args], input=input, catch_exceptions=False)
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_create_ls_inspect(fresh_dsn: str) -> None:
+    result = run(fresh_dsn, "create", "api", "-l", "3", "--slot-decay-per-second", "0.5")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Created global concurrency limit with name 'api' and ID '")
+    listed = run(fresh_dsn, "ls")
+    assert "api" in listed.output and "NAME" in listed.output
+    data = json.loads(run(fresh_dsn, "ls", "-o", "json").output)
+    assert data[0]["name"] == "api" and data[0]["limit"] == 3 and data[0]["slot_decay_per_second"] == 0.5
+    assert data[0]["created"].endswith("+00:00")
+    shown = json.loads(run(fresh_dsn, "inspect", "api", "--output", "json").output)
+    assert shown["id"] == data[0]["id"]
+    assert "slot_decay_per_second" in run(fresh_dsn, "inspect", "api").output
+
+
+def test_empty_ls(fresh_dsn: str) -> None:
+    assert run(fresh_dsn, "ls").output.strip() == "No global concurrency limits found."
+    assert json.loads(run(fresh_dsn, "ls", "-o", "json").output) == []
+
+
+def test_inspect_to_file(fresh_dsn: str, tmp_path: Path) -> None:
+    run(fresh_dsn, "create", "f", "-l", "1")
+    target = tmp_path / "f.json"
+    result = run(fresh_dsn, "inspect", "f", "-o", "json", "-f", str(target))
+    assert result.exit_code == 0 and json.loads(target.read_text())["name"] == "f"
+    assert one_line_error(run(fresh_dsn, "inspect", "f", "-f", str(target))) == (
+        "The --file/-f option requires the --output option to be set."
+    )
+    assert one_line_error(run(fresh_dsn, "inspect", "f", "-o", "yaml")) == "Only 'json' output format is supported."
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["create", "a/b", "-l", "1"], "forbidden character"),
+        (["create", "neg", "-l", "-1"], "not in the range"),
+        (["create", "nan", "-l", "1", "--slot-decay-per-second", "nan"], "finite number"),
+        (["create", "inf", "-l", "1", "--slot-decay-per-second", "inf"], "finite number"),
+        (["create", "noflag"], "Missing option '-l' / '--limit'"),
+        (["inspect", "ghost"], "Global concurrency limit 'ghost' not found."),
+        (["update", "ghost", "-l", "2"], "Global concurrency limit 'ghost' not found."),
+        (["delete", "ghost", "--yes"], "Global concurrency limit 'ghost' not found."),
+        (["enable", "ghost"], "Global concurrency limit 'ghost' not found."),
+        (["leases", "ghost"], "Global concurrency limit 'ghost' not found."),
+        (["release", "not-a-uuid"], "is not a lease id"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(fresh_dsn: str, args: list[str], expected: str) -> None:
+    before = run(fresh_dsn, "ls", "-o", "json").output
+    assert expected in one_line_error(run(fresh_dsn, *args))
+    assert run(fresh_dsn, "ls", "-o", "json").output == before
+
+
+def test_duplicate(fresh_dsn: str) -> None:
+    run(fresh_dsn, "create", "dup", "-l", "1")
+    assert one_line_error(run(fresh_dsn, "create", "dup", "-l", "5")) == "Global concurrency limit 'dup' already exists."
+
+
+def test_update(fresh_dsn: str) -> None:
+    run(fresh_dsn, "create", "u", "-l", "1")
+    assert one_line_error(run(fresh_dsn, "update", "u")) == "No update arguments provided."
+    assert one_line_error(run(fresh_dsn, "update", "u", "--enable", "--disable")) == (
+        "Cannot enable and disable a global concurrency limit at the same time."
+    )
+    result = run(fresh_dsn, "update", "u", "-l", "4", "--slot-decay-per-second", "2", "--disable")
+    assert result.output.strip() == "Updated global concurrency limit with name 'u'."
+    data = json.loads(run(fresh_dsn, "inspect", "u", "-o", "json").output)
+    assert (data["limit"], data["slot_decay_per_second"], data["active"]) == (4, 2.0, False)
+    run(fresh_dsn, "update", "u", "--active-slots", "3")
+    assert json.loads(run(fresh_dsn, "inspect", "u", "-o", "json").output)["active_slots"] <= 3
+
+
+def test_enable_disable(fresh_dsn: str) -> None:
+    run(fresh_dsn, "create", "t", "-l", "1")
+    assert one_line_error(run(fresh_dsn, "enable", "t")) == "Global concurrency limit with name 't' is already enabled."
+    assert run(fresh_dsn, "disable", "t").output.strip() == "Disabled global concurrency limit with name 't'."
+    assert one_line_error(run(fresh_dsn, "disable", "t")) == "Global concurrency limit with name 't' is already disabled."
+    assert run(fresh_dsn, "enable", "t").output.strip() == "Enabled global concurrency limit with name 't'."
+    run(fresh_dsn, "create", "off", "-l", "1", "--disable")
+    assert json.loads(run(fresh_dsn, "inspect", "off", "-o", "json").output)["active"] is False
+
+
+def test_delete_confirms(fresh_dsn: str) -> None:
+    run(fresh_dsn, "create", "d", "-l", "1")
+    declined = run(fresh_dsn, "delete", "d", input="n\n")
+    assert declined.exit_code == 1 and declined.output.strip().endswith("Deletion aborted.")
+    assert run(fresh_dsn, "inspect", "d").exit_code == 0
+    accepted = run(fresh_dsn, "delete", "d", input="y\n")
+    assert accepted.exit_code == 0 and "Deleted global concurrency limit with name 'd'." in accepted.output
+    run(fresh_dsn, "create", "d2", "-l", "1")
+    assert run(fresh_dsn, "delete", "d2", "--yes").exit_code == 0
+
+
+def test_leases_release_sweep_watch(fresh_dsn: str) -> None:
+    client = Client(fresh_dsn)
+    client.create_limit("held", 2)
+    try:
+        with concurrency("held", client=client, holder={"type": "job", "id": "9"}) as lease:
+            assert lease is not None
+            table = run(fresh_dsn, "leases")
+            assert str(lease.lease_id) in table.output and "held" in table.output
+            listed = json.loads(run(fresh_dsn, "leases", "held", "-o", "json").output)
+            assert listed[0]["lease_id"] == str(lease.lease_id) and listed[0]["holder"]["id"] == "9"
+            frame = run(fresh_dsn, "watch", "--once")
+            assert "held" in frame.output and "1/2" in frame.output and f"pid {os.getpid()}" in frame.output
+            released = run(fresh_dsn, "release", str(lease.lease_id))
+            assert released.output.strip() == f"Released lease '{lease.lease_id}'."
+            again = run(fresh_dsn, "release", str(lease.lease_id))
+            assert again.exit_code == 0 and "nothing changed" in again.output
+        assert run(fresh_dsn, "leases").output.strip() == "No leases held."
+        assert run(fresh_dsn, "sweep").output.strip() == "Reclaimed 0 expired leases."
+    finally:
+        client.close()
+
+
+def test_migrate_reports_up_to_date(fresh_dsn: str, empty_dsn: str) -> None:
+    assert "up to date" in run(fresh_dsn, "migrate").output
+    message = one_line_error(run(empty_dsn, "ls"))
+    assert "pgslots migrate" in message
+    assert "Applied migrations" in run(empty_dsn, "migrate").output
+    assert run(empty_dsn, "ls").exit_code == 0
+
+
+def test_unreachable_database() -> None:
+    message = one_line_error(run("host=127.0.0.1 port=1 connect_timeout=2", "ls"))
+    assert message.startswith("Cannot reach the database")
+
+
+def test_no_database_and_no_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("PGSLOTS_DSN", "DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("pgslots.embedded.find_bindir", lambda: None)
+    monkeypatch.setattr("pgslots.embedded._cached_dsn", None)
+    result = CliRunner().invoke(cli, ["ls"], catch_exceptions=False)
+    message = one_line_error(result)
+    assert "No database configured" in message and "PGSLOTS_DSN" in message
+
+
+APPLY = """
+[api]
+limit = 10
+
+["nightly export"]
+limit = 2
+slot_decay_per_second = 0.5
+active = false
+"""
+
+
+def test_apply_is_idempotent_and_prunes(fresh_dsn: str, tmp_path: Path) -> None:
+    spec = tmp_path / "limits.toml"
+    spec.write_text(APPLY)
+    run(fresh_dsn, "create", "old", "-l", "1")
+    dry = run(fresh_dsn, "apply", str(spec), "--prune", "--dry-run")
+    assert "would create 'api'" in dry.output and "would delete 'old'" in dry.output and "Nothing was changed" in dry.output
+    assert [x["name"] for x in json.loads(run(fresh_dsn, "ls", "-o", "json").output)] == ["old"]
+    first = run(fresh_dsn, "apply", str(spec))
+    assert first.exit_code == 0 and "create 'api'" in first.output and "2 created" in first.output
+    second = run(fresh_dsn, "apply", str(spec))
+    assert second.output.strip().startswith("Nothing to do")
+    spec.write_text(APPLY.replace("limit = 10", "limit = 12"))
+    third = run(fresh_dsn, "apply", str(spec), "--prune")
+    assert "change 'api': limit 10 -> 12" in third.output and "delete 'old'" in third.output
+    names = sorted(x["name"] for x in json.loads(run(fresh_dsn, "ls", "-o", "json").output))
+    assert names == ["api", "nightly export"]
+    export = json.loads(run(fresh_dsn, "inspect", "nightly export", "-o", "json").output)
+    assert export["active"] is False and export["slot_decay_per_second"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[a]\nlimit = -1\n", "limit must be a whole number >= 0"),
+        ("[a]\nlimit = 1\ncolor = 'red'\n", "unknown keys ['color']"),
+        ("[a]\nlimit = 1\nslot_decay_per_second = nan\n", "finite number"),
+        ("[a]\nlimit = 1\nactive = 'yes'\n", "active must be true or false"),
+        ("[a\nlimit = 1\n", "is not valid TOML"),
+        ("[ok]\nlimit = 1\n['b/ad']\nlimit = 1\n", "forbidden character"),
+    ],
+)
+def test_apply_rejects_bad_files_and_changes_nothing(fresh_dsn: str, tmp_path: Path, text: str, expected: str) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert expected in one_line_error(run(fresh_dsn, "apply", str(spec)))
+    assert json.loads(run(fresh_dsn, "ls", "-o", "json").output) == []
+
+
+def test_help_explains_every_flag() -> None:
+    runner = CliRunner()
+    for command, flags in {
+        "create": ["--limit", "--slot-decay-per-second", "--active-slots", "--disable"],
+        "update": ["--limit", "--active-slots", "--slot-decay-per-second", "--enable", "--disable"],
+        "inspect": ["--output", "--file"],
+        "apply": ["--prune", "--dry-run"],
+        "watch": ["--once", "--interval"],
+        "delete": ["--yes"],
+    }.items():
+        text = runner.invoke(cli, [command, "--help"]).output
+        for flag in flags:
+            assert flag in text, (command, flag)
+
+
+def _installed_pgslots() -> str:
+    script = Path(sys.executable).parent / "pgslots"
+    assert script.exists(), "the pgslots command is not installed next to this Python"
+    return str(script)
+
+
+def test_real_subprocess(fresh_dsn: str) -> None:
+    env = {**os.environ, "PGSLOTS_DSN": fresh_dsn}
+    created = subprocess.run([_installed_pgslots(), "create", "sub", "-l", "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    listed = subprocess.run([_installed_pgslots(), "ls", "-o", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(listed.stdout)[0]["name"] == "sub"
+    bad = subprocess.run([_installed_pgslots(), "create", "sub", "-l", "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "Global concurrency limit 'sub' already exists."
+    assert "Traceback" not in bad.stderr
+
+
+def test_embedded_default_from_a_clean_directory(pg_server: dict[str, Any]) -> None:
+    home = Path(tempfile.mkdtemp(prefix="pgslots-home-"))
+    home.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in ("DATABASE_URL",)}
+    env["PGSLOTS_HOME"] = str(home)
+    if pg_server["cluster"] is not None:
+        env["PG_BINDIR"] = str(pg_server["cluster"].bindir)
+
+    def pgslots(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_installed_pgslots(), *args], env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        assert "not created yet" in pgslots("embedded", "status").stdout
+        assert "Applied migrations" in pgslots("migrate").stdout
+        assert pgslots("create", "local", "-l", "1").returncode == 0
+        status = pgslots("embedded", "status").stdout
+        assert "running" in status and str(home) in status
+        assert pgslots("embedded", "dsn").stdout.startswith(f"host={home}")
+        assert "Stopped" in pgslots("embedded", "stop").stdout
+        # Started again on next use, with its data kept.
+        assert json.loads(pgslots("ls", "-o", "json").stdout)[0]["name"] == "local"
+    finally:
+        pgslots("embedded", "stop")
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
