@@ -90,9 +90,7 @@ def template_db(pg_server: dict[str, Any]) -> str:
 def _create_db(admin: str, template: str) -> str:
     name = f"pgslots_t{os.getpid()}_{next(_counter)}"
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template))
-        )
+        conn.execute(pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(pgsql.Identifier(name), pgsql.Identifier(template)))
     return name
 
 

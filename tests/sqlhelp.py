@@ -22,8 +22,7 @@ def rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[
         return cur.fetchall()
 
 
-def acquire(conn: psycopg.Connection[Any], names: list[str], slots: int = 1, lease_seconds: float = 300,
-            **kw: Any) -> dict[str, Any]:
+def acquire(conn: psycopg.Connection[Any], names: list[str], slots: int = 1, lease_seconds: float = 300, **kw: Any) -> dict[str, Any]:
     args = ", ".join(f"{k} => %({k})s" for k in kw)
     query = "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s" + (", " + args if args else "") + ")"
     return one(conn, query, {"names": names, "slots": slots, "lease_seconds": lease_seconds, **kw})

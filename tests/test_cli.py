@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pgslots.client import Client
-from pgslots_cli.main import cli
 from pgslots.sync import concurrency
+from pgslots_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

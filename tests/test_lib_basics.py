@@ -66,9 +66,7 @@ def test_timeout_message_and_type(client: Client) -> None:
     client.create_limit("busy", 1)
     with concurrency("busy"):
         start = time.monotonic()
-        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError) as info, concurrency(
-            "busy", timeout_seconds=0.5
-        ):
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError) as info, concurrency("busy", timeout_seconds=0.5):
             pass
         assert 0.45 < time.monotonic() - start < 3
     assert isinstance(info.value, TimeoutError)
@@ -93,20 +91,17 @@ def test_async_timeout(client: Client) -> None:
 def test_max_retries(client: Client) -> None:
     client.create_limit("busy", 1)
     with concurrency("busy"):
-        with pytest.raises(pgslots.ConcurrencySlotAcquisitionError) as info, concurrency(
-            "busy", max_retries=2
-        ):
+        with pytest.raises(pgslots.ConcurrencySlotAcquisitionError) as info, concurrency("busy", max_retries=2):
             pass
         assert "max_retries=2" in str(info.value)
         assert str(info.value).startswith("Unable to acquire concurrency slots on ['busy']")
-    assert client.read_limit("busy").denied_slots == 3   # N + 1 attempts
+    assert client.read_limit("busy").denied_slots == 3  # N + 1 attempts
 
 
 def test_max_retries_zero_is_one_attempt(client: Client) -> None:
     client.create_limit("busy", 1)
-    with concurrency("busy"), pytest.raises(pgslots.ConcurrencySlotAcquisitionError):
-        with concurrency("busy", max_retries=0):
-            pass
+    with concurrency("busy"), pytest.raises(pgslots.ConcurrencySlotAcquisitionError), concurrency("busy", max_retries=0):
+        pass
     assert client.read_limit("busy").denied_slots == 1
 
 
@@ -172,8 +167,8 @@ def test_rate_limit_sleeps_the_exact_wait(client: Client) -> None:
     for _ in range(2 + 5):
         rate_limit("api")
     elapsed = time.monotonic() - start
-    assert 0.95 < elapsed < 1.3   # burst of 2, then 5 more at 5/s
-    assert client.read_limit("api").denied_slots <= 6   # one refusal per wait: no polling
+    assert 0.95 < elapsed < 1.3  # burst of 2, then 5 more at 5/s
+    assert client.read_limit("api").denied_slots <= 6  # one refusal per wait: no polling
 
 
 def test_async_rate_limit_timeout(client: Client) -> None:
@@ -200,14 +195,22 @@ def test_multi_name_acquire(client: Client) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"occupy": 0}, {"occupy": -1}, {"occupy": 1.5}, {"timeout_seconds": math.nan}, {"timeout_seconds": -1},
-     {"max_retries": -1}, {"lease_duration": math.inf}, {"holder": "me"}, {"occupy": 2**40}],
+    [
+        {"occupy": 0},
+        {"occupy": -1},
+        {"occupy": 1.5},
+        {"timeout_seconds": math.nan},
+        {"timeout_seconds": -1},
+        {"max_retries": -1},
+        {"lease_duration": math.inf},
+        {"holder": "me"},
+        {"occupy": 2**40},
+    ],
 )
 def test_bad_arguments(client: Client, kwargs: dict[str, Any]) -> None:
     client.create_limit("x", 3)
-    with pytest.raises(pgslots.InvalidArgumentError):
-        with concurrency("x", **kwargs):
-            pass
+    with pytest.raises(pgslots.InvalidArgumentError), concurrency("x", **kwargs):
+        pass
     assert held(client, "x") == 0
 
 
@@ -257,7 +260,7 @@ def test_acquire_inside_the_callers_transaction(client: Client, fresh_dsn: str) 
     with psycopg.connect(fresh_dsn) as conn:
         with concurrency("tx", connection=conn) as lease:
             assert lease is not None
-        conn.rollback()   # the lease and its release vanish with the caller's work
+        conn.rollback()  # the lease and its release vanish with the caller's work
         assert held(client, "tx") == 0
         with conn.transaction():
             conn.execute("CREATE TABLE work (n int)")
@@ -331,7 +334,7 @@ def test_acquire_and_release_are_one_commit_each(client: Client, fresh_dsn: str)
     dbname = psycopg.conninfo.conninfo_to_dict(fresh_dsn)["dbname"]
 
     def commits() -> int:
-        time.sleep(1.2)   # backends flush their counters about once a second when idle
+        time.sleep(1.2)  # backends flush their counters about once a second when idle
         with psycopg.connect(fresh_dsn, autocommit=True) as conn:
             row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", [dbname]).fetchone()
             assert row is not None
@@ -342,7 +345,7 @@ def test_acquire_and_release_are_one_commit_each(client: Client, fresh_dsn: str)
         with concurrency("lean"):
             pass
     spent = commits() - start
-    assert spent <= 2 * 100 + 3, spent   # +3: the counting connections themselves
+    assert spent <= 2 * 100 + 3, spent  # +3: the counting connections themselves
 
 
 def _until(check: Any, seconds: float = 5.0) -> None:

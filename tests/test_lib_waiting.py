@@ -27,9 +27,7 @@ CTX = mp.get_context("fork")
 
 def _count_backends(dsn: str, application_name: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [application_name]
-        ).fetchone()
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [application_name]).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -53,7 +51,7 @@ def test_big_request_is_not_starved_by_small_ones(client: Client, fresh_dsn: str
     for p in procs:
         p.start()
     try:
-        time.sleep(1.0)   # let the small requests saturate the limit
+        time.sleep(1.0)  # let the small requests saturate the limit
         assert client.read_limit("fair").active_slots >= 4
         start = time.monotonic()
         with concurrency("fair", occupy=5, timeout_seconds=8):
@@ -102,7 +100,7 @@ def test_hand_off_to_a_waiter_in_another_process_is_pushed(client: Client, fresh
                 released_at = time.time()
             got_at = times.get(timeout=10)
             latencies.append(got_at - released_at)
-            time.sleep(0.03)   # the waiter's body ends; the slot is free again
+            time.sleep(0.03)  # the waiter's body ends; the slot is free again
     finally:
         proc.join(20)
     median_ms = statistics.median(latencies) * 1000
@@ -161,7 +159,7 @@ def test_killed_holder_slots_come_back_at_lease_expiry(client: Client, fresh_dsn
     proc = CTX.Process(target=_holder, args=(fresh_dsn, holding))
     proc.start()
     assert holding.wait(10)
-    time.sleep(1.8)   # its renewal (every 1.5 s) has run: the lease is alive because it is kept alive
+    time.sleep(1.8)  # its renewal (every 1.5 s) has run: the lease is alive because it is kept alive
     assert client.read_limit("fragile").expired_leases == 0
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(5)
@@ -199,7 +197,7 @@ def test_rate_accuracy_with_saturating_processes(client: Client, fresh_dsn: str)
     while not grants.empty():
         stamps.append(grants.get())
     stamps.sort()
-    stamps = stamps[8:]   # past the burst of 5 and the processes' start
+    stamps = stamps[8:]  # past the burst of 5 and the processes' start
     achieved = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     print(f"\nrate limit 20/s, 3 saturating processes: achieved {achieved:.2f}/s ({achieved / 20:.4f} x)")
     assert abs(achieved / 20 - 1) < 0.03
@@ -254,7 +252,7 @@ def test_keyboard_interrupt_while_waiting_leaks_nothing(client: Client) -> None:
 
     def interrupt() -> None:
         time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
 
     with concurrency("kbd"):
         threading.Thread(target=interrupt).start()
@@ -275,7 +273,7 @@ def test_lease_is_renewed_while_the_body_runs(client: Client, fresh_dsn: str) ->
     client.create_limit("long", 1)
     with concurrency("long", lease_duration=1.2) as lease:
         assert lease is not None
-        time.sleep(3.5)   # three lease durations
+        time.sleep(3.5)  # three lease durations
         (listed,) = client.list_leases("long")
         assert not listed.expired
         with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("long", timeout_seconds=0.2):
@@ -289,7 +287,7 @@ def test_renewal_continues_while_the_event_loop_is_blocked(client: Client, fresh
 
     async def main() -> None:
         async with pa.concurrency("cpu", lease_duration=1.2):
-            time.sleep(3.0)   # CPU-bound work that never yields to the loop
+            time.sleep(3.0)  # CPU-bound work that never yields to the loop
             (listed,) = client.list_leases("cpu")
             assert not listed.expired
 
@@ -301,7 +299,7 @@ def test_lost_lease_interrupts_a_sync_body(client: Client, fresh_dsn: str) -> No
     client.create_limit("lost", 1)
     with pytest.raises(LeaseRenewalFailedError), concurrency("lost", lease_duration=1.2, strict=True) as lease:
         assert lease is not None and lease.lease_id is not None
-        client.release(lease.lease_id)   # an operator force-releases it under the running body
+        client.release(lease.lease_id)  # an operator force-releases it under the running body
         for _ in range(100):
             time.sleep(0.05)
     assert isinstance(LeaseRenewalFailedError(), pgslots.LeaseLostError)

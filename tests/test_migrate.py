@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_migrations_are_numbered_in_order() -> None:
     versions = [m.version for m in migrations()]
     assert versions == list(range(1, len(versions) + 1))
-    assert LATEST_VERSION == versions[-1]
+    assert versions[-1] == LATEST_VERSION
 
 
 def test_migrate_twice_changes_nothing(empty_dsn: str) -> None:
@@ -60,7 +60,9 @@ def test_missing_schema_names_the_command(empty_dsn: str) -> None:
 def test_wheel_ships_the_sql(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(tmp_path.glob("pgslots-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -37,7 +37,7 @@ def test_refusal_gives_hint_blocked_by_and_pressure(sql: Conn) -> None:
 def test_retry_after_learns_occupancy_and_is_capped(sql: Conn) -> None:
     create(sql, "ema", 1)
     lease = acquire(sql, ["ema"], lease_seconds=60)["lease_id"]
-    advance_clock(sql, 1000)   # a slot held for a long time pushes the average up
+    advance_clock(sql, 1000)  # a slot held for a long time pushes the average up
     one(sql, "SELECT pgslots.release(%s)", [lease])
     assert status(sql, "ema")["avg_slot_occupancy_seconds"] > 400
     acquire(sql, ["ema"], lease_seconds=60)
@@ -102,9 +102,7 @@ def test_missing_names_all_and_partial(sql: Conn) -> None:
 
 def test_missing_names_strict(sql: Conn) -> None:
     create(sql, "real", 1)
-    message = expect_error(
-        sql, "PS008", "SELECT * FROM pgslots.acquire('{real,ghost}', 1, 60, strict => true)"
-    )
+    message = expect_error(sql, "PS008", "SELECT * FROM pgslots.acquire('{real,ghost}', 1, 60, strict => true)")
     assert message == "Concurrency limits ['ghost'] must be created before acquiring slots"
 
 
@@ -174,7 +172,7 @@ def test_renew_extends_a_live_lease(sql: Conn) -> None:
     advance_clock(sql, 50)
     new_expiry = one(sql, "SELECT pgslots.renew(%s, 120) AS e", [got["lease_id"]])["e"]
     assert (new_expiry - got["expires_at"]).total_seconds() > 100
-    advance_clock(sql, 100)   # past the first expiry, inside the renewed one
+    advance_clock(sql, 100)  # past the first expiry, inside the renewed one
     assert not acquire(sql, ["n"], lease_seconds=60)["granted"]
 
 
@@ -184,7 +182,7 @@ def test_renew_of_expired_released_or_unknown_lease_fails(sql: Conn) -> None:
     advance_clock(sql, 61)
     message = expect_error(sql, "PS010", "SELECT pgslots.renew(%s, 60)", [got["lease_id"]])
     assert "was lost" in message
-    other = acquire(sql, ["e"], lease_seconds=60)   # reclaims the expired one
+    other = acquire(sql, ["e"], lease_seconds=60)  # reclaims the expired one
     assert other["granted"]
     one(sql, "SELECT pgslots.release(%s)", [other["lease_id"]])
     expect_error(sql, "PS010", "SELECT pgslots.renew(%s, 60)", [other["lease_id"]])
@@ -197,7 +195,7 @@ def test_renew_of_partly_reclaimed_multi_limit_lease_fails(sql: Conn) -> None:
     create(sql, "m2", 1)
     got = acquire(sql, ["m1", "m2"], lease_seconds=60)
     advance_clock(sql, 61)
-    assert acquire(sql, ["m1"], lease_seconds=60)["granted"]   # reclaims only m1's part
+    assert acquire(sql, ["m1"], lease_seconds=60)["granted"]  # reclaims only m1's part
     expect_error(sql, "PS010", "SELECT pgslots.renew(%s, 60)", [got["lease_id"]])
     assert one(sql, "SELECT pgslots.release(%s) AS r", [got["lease_id"]])["r"] is True
     assert status(sql, "m2")["active_slots"] == 0 and status(sql, "m1")["active_slots"] == 1

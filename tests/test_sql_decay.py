@@ -40,7 +40,7 @@ def test_decay_is_exact_while_refusals_hammer_the_limit(sql: Conn) -> None:
     start = one(sql, "SELECT pgslots._now() AS t")["t"]
     decayed_at = one(sql, "SELECT decayed_at FROM pgslots.limits WHERE name = 'exact'")["decayed_at"]
     grants = refusals = 0
-    for _ in range(400):   # 10 simulated seconds, a call every 25 ms
+    for _ in range(400):  # 10 simulated seconds, a call every 25 ms
         advance_clock(sql, 0.025)
         if rate_limit(sql, ["exact"])["granted"]:
             grants += 1
@@ -59,7 +59,7 @@ def test_decay_is_exact_while_refusals_hammer_the_limit(sql: Conn) -> None:
 def test_fractional_decay_is_not_floored(sql: Conn) -> None:
     create(sql, "slow", 1, decay=0.1)
     assert rate_limit(sql, ["slow"])["granted"]
-    for _ in range(9):   # 9 x 1.05 s = 9.45 s: 0.945 slots decayed, not yet one
+    for _ in range(9):  # 9 x 1.05 s = 9.45 s: 0.945 slots decayed, not yet one
         advance_clock(sql, 1.05)
         assert not rate_limit(sql, ["slow"])["granted"]
     advance_clock(sql, 0.6)
@@ -72,9 +72,9 @@ def test_edits_keep_decay_exact(sql: Conn) -> None:
         rate_limit(sql, ["edit"])
     advance_clock(sql, 1.5)
     one(sql, "SELECT pgslots.update_limit('edit', slot_decay_per_second => 2.0)")
-    advance_clock(sql, 0.5)   # 1.5 at 1/s + 0.5 at 2/s = 2.5 slots decayed
+    advance_clock(sql, 0.5)  # 1.5 at 1/s + 0.5 at 2/s = 2.5 slots decayed
     active = status(sql, "edit")["active_slots"]
-    assert abs(active - 1.5) < 0.05, active   # real milliseconds pass too
+    assert abs(active - 1.5) < 0.05, active  # real milliseconds pass too
 
 
 def test_status_reports_after_decay(sql: Conn) -> None:
@@ -90,7 +90,7 @@ def test_concurrency_on_decaying_limit_release_and_decay_both_apply(sql: Conn) -
     lease = acquire(sql, ["both"], 2, lease_seconds=60)["lease_id"]
     assert rate_limit(sql, ["both"])["granted"]
     assert not rate_limit(sql, ["both"])["granted"]
-    advance_clock(sql, 5)   # the rate-limited slot decays; the leased ones stay until released
+    advance_clock(sql, 5)  # the rate-limited slot decays; the leased ones stay until released
     row = status(sql, "both")
     assert row["active_slots"] == 2 and row["leased_slots"] == 2
     one(sql, "SELECT pgslots.release(%s)", [lease])

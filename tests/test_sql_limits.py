@@ -76,10 +76,7 @@ def test_update_fields_independently(sql: Conn) -> None:
 
 
 def test_update_and_delete_unknown(sql: Conn) -> None:
-    assert (
-        expect_error(sql, "PS004", "SELECT pgslots.update_limit('nope', 1)")
-        == "Global concurrency limit 'nope' not found."
-    )
+    assert expect_error(sql, "PS004", "SELECT pgslots.update_limit('nope', 1)") == "Global concurrency limit 'nope' not found."
     expect_error(sql, "PS004", "SELECT pgslots.delete_limit('nope')")
 
 
@@ -119,7 +116,7 @@ def test_lowering_limit_preempts_nobody_and_blocks_new(sql: Conn) -> None:
     assert not acquire(sql, ["low"], lease_seconds=60)["granted"]
     for lease in leases[:2]:
         one(sql, "SELECT pgslots.release(%s)", [lease])
-    assert not acquire(sql, ["low"], lease_seconds=60)["granted"]   # 1 held, limit 1
+    assert not acquire(sql, ["low"], lease_seconds=60)["granted"]  # 1 held, limit 1
     one(sql, "SELECT pgslots.release(%s)", [leases[2]])
     assert acquire(sql, ["low"], lease_seconds=60)["granted"]
 
@@ -146,7 +143,7 @@ def test_inactive_limit_enforces_nothing(sql: Conn) -> None:
     create(sql, "off", 1, active=False)
     results = [acquire(sql, ["off"], 1, lease_seconds=60) for _ in range(5)]
     assert all(r["granted"] for r in results)
-    assert all(r["lease_id"] is None for r in results)   # nothing was occupied
+    assert all(r["lease_id"] is None for r in results)  # nothing was occupied
     assert status(sql, "off")["active_slots"] == 0
     # Too many slots is no error either: nothing is enforced.
     assert acquire(sql, ["off"], 10, lease_seconds=60)["granted"]

@@ -45,8 +45,8 @@ def test_dead_waiter_leaves_the_queue_by_itself(sql: Conn) -> None:
     lease = acquire(sql, ["dead"], lease_seconds=60)["lease_id"]
     acquire(sql, ["dead"], lease_seconds=60, queue_client=uuid.uuid4())
     one(sql, "SELECT pgslots.release(%s)", [lease])
-    assert not acquire(sql, ["dead"], lease_seconds=60)["granted"]   # the waiter still has its place
-    advance_clock(sql, 7)   # waiter_ttl_seconds (6) without a heartbeat
+    assert not acquire(sql, ["dead"], lease_seconds=60)["granted"]  # the waiter still has its place
+    advance_clock(sql, 7)  # waiter_ttl_seconds (6) without a heartbeat
     assert acquire(sql, ["dead"], lease_seconds=60)["granted"]
 
 
@@ -55,7 +55,7 @@ def test_heartbeat_keeps_the_place(sql: Conn) -> None:
     client = uuid.uuid4()
     lease = acquire(sql, ["hb"], lease_seconds=60)["lease_id"]
     ticket = acquire(sql, ["hb"], lease_seconds=60, queue_client=client)["waiter"]
-    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == []   # nothing free yet
+    assert one(sql, "SELECT pgslots.heartbeat(%s) AS t", [client])["t"] == []  # nothing free yet
     one(sql, "SELECT pgslots.release(%s)", [lease])
     for _ in range(3):
         advance_clock(sql, 4)
@@ -108,7 +108,7 @@ def test_release_notifies_the_waiters_it_can_serve(fresh_dsn: str) -> None:
         lis.execute("LISTEN pgslots")
         one(admin, "SELECT pgslots.release(%s)", [held[0]])
         notes = list(lis.notifies(timeout=2, stop_after=1))
-        assert [n.payload for n in notes] == [str(tickets[0])]   # one slot: only the head wakes
+        assert [n.payload for n in notes] == [str(tickets[0])]  # one slot: only the head wakes
         one(admin, "SELECT pgslots.update_limit('wake', 5)")
         notes = list(lis.notifies(timeout=2, stop_after=1))
         # Four free now: the three queued waiters, not more, in order.
@@ -118,7 +118,7 @@ def test_release_notifies_the_waiters_it_can_serve(fresh_dsn: str) -> None:
 
 def test_heartbeat_counts_expired_leases_as_free(sql: Conn) -> None:
     create(sql, "gone", 1)
-    acquire(sql, ["gone"], lease_seconds=60)   # its holder dies: nobody releases
+    acquire(sql, ["gone"], lease_seconds=60)  # its holder dies: nobody releases
     client = uuid.uuid4()
     ticket = acquire(sql, ["gone"], lease_seconds=60, queue_client=client)["waiter"]
     advance_clock(sql, 5)

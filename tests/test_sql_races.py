@@ -17,7 +17,7 @@ def test_race_for_the_last_slot(fresh_dsn: str) -> None:
     a = psycopg.connect(fresh_dsn)
     b = psycopg.connect(fresh_dsn)
     try:
-        first = acquire(a, ["last"], lease_seconds=60)   # a holds the row lock until commit
+        first = acquire(a, ["last"], lease_seconds=60)  # a holds the row lock until commit
         assert first["granted"]
         result: dict[str, Any] = {}
 

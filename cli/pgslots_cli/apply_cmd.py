@@ -8,7 +8,7 @@ import click
 
 from pgslots import apply as declarative
 
-from .main import cli, pass_state, State
+from .main import State, cli, pass_state
 from .output import number
 
 
@@ -42,16 +42,15 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
         click.echo(f"{prefix}change {want.name!r}: {described}")
     for name in plan.delete:
         click.echo(f"{prefix}delete {name!r}")
-    summary = (
-        f"{len(plan.create)} to create, {len(plan.change)} to change, {len(plan.delete)} to delete, "
-        f"{len(plan.unchanged)} unchanged"
-    )
+    summary = f"{len(plan.create)} to create, {len(plan.change)} to change, {len(plan.delete)} to delete, {len(plan.unchanged)} unchanged"
     if dry_run:
         click.echo(f"Dry run: {summary}. Nothing was changed.")
     elif plan.empty:
         click.echo(f"Nothing to do: the database matches {file} ({len(plan.unchanged)} limits).")
     else:
-        click.echo(f"Applied {file}: {summary.replace('to create', 'created').replace('to change', 'changed').replace('to delete', 'deleted')}.")
+        click.echo(
+            f"Applied {file}: {summary.replace('to create', 'created').replace('to change', 'changed').replace('to delete', 'deleted')}."
+        )
 
 
 def _show(value: object) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import queue
 import random
 import sys
 import time
@@ -60,11 +62,9 @@ def demo(state: State, workers: int, slots: int, rate: float) -> None:
     client = state.client
     applied = client.migrate()
     click.echo(f"Schema ready (version {pgslots.LATEST_VERSION}{', just installed' if applied else ''}).")
-    for name in (DEMO_LIMIT, DEMO_RATE):   # left over from an interrupted run
-        try:
+    for name in (DEMO_LIMIT, DEMO_RATE):  # left over from an interrupted run
+        with contextlib.suppress(pgslots.LimitNotFoundError):
             client.delete_limit(name)
-        except pgslots.LimitNotFoundError:
-            pass
     ctx = mp.get_context("spawn")
     try:
         client.create_limit(DEMO_LIMIT, slots)
@@ -73,10 +73,8 @@ def demo(state: State, workers: int, slots: int, rate: float) -> None:
         _rate_round(client, ctx, rate)
     finally:
         for name in (DEMO_LIMIT, DEMO_RATE):
-            try:
+            with contextlib.suppress(pgslots.PgSlotsError):
                 client.delete_limit(name)
-            except pgslots.PgSlotsError:
-                pass
     click.echo("Demo limits deleted. Next: 'pgslots create NAME --limit N', then use concurrency(NAME) in Python.")
 
 
@@ -128,14 +126,12 @@ def _rate_round(client: Any, ctx: Any, rate: float) -> None:
         p.start()
     stamps: list[float] = []
     while any(p.is_alive() for p in procs) or not stamps_q.empty():
-        try:
+        with contextlib.suppress(queue.Empty):
             stamps.append(stamps_q.get(timeout=0.2))
-        except Exception:  # noqa: BLE001 - queue.Empty: look again
-            pass
     for p in procs:
         p.join()
     stamps.sort()
-    steady = stamps[4:]   # past the burst of 2 and the processes' start
+    steady = stamps[4:]  # past the burst of 2 and the processes' start
     if len(steady) >= 2:
         achieved = (len(steady) - 1) / (steady[-1] - steady[0])
         click.echo(f"  configured {rate:g}/s, achieved {achieved:.2f}/s ({achieved / rate:.1%} of configured).")

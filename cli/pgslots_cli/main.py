@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -30,7 +31,7 @@ def fail(message: str) -> NoReturn:
 class Group(click.Group):
     """Turns every expected error into one line on stderr and exit status 1, never a traceback."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
@@ -78,9 +79,7 @@ pass_state = click.make_pass_decorator(State)
 
 
 def output_options(func: F) -> F:
-    return click.option(
-        "-o", "--output", metavar="FORMAT", help="Print machine-readable output; 'json' is the only format."
-    )(func)
+    return click.option("-o", "--output", metavar="FORMAT", help="Print machine-readable output; 'json' is the only format.")(func)
 
 
 def check_output(output: str | None) -> bool:
@@ -251,9 +250,7 @@ def update(
         _finite(slot_decay_per_second, "--slot-decay-per-second")
     active = True if enable else False if disable else None
     try:
-        state.client.update_limit(
-            name, limit=limit, active_slots=active_slots, slot_decay_per_second=slot_decay_per_second, active=active
-        )
+        state.client.update_limit(name, limit=limit, active_slots=active_slots, slot_decay_per_second=slot_decay_per_second, active=active)
     except pgslots.LimitNotFoundError:
         fail(f"Global concurrency limit {name!r} not found.")
     click.echo(f"Updated global concurrency limit with name {name!r}.")
@@ -318,24 +315,26 @@ def leases(state: State, name: str | None, output: str | None) -> None:
     if not found:
         click.echo(f"No leases held on {name!r}." if name else "No leases held.")
         return
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = []
     for lease in found:
         holder = f"{lease.host or '?'}:{lease.pid or '?'}"
         if lease.application_name:
             holder += f" ({lease.application_name})"
         expires = "expired" if lease.expired else "in " + seconds((lease.expires_at - now).total_seconds())
-        rows.append([
-            str(lease.lease_id),
-            ",".join(lease.limit_names),
-            str(lease.slots),
-            holder,
-            seconds((now - lease.acquired_at).total_seconds()),
-            expires,
-            str(lease.fencing_token),
-        ])
+        rows.append(
+            [
+                str(lease.lease_id),
+                ",".join(lease.limit_names),
+                str(lease.slots),
+                holder,
+                seconds((now - lease.acquired_at).total_seconds()),
+                expires,
+                str(lease.fencing_token),
+            ]
+        )
     click.echo(table(["LEASE ID", "LIMITS", "SLOTS", "HOLDER", "HELD FOR", "EXPIRES", "TOKEN"], rows, shrink=3))
 
 

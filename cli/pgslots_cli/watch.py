@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -19,7 +19,7 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
     """One screenful: per limit a bar of occupied/limit, its holders and its queue."""
     limits = client.read_limits(list(names) if names else None)
     leases = client.list_leases()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     lines = [f"pgslots watch - {now.astimezone().strftime('%Y-%m-%d %H:%M:%S')} - {len(limits)} limit(s)", ""]
     if not limits:
         lines.append("No global concurrency limits found.")

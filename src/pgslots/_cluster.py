@@ -73,9 +73,11 @@ def server_user() -> str | None:
             continue
     name = candidates[-1]
     useradd = shutil.which("useradd")
-    if useradd and subprocess.run(
-        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], capture_output=True
-    ).returncode == 0:
+    if (
+        useradd
+        and subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], capture_output=True).returncode
+        == 0
+    ):
         return name
     raise ConfigurationError(
         f"PostgreSQL refuses to run as root and there is no OS user {name!r} to run it as: "
@@ -146,7 +148,15 @@ class LocalCluster:
 
     def start(self, wait_seconds: float = 60) -> None:
         done = self._run(
-            "pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", str(int(wait_seconds)), "start",
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            str(int(wait_seconds)),
+            "start",
             timeout=wait_seconds + 10,
         )
         if done.returncode != 0:

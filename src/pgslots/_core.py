@@ -35,8 +35,8 @@ from .errors import (
 logger = logging.getLogger("pgslots")
 
 _HOST = socket.gethostname()
-LONGEST_WAIT_SECONDS = 60.0   # even a waiter that is never woken looks again this often
-POLL_SECONDS = 1.0            # without LISTEN, the longest pause between attempts
+LONGEST_WAIT_SECONDS = 60.0  # even a waiter that is never woken looks again this often
+POLL_SECONDS = 1.0  # without LISTEN, the longest pause between attempts
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,7 @@ def list_literal(names: tuple[str, ...] | list[str]) -> str:
 
 
 def timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
-    return AcquireConcurrencySlotTimeoutError(
-        f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)"
-    )
+    return AcquireConcurrencySlotTimeoutError(f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)")
 
 
 @dataclass
@@ -195,14 +193,14 @@ class Attempts:
             )
         hint = float(row["retry_after"] or 0.1)
         if r.rate_limit:
-            wait = hint                 # exact: the time until enough slots have decayed
+            wait = hint  # exact: the time until enough slots have decayed
         elif r.max_retries is not None:
-            wait = hint                 # retries are counted: space them by the database's estimate
+            wait = hint  # retries are counted: space them by the database's estimate
         elif self.listening:
             # A release notifies us and the engine's heartbeat is the backstop; the cap is a last resort.
             wait = LONGEST_WAIT_SECONDS * random.uniform(0.8, 1.0)
         else:
-            wait = min(hint, POLL_SECONDS)   # no LISTEN connection (e.g. PgBouncer): poll
+            wait = min(hint, POLL_SECONDS)  # no LISTEN connection (e.g. PgBouncer): poll
         remaining = self.remaining()
         return wait if remaining is None else min(wait, remaining)
 

@@ -9,6 +9,7 @@ interrupted. Being a thread, it keeps renewing while an event loop is blocked by
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import heapq
 import itertools
@@ -28,10 +29,10 @@ from .errors import LeaseLostError, PgSlotsError, translate
 
 logger = logging.getLogger("pgslots")
 
-HEARTBEAT_SECONDS = 2.0          # well inside the queue's waiter_ttl_seconds (6 s by default)
+HEARTBEAT_SECONDS = 2.0  # well inside the queue's waiter_ttl_seconds (6 s by default)
 RENEW_TRIES = 3
-RENEW_BACKOFF = (0.25, 1.0)      # between the tries of one renewal
-IDLE_POLL_SECONDS = 0.25         # longest the worker sleeps before looking at new work
+RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
+IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
 
 
 class LeaseRenewalFailedError(LeaseLostError):
@@ -73,7 +74,7 @@ class Engine:
         self.client_id = uuid.uuid4()
         self._lock = threading.Lock()
         self._wakers: dict[int, Callable[[], None]] = {}
-        self._recent: dict[int, float] = {}   # tickets notified before their waiter registered
+        self._recent: dict[int, float] = {}  # tickets notified before their waiter registered
         self._renewals: list[_Renewal] = []
         self._by_lease: dict[uuid.UUID, _Renewal] = {}
         self._cleanup: list[tuple[Any, dict[str, Any]]] = []
@@ -167,7 +168,7 @@ class Engine:
                 logger.debug("pgslots engine connection lost: %s", exc)
                 self._disconnect()
                 if self._stop.is_set():
-                    return   # stopping with the database away: leases left behind expire by themselves
+                    return  # stopping with the database away: leases left behind expire by themselves
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
@@ -180,15 +181,13 @@ class Engine:
             reconnected = self._listening.is_set()
             self._listening.set()
             if reconnected:
-                self._wake_all()   # notifications may have been lost while we were away
+                self._wake_all()  # notifications may have been lost while we were away
         self.connected_once.set()
 
     def _disconnect(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
         self._conn = None
 
     def _wake_all(self) -> None:
@@ -243,7 +242,7 @@ class Engine:
                 if not self._cleanup:
                     return
                 query, params = self._cleanup[0]
-            conn.execute(query, params)   # a connection error leaves it queued for the next try
+            conn.execute(query, params)  # a connection error leaves it queued for the next try
             with self._lock:
                 self._cleanup.pop(0)
 
@@ -298,7 +297,7 @@ class Engine:
                 mapped: PgSlotsError | None = translate(exc)
                 error = mapped or exc
                 if isinstance(mapped, LeaseLostError):
-                    return mapped   # gone for good: retrying cannot bring it back
+                    return mapped  # gone for good: retrying cannot bring it back
                 if isinstance(exc, psycopg.OperationalError):
                     self._disconnect()
         return error

@@ -8,24 +8,17 @@ from __future__ import annotations
 from typing import LiteralString
 
 ACQUIRE: LiteralString = (
-    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s,"
-    " %(strict)s, %(ticket)s, %(queue_client)s)"
+    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s, %(queue_client)s)"
 )
-RATE_LIMIT: LiteralString = (
-    "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s)"
-)
+RATE_LIMIT: LiteralString = "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s)"
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s)"
 RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s)"
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s)"
 LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s)"
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
-CREATE_LIMIT: LiteralString = (
-    "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s,"
-    " %(active_slots)s)"
-)
+CREATE_LIMIT: LiteralString = "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s)"
 UPDATE_LIMIT: LiteralString = (
-    "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s,"
-    " %(active_slots)s, %(new_name)s)"
+    "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
 GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"

@@ -84,9 +84,7 @@ def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
         if have is None:
             result.create.append(want)
             continue
-        changes = {
-            f: (getattr(have, f), getattr(want, f)) for f in FIELDS if getattr(have, f) != getattr(want, f)
-        }
+        changes = {f: (getattr(have, f), getattr(want, f)) for f in FIELDS if getattr(have, f) != getattr(want, f)}
         if changes:
             result.change.append((want, changes))
         else:
@@ -106,20 +104,30 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
         if dry_run:
             return todo
         for want in todo.create:
-            client.call_on(conn, q.CREATE_LIMIT, {
-                "name": want.name, "limit": want.limit, "slot_decay_per_second": want.slot_decay_per_second,
-                "active": want.active, "active_slots": 0,
-            })
+            client.call_on(
+                conn,
+                q.CREATE_LIMIT,
+                {
+                    "name": want.name,
+                    "limit": want.limit,
+                    "slot_decay_per_second": want.slot_decay_per_second,
+                    "active": want.active,
+                    "active_slots": 0,
+                },
+            )
         for want, changes in todo.change:
-            client.call_on(conn, q.UPDATE_LIMIT, {
-                "name": want.name,
-                "limit": changes["limit"][1] if "limit" in changes else None,
-                "slot_decay_per_second": changes["slot_decay_per_second"][1]
-                if "slot_decay_per_second" in changes else None,
-                "active": changes["active"][1] if "active" in changes else None,
-                "active_slots": None,
-                "new_name": None,
-            })
+            client.call_on(
+                conn,
+                q.UPDATE_LIMIT,
+                {
+                    "name": want.name,
+                    "limit": changes["limit"][1] if "limit" in changes else None,
+                    "slot_decay_per_second": changes["slot_decay_per_second"][1] if "slot_decay_per_second" in changes else None,
+                    "active": changes["active"][1] if "active" in changes else None,
+                    "active_slots": None,
+                    "new_name": None,
+                },
+            )
         for name in todo.delete:
             client.call_on(conn, q.DELETE_LIMIT, {"name": name})
     return todo

@@ -46,8 +46,8 @@ async def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
         if not woken.done():
             woken.set_result(None)
 
-    def wake() -> None:   # called from the engine's thread
-        with contextlib.suppress(RuntimeError):   # the loop has closed
+    def wake() -> None:  # called from the engine's thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed
             loop.call_soon_threadsafe(settle)
 
     engine.register(ticket, wake)
@@ -60,7 +60,7 @@ async def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
 
 
 async def _acquire(client: Client, request: Request) -> Lease:
-    await client.apool()   # connection and schema problems surface here, before anything is in flight
+    await client.apool()  # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
     try:
@@ -74,11 +74,9 @@ async def _acquire(client: Client, request: Request) -> Lease:
             if isinstance(outcome, Lease):
                 return outcome
             if not state.listening and engine.listen:
-                state.listening = await asyncio.to_thread(
-                    engine.ensure_listening, min(10.0, state.remaining() or 10.0)
-                )
+                state.listening = await asyncio.to_thread(engine.ensure_listening, min(10.0, state.remaining() or 10.0))
                 if state.listening:
-                    continue   # wake-ups can reach us now: look once more before sleeping
+                    continue  # wake-ups can reach us now: look once more before sleeping
             await _wait(engine, state.ticket, outcome)
     except BaseException:
         state.abandon(engine)
@@ -103,14 +101,11 @@ class concurrency:  # noqa: N801 - named like the function it replaces
         *,
         client: Client | None = None,
     ) -> None:
-        self._request = make_request(
-            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False
-        )
+        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
         self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
         self._client = client
         self._lease: Lease | None = None
-        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder,
-                      raise_on_lease_renewal_failure)
+        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
 
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         @functools.wraps(func)
@@ -129,7 +124,7 @@ class concurrency:  # noqa: N801 - named like the function it replaces
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
 
-            def cancel_task(error: BaseException) -> None:   # called from the engine's thread
+            def cancel_task(error: BaseException) -> None:  # called from the engine's thread
                 if task is not None:
                     with contextlib.suppress(RuntimeError):
                         loop.call_soon_threadsafe(task.cancel, f"pgslots lease lost: {error}")
@@ -138,9 +133,7 @@ class concurrency:  # noqa: N801 - named like the function it replaces
             client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
         return self._lease
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is None or lease.lease_id is None:
             return

@@ -30,7 +30,7 @@ from ._engine import Engine
 from .errors import MIGRATE_HINT, InvalidArgumentError, PgSlotsError, SchemaNotInstalledError, translate
 from .migrate import LATEST_VERSION, migrate
 
-DEFAULT_POOL_SIZE = 2   # calls are single short statements: two connections serve many threads
+DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serve many threads
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Client:
         listen: bool = True,
         max_connections: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        if pool is not None and dsn is None:
+        if pool is not None and dsn is None and isinstance(pool.conninfo, str):
             dsn = pool.conninfo
         self.dsn = resolve_dsn(dsn)
         self._connect_kwargs: dict[str, Any] = {}
@@ -105,9 +105,7 @@ class Client:
         self.max_connections = max_connections
         self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
         self._owns_pool = self._pool is None
-        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = weakref.WeakKeyDictionary()
         if isinstance(pool, AsyncConnectionPool):
             self._given_apool: AsyncConnectionPool[Any] | None = pool
         else:
@@ -172,9 +170,7 @@ class Client:
         if self._schema_checked:
             return
         try:
-            async with await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, **self._probe_kwargs()
-            ) as conn:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
                 row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
         except psycopg.Error as exc:
             raise_translated(exc)
@@ -197,20 +193,18 @@ class Client:
     def call(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection; pgslots errors come out translated."""
         try:
-            with self.pool().connection(timeout=timeout) as conn:
-                with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute(query, params)
-                    return cur.fetchall() if cur.description else []
+            with self.pool().connection(timeout=timeout) as conn, conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(query, params)
+                return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
 
     async def acall(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         try:
             apool = await self.apool()
-            async with apool.connection(timeout=timeout) as conn:
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(query, params)
-                    return await cur.fetchall() if cur.description else []
+            async with apool.connection(timeout=timeout) as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(query, params)
+                return await cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
 
@@ -347,9 +341,7 @@ def configure(
     """Sets the database the module-level functions use; returns the new default client."""
     global _default
     with _default_lock:
-        old, _default = _default, Client(
-            dsn, pool=pool, listen_dsn=listen_dsn, listen=listen, max_connections=max_connections
-        )
+        old, _default = _default, Client(dsn, pool=pool, listen_dsn=listen_dsn, listen=listen, max_connections=max_connections)
     if old is not None:
         old.close()
     return _default

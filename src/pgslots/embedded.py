@@ -15,7 +15,7 @@ from ._cluster import LocalCluster, find_bindir, server_user
 from .errors import ConfigurationError
 
 _cached_dsn: str | None = None
-started_here: LocalCluster | None = None   # set when this process started the server
+started_here: LocalCluster | None = None  # set when this process started the server
 
 
 def home() -> Path:

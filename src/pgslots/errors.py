@@ -114,7 +114,6 @@ def translate(exc: psycopg.Error) -> PgSlotsError | None:
     if isinstance(exc, psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return ConfigurationError(
-            f"Cannot reach the database ({first}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, "
-            "and that the server is running."
+            f"Cannot reach the database ({first}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running."
         )
     return None

@@ -83,9 +83,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = conn.execute(
-                "SELECT 1 FROM pgslots.migrations WHERE version = %s", [migration.version]
-            ).fetchone()
+            done = conn.execute("SELECT 1 FROM pgslots.migrations WHERE version = %s", [migration.version]).fetchone()
             if done:
                 continue
             conn.execute(migration.sql.encode())

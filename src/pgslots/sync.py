@@ -44,7 +44,7 @@ def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
 
 
 def _acquire(client: Client, request: Request) -> Lease:
-    client.pool()   # connection and schema problems surface here, before anything is in flight
+    client.pool()  # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
     try:
@@ -60,7 +60,7 @@ def _acquire(client: Client, request: Request) -> Lease:
             if not state.listening and engine.listen:
                 state.listening = engine.ensure_listening(min(10.0, state.remaining() or 10.0))
                 if state.listening:
-                    continue   # wake-ups can reach us now: look once more before sleeping
+                    continue  # wake-ups can reach us now: look once more before sleeping
             _wait(engine, state.ticket, outcome)
     except BaseException:
         state.abandon(engine)
@@ -87,7 +87,7 @@ def _acquire_in_transaction(client: Client, request: Request, conn: psycopg.Conn
         if isinstance(outcome, Lease):
             client.call_on(conn, q.RELEASE_SAVEPOINT)
             return outcome
-        client.call_on(conn, q.ROLLBACK_TO_SAVEPOINT)   # frees the row locks the refused attempt took
+        client.call_on(conn, q.ROLLBACK_TO_SAVEPOINT)  # frees the row locks the refused attempt took
         time.sleep(min(outcome, POLL_SECONDS))
 
 
@@ -115,15 +115,12 @@ class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the f
         client: Client | None = None,
         connection: psycopg.Connection[Any] | None = None,
     ) -> None:
-        self._request = make_request(
-            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False
-        )
+        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
         self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
         self._client = client
         self._connection = connection
         self._lease: Lease | None = None
-        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder,
-                      raise_on_lease_renewal_failure)
+        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
 
     def _recreate_cm(self) -> concurrency:
         # Each call of a decorated function gets its own acquire.
@@ -142,9 +139,7 @@ class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the f
             client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
         return self._lease
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is None or lease.lease_id is None:
             return
