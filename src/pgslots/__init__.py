@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._core import Lease
+from .client import Client, LeaseInfo, LimitInfo, configure, default_client
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
@@ -22,6 +24,12 @@ from .migrate import LATEST_VERSION, migrate
 
 __all__ = [
     "LATEST_VERSION",
+    "Client",
+    "Lease",
+    "LeaseInfo",
+    "LimitInfo",
+    "configure",
+    "default_client",
     "AcquireConcurrencySlotTimeoutError",
     "ConcurrencySlotAcquisitionError",
     "ConfigurationError",
