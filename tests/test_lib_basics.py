@@ -360,3 +360,38 @@ def test_lease_ids_are_unguessable(client: Client) -> None:
     with concurrency("u") as a, concurrency("u") as b:
         assert a is not None and b is not None
         assert isinstance(a.lease_id, uuid.UUID) and a.lease_id.version == 4 and a.lease_id != b.lease_id
+
+
+def test_no_connection_outlives_its_event_loop(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("loops", 1)
+    own = Client(psycopg.conninfo.make_conninfo(fresh_dsn, application_name="loopcheck"))
+
+    async def once() -> None:
+        async with pa.concurrency("loops", client=own):
+            pass
+
+    for _ in range(10):
+        asyncio.run(once())
+    with psycopg.connect(fresh_dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loopcheck'").fetchone()
+    own.close()
+    assert row is not None and row[0] <= 1   # at most the engine's connection, never one per loop
+
+
+def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("first", 100)
+    own = Client(psycopg.conninfo.make_conninfo(fresh_dsn, application_name="firstcheck"))
+
+    async def main() -> int:
+        async def one() -> None:
+            async with pa.concurrency("first", client=own):
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(one() for _ in range(50)))
+        with psycopg.connect(fresh_dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'firstcheck'").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    assert asyncio.run(main()) <= 2
+    own.close()

@@ -9,6 +9,7 @@ databases make one :class:`Client` each and pass it as ``client=``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -105,11 +106,14 @@ class Client:
         self.max_connections = max_connections
         self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
         self._owns_pool = self._pool is None
-        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = weakref.WeakKeyDictionary()
+        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[AsyncConnectionPool[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
         if isinstance(pool, AsyncConnectionPool):
             self._given_apool: AsyncConnectionPool[Any] | None = pool
         else:
             self._given_apool = None
+        self._owners: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
         self._schema_checked = False
         self.engine = Engine(listen_dsn or self.dsn, self._connect_kwargs, listen=listen)
@@ -139,20 +143,45 @@ class Client:
         if self._given_apool is not None:
             return self._given_apool
         loop = asyncio.get_running_loop()
-        apool = self._apools.get(loop)
-        if apool is None:
-            await self._aprobe()
-            apool = AsyncConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.max_connections,
-                kwargs={"autocommit": True, **self._connect_kwargs},
-                open=False,
-                name="pgslots-async",
-            )
-            self._apools[loop] = apool
-            await apool.open()
+        opening = self._apools.get(loop)
+        if opening is None:
+            # Stored before the first await: concurrent first calls share one pool.
+            opening = self._apools[loop] = loop.create_task(self._open_apool())
+        try:
+            return await asyncio.shield(opening) if not opening.done() else opening.result()
+        except BaseException:
+            if opening.done() and (opening.cancelled() or opening.exception() is not None):
+                self._apools.pop(loop, None)  # let a later call try again
+            raise
+
+    async def _open_apool(self) -> AsyncConnectionPool[Any]:
+        await self._aprobe()
+        apool = AsyncConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=self.max_connections,
+            kwargs={"autocommit": True, **self._connect_kwargs},
+            open=False,
+            name="pgslots-async",
+        )
+        await apool.open()
+        self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(apool), name="pgslots-pool-owner"))
         return apool
+
+    @staticmethod
+    async def _own_apool(apool: AsyncConnectionPool[Any]) -> None:
+        """Lives as long as the event loop: when asyncio.run() ends and cancels every task, this one
+        closes the loop's connections, so none outlives its loop."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # The pool's own workers are being cancelled too, which stops AsyncConnectionPool.close()
+            # half-way; its idle connections are closed here first (libpq's finish is synchronous).
+            for conn in list(getattr(apool, "_pool", ())):
+                with contextlib.suppress(Exception):
+                    conn.pgconn.finish()
+            with contextlib.suppress(BaseException):
+                await apool.close(timeout=1)
 
     def _probe(self) -> None:
         """One direct connection before a pool exists: a clear error for a wrong DSN or a missing
@@ -216,6 +245,13 @@ class Client:
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise_translated(exc)
+
+    async def aclose(self) -> None:
+        """Closes this event loop's pool now (it is also closed when the loop ends)."""
+        loop = asyncio.get_running_loop()
+        opening = self._apools.pop(loop, None)
+        if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
 
     def close(self) -> None:
         self.engine.stop()

@@ -65,7 +65,7 @@ def migrate(conninfo: str | None = None, *, connection: psycopg.Connection[Any] 
     try:
         with psycopg.connect(resolve_dsn(conninfo), autocommit=True) as conn:
             return _migrate(conn)
-    except psycopg.Error as exc:
+    except psycopg.OperationalError as exc:
         mapped = translate(exc)
         if mapped is None:
             raise
@@ -86,7 +86,13 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
             done = conn.execute("SELECT 1 FROM pgslots.migrations WHERE version = %s", [migration.version]).fetchone()
             if done:
                 continue
-            conn.execute(migration.sql.encode())
+            try:
+                conn.execute(migration.sql.encode())
+            except psycopg.Error as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise PgSlotsError(
+                    f"Migration {migration.version:04d}_{migration.name} failed and was rolled back: {first}"
+                ) from exc
             conn.execute(
                 "INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)",
                 [migration.version, migration.name],

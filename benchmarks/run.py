@@ -1,0 +1,570 @@
+"""pgslots benchmarks: every figure next to the ceiling PostgreSQL itself reaches in the same run.
+
+    python benchmarks/run.py [--dsn DSN] [--seconds S] [--out benchmarks/results]
+
+Without --dsn (or PGSLOTS_BENCH_DSN) it starts a throwaway cluster with default, durable settings
+from the server binaries on this machine. It writes <out>/latest.json, latest.md and latest.png.
+Each scenario runs for a bounded time and cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+
+import pgslots
+from pgslots._cluster import LocalCluster, find_bindir, server_user
+from pgslots.client import Client, configure
+
+CTX = mp.get_context("fork")
+HERE = Path(__file__).resolve().parent
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+# ---- database setup -----------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, dsn: str | None) -> None:
+        self.cluster: LocalCluster | None = None
+        self.root: Path | None = None
+        if dsn:
+            self.dsn = dsn
+            bindir = find_bindir()
+        else:
+            bindir = find_bindir()
+            if bindir is None:
+                sys.exit("No PostgreSQL server binaries found: install them, or pass --dsn.")
+            self.root = Path(tempfile.mkdtemp(prefix="pgslots-bench-"))
+            self.cluster = LocalCluster(root=self.root, bindir=bindir, user=server_user())
+            self.cluster.init(durable=True)
+            self.cluster.start()
+            self.dsn = self.cluster.dsn()
+        self.pgbench = str(bindir / "pgbench") if bindir and (bindir / "pgbench").exists() else shutil.which("pgbench")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            settings = dict(conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers')"
+            ).fetchall())
+        self.settings = settings
+
+    def database(self, name: str) -> str:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+            conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+        return psycopg.conninfo.make_conninfo(self.dsn, dbname=name)
+
+    def drop(self, name: str) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---- 1. ceilings --------------------------------------------------------------------------------
+
+
+def pgbench(server: Server, dsn: str, script: str, clients: int, seconds: float) -> float:
+    assert server.pgbench, "pgbench not found"
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+        path = f.name
+    os.chmod(path, 0o644)
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    args = [server.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
+            "-T", str(int(seconds)), "-f", path]
+    for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
+        if params.get(key):
+            args += [flag, str(params[key])]
+    args.append(str(params.get("dbname", "postgres")))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    os.unlink(path)
+    match = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if not match:
+        raise RuntimeError(f"pgbench failed: {done.stdout}\n{done.stderr}")
+    return float(match.group(1))
+
+
+def _raw_semaphore(dsn: str, seconds: float, limit_id: int, body: float, out: Any) -> None:
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        cycles = 0
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            got = conn.execute(
+                "UPDATE sem SET used = used + 1 WHERE id = %s AND used + 1 <= lim RETURNING used", [limit_id]
+            ).fetchone()
+            if got is None:
+                time.sleep(0.001)   # busy retry every 1 ms
+                continue
+            if body:
+                time.sleep(body)
+            conn.execute("UPDATE sem SET used = used - 1 WHERE id = %s", [limit_id])
+            cycles += 1
+        out.put(cycles)
+
+
+def raw_semaphore(dsn: str, processes: int, limit: int, seconds: float, body: float = 0.0) -> float:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS sem; CREATE TABLE sem (id int PRIMARY KEY, used int NOT NULL, lim int NOT NULL)")
+        conn.execute("INSERT INTO sem VALUES (1, 0, %s)", [limit])
+    return sum(run_processes(_raw_semaphore, processes, dsn, seconds, 1, body)) / seconds
+
+
+def run_processes(target: Callable[..., None], n: int, *args: Any) -> list[Any]:
+    out: Any = CTX.Queue()
+    procs = [CTX.Process(target=target, args=(*args, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return results
+
+
+def ceilings(server: Server, seconds: float) -> dict[str, float]:
+    dsn = server.database("bench_ceiling")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE hot (id int PRIMARY KEY, n bigint NOT NULL); INSERT INTO hot VALUES (1, 0)")
+    update = "UPDATE hot SET n = n + 1 WHERE id = 1;\n"
+    result = {
+        "pgbench_hot_update_1_client_tps": pgbench(server, dsn, update, 1, seconds),
+        "pgbench_hot_update_16_clients_tps": pgbench(server, dsn, update, 16, seconds),
+        "pgbench_select1_1_client_tps": pgbench(server, dsn, "SELECT 1;\n", 1, seconds),
+        "raw_semaphore_1_process_cycles_per_s": raw_semaphore(dsn, 1, 1_000_000, seconds),
+        "raw_semaphore_16_processes_cycles_per_s": raw_semaphore(dsn, 16, 1_000_000, seconds),
+        "raw_semaphore_16_on_4_body_1ms_cycles_per_s": raw_semaphore(dsn, 16, 4, seconds, body=0.001),
+    }
+    server.drop("bench_ceiling")
+    return result
+
+
+# ---- pgslots scenarios --------------------------------------------------------------------------
+
+
+def fresh(server: Server, name: str) -> str:
+    dsn = server.database(name)
+    pgslots.migrate(dsn)
+    return dsn
+
+
+def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
+    from pgslots.asyncio import concurrency as aconcurrency
+    from pgslots.sync import concurrency
+
+    client = Client(dsn)
+    client.create_limit("solo", 1)
+    result: dict[str, Any] = {}
+    for _ in range(50):   # warm up: connections, prepared statements
+        with concurrency("solo", client=client):
+            pass
+    acquire, release = [], []
+    stop = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < stop:
+        cm = concurrency("solo", client=client)
+        t0 = time.perf_counter()
+        cm.__enter__()
+        t1 = time.perf_counter()
+        cm.__exit__(None, None, None)
+        t2 = time.perf_counter()
+        acquire.append(t1 - t0)
+        release.append(t2 - t1)
+    elapsed = time.perf_counter() - start
+    result["sync"] = {
+        "cycles_per_s": len(acquire) / elapsed,
+        "acquire_p50_ms": ms(pct(acquire, 0.5)), "acquire_p99_ms": ms(pct(acquire, 0.99)),
+        "release_p50_ms": ms(pct(release, 0.5)), "release_p99_ms": ms(pct(release, 0.99)),
+    }
+
+    async def run_async() -> dict[str, Any]:
+        for _ in range(50):
+            async with aconcurrency("solo", client=client):
+                pass
+        acq, rel = [], []
+        stop = time.perf_counter() + seconds
+        start = time.perf_counter()
+        while time.perf_counter() < stop:
+            cm = aconcurrency("solo", client=client)
+            t0 = time.perf_counter()
+            await cm.__aenter__()
+            t1 = time.perf_counter()
+            await cm.__aexit__(None, None, None)
+            t2 = time.perf_counter()
+            acq.append(t1 - t0)
+            rel.append(t2 - t1)
+        elapsed = time.perf_counter() - start
+        return {
+            "cycles_per_s": len(acq) / elapsed,
+            "acquire_p50_ms": ms(pct(acq, 0.5)), "acquire_p99_ms": ms(pct(acq, 0.99)),
+            "release_p50_ms": ms(pct(rel, 0.5)), "release_p99_ms": ms(pct(rel, 0.99)),
+        }
+
+    result["async"] = asyncio.run(run_async())
+    client.close()
+    return result
+
+
+def _contender(dsn: str, seconds: float, body: float, out: Any) -> None:
+    from pgslots.sync import concurrency
+
+    configure(dsn)
+    waits, held, cycles = [], 0.0, 0
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        with concurrency("shared", timeout_seconds=60):
+            t1 = time.perf_counter()
+            time.sleep(body)
+            held += time.perf_counter() - t1
+        waits.append(t1 - t0)
+        cycles += 1
+    out.put((cycles, held, waits))
+
+
+def contended(dsn: str, seconds: float, body: float, processes: int = 16, limit: int = 4) -> dict[str, Any]:
+    client = Client(dsn)
+    client.delete_limit("shared") if client.read_limits(["shared"]) else None
+    client.create_limit("shared", limit)
+    client.close()
+    results = run_processes(_contender, processes, dsn, seconds, body)
+    cycles = sum(r[0] for r in results)
+    held = sum(r[1] for r in results)
+    waits = [w for r in results for w in r[2]]
+    return {
+        "processes": processes, "limit": limit, "body_ms": body * 1000,
+        "cycles_per_s": cycles / seconds,
+        "utilisation": held / (seconds * limit),
+        "wait_p50_ms": ms(pct(waits, 0.5)), "wait_p99_ms": ms(pct(waits, 0.99)),
+    }
+
+
+def _handoff_waiter(dsn: str, rounds: int, go: Any, out: Any) -> None:
+    from pgslots.sync import concurrency
+
+    configure(dsn)
+    stamps = []
+    for _ in range(rounds):
+        go.wait()
+        with concurrency("baton", timeout_seconds=30):
+            stamps.append(time.time())
+    out.put(stamps)
+
+
+def handoff(dsn: str, rounds: int) -> dict[str, Any]:
+    from pgslots.sync import concurrency
+
+    client = Client(dsn)
+    client.create_limit("baton", 1)
+    go = CTX.Event()
+    out: Any = CTX.Queue()
+    proc = CTX.Process(target=_handoff_waiter, args=(dsn, rounds, go, out))
+    proc.start()
+    released = []
+    for _ in range(rounds):
+        with concurrency("baton", client=client):
+            go.set()
+            while client.read_limit("baton").waiters < 1:
+                time.sleep(0.001)
+            go.clear()
+            released.append(time.time())
+        time.sleep(0.01)   # the waiter holds the slot briefly and lets go
+        while client.read_limit("baton").active_slots:
+            time.sleep(0.001)
+    stamps = out.get(timeout=60)
+    proc.join(10)
+    client.close()
+    lat = [s - r for s, r in zip(stamps, released, strict=True)]
+    return {"rounds": rounds, "p50_ms": ms(pct(lat, 0.5)), "p99_ms": ms(pct(lat, 0.99)), "max_ms": ms(max(lat))}
+
+
+def _rater(dsn: str, stop_at: float, out: Any) -> None:
+    from pgslots.sync import rate_limit
+
+    configure(dsn)
+    stamps = []
+    while True:
+        rate_limit("paced", timeout_seconds=60)
+        now = time.time()
+        if now > stop_at:
+            break
+        stamps.append(now)
+    out.put(stamps)
+
+
+def rate_accuracy(dsn: str, seconds: float, rate: float = 50.0, limit: int = 10) -> dict[str, Any]:
+    client = Client(dsn)
+    client.create_limit("paced", limit, slot_decay_per_second=rate)
+    client.close()
+    stop_at = time.time() + seconds + 0.5
+    stamps = sorted(s for r in run_processes(_rater, 4, dsn, stop_at) for s in r)
+    steady = stamps[limit:]   # after the initial burst
+    achieved = (len(steady) - 1) / (steady[-1] - steady[0])
+    return {"configured_per_s": rate, "achieved_per_s": achieved, "ratio": achieved / rate, "seconds": seconds}
+
+
+def scale(server: Server, seconds: float) -> dict[str, Any]:
+    from pgslots.sync import concurrency
+
+    def acquire_p50(dsn: str, name: str) -> float:
+        client = Client(dsn)
+        for _ in range(50):
+            with concurrency(name, client=client):
+                pass
+        lat = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            cm = concurrency(name, client=client)
+            t0 = time.perf_counter()
+            cm.__enter__()
+            lat.append(time.perf_counter() - t0)
+            cm.__exit__(None, None, None)
+        client.close()
+        return pct(lat, 0.5)
+
+    empty = fresh(server, "bench_scale_empty")
+    Client(empty).create_limit("l0", 1_000_000)
+    base = acquire_p50(empty, "l0")
+    full = fresh(server, "bench_scale_full")
+    started = time.perf_counter()
+    with psycopg.connect(full, autocommit=True) as conn:
+        conn.execute("SELECT pgslots.create_limit('l' || i, 1000000) FROM generate_series(0, 9999) AS i")
+        conn.execute("UPDATE pgslots.settings SET max_lease_seconds = 86400")
+        conn.execute(
+            "SELECT pgslots.acquire(ARRAY['l' || (i % 10000)], 1, 86400) FROM generate_series(1, 100000) AS i"
+        )
+        conn.execute("VACUUM ANALYZE pgslots.limits, pgslots.leases")
+        leases = conn.execute("SELECT count(*) FROM pgslots.leases").fetchone()[0]  # type: ignore[index]
+    setup = time.perf_counter() - started
+    loaded = acquire_p50(full, "l0")
+    server.drop("bench_scale_empty")
+    server.drop("bench_scale_full")
+    return {"limits": 10_000, "live_leases": leases, "setup_s": round(setup, 1),
+            "acquire_p50_empty_ms": ms(base), "acquire_p50_loaded_ms": ms(loaded), "ratio": loaded / base}
+
+
+def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str, Any]:
+    from pgslots.asyncio import concurrency
+
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    holder = Client(dsn)
+    holder.create_limit("crowded", 1)
+    crowd = Client(psycopg.conninfo.make_conninfo(dsn, application_name="bench-crowd"))
+
+    def xacts() -> int:
+        time.sleep(1.5)   # backends flush their counters about once a second
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [dbname]
+            ).fetchone()
+            return int(row[0])  # type: ignore[index]
+
+    async def main() -> dict[str, Any]:
+        from pgslots.sync import concurrency as sync_concurrency
+
+        hold = sync_concurrency("crowded", client=holder)
+        hold.__enter__()
+
+        async def task() -> None:
+            async with concurrency("crowded", client=crowd):
+                pass
+
+        running = [asyncio.create_task(task()) for _ in range(tasks)]
+        while holder.read_limit("crowded").waiters < tasks:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)
+        before = await asyncio.to_thread(xacts)
+        t0 = time.perf_counter()
+        await asyncio.sleep(idle_seconds)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conns = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bench-crowd'"
+            ).fetchone()[0]  # type: ignore[index]
+        after = await asyncio.to_thread(xacts)
+        elapsed = time.perf_counter() - t0
+        # Our own measuring transactions: two stats reads and the connection count.
+        qps = max(0, after - before - 3) / elapsed
+        hold.__exit__(None, None, None)
+        t1 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*running), 300)
+        drain = time.perf_counter() - t1
+        return {"tasks": tasks, "connections": conns, "queries_per_s_idle": qps, "drain_s": drain}
+
+    result = asyncio.run(main())
+    holder.close()
+    crowd.close()
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    c = r["ceiling"]
+    rows = [
+        ("uncontended sync cycles/s vs raw two-UPDATE semaphore (1 process)",
+         r["uncontended"]["sync"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"], ">= 0.75", lambda v: v >= 0.75),
+        ("uncontended async cycles/s vs raw two-UPDATE semaphore (1 process)",
+         r["uncontended"]["async"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"], "(reported)", None),
+        ("contended 16 on 4, body 1 ms: cycles/s vs raw semaphore busy-retrying every 1 ms",
+         r["contended_1ms"]["cycles_per_s"] / c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"], ">= 1.0", lambda v: v >= 1.0),
+        ("contended 16 on 4, body 20 ms: utilisation", r["contended_20ms"]["utilisation"], ">= 0.9", lambda v: v >= 0.9),
+        ("hand-off p50 (ms)", r["handoff"]["p50_ms"], "<= 2", lambda v: v <= 2),
+        ("hand-off p99 (ms)", r["handoff"]["p99_ms"], "<= 10", lambda v: v <= 10),
+        ("rate accuracy: achieved / configured (50/s)", r["rate"]["ratio"], "within 1%", lambda v: abs(v - 1) <= 0.01),
+        ("scale: acquire p50 with 10k limits, 100k leases vs empty", r["scale"]["ratio"], "<= 1.2", lambda v: v <= 1.2),
+        ("waiters: connections for 1,000 waiting tasks", r["waiters"]["connections"], "<= 2", lambda v: v <= 2),
+        ("waiters: queries/s while idle", r["waiters"]["queries_per_s_idle"], "<= 20", lambda v: v <= 20),
+    ]
+    return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    c = r["ceiling"]
+    lines = [
+        f"Benchmarks of {r['date']} on {r['machine']} (PostgreSQL {r['postgres']}, "
+        f"fsync={r['settings'].get('fsync')}, synchronous_commit={r['settings'].get('synchronous_commit')}).",
+        "",
+        "| metric | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for t in r["targets"]:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['metric']} | {t['value']:.3g} | {t['target']} | {met} |")
+    lines += [
+        "",
+        "| ceiling (same server, same run) | per second |",
+        "|---|---|",
+        *[f"| {k} | {v:,.0f} |" for k, v in c.items()],
+        "",
+        "| pgslots | figures |",
+        "|---|---|",
+        f"| uncontended sync | {r['uncontended']['sync']['cycles_per_s']:,.0f} cycles/s, acquire p50/p99 "
+        f"{r['uncontended']['sync']['acquire_p50_ms']}/{r['uncontended']['sync']['acquire_p99_ms']} ms, release p50/p99 "
+        f"{r['uncontended']['sync']['release_p50_ms']}/{r['uncontended']['sync']['release_p99_ms']} ms |",
+        f"| uncontended async | {r['uncontended']['async']['cycles_per_s']:,.0f} cycles/s, acquire p50/p99 "
+        f"{r['uncontended']['async']['acquire_p50_ms']}/{r['uncontended']['async']['acquire_p99_ms']} ms, release p50/p99 "
+        f"{r['uncontended']['async']['release_p50_ms']}/{r['uncontended']['async']['release_p99_ms']} ms |",
+        f"| 16 processes on 4 slots, body 1 ms | {r['contended_1ms']['cycles_per_s']:,.0f} cycles/s, utilisation "
+        f"{r['contended_1ms']['utilisation']:.2f}, wait p99 {r['contended_1ms']['wait_p99_ms']} ms |",
+        f"| 16 processes on 4 slots, body 20 ms | {r['contended_20ms']['cycles_per_s']:,.0f} cycles/s, utilisation "
+        f"{r['contended_20ms']['utilisation']:.2f}, wait p99 {r['contended_20ms']['wait_p99_ms']} ms |",
+        f"| hand-off to another process | p50 {r['handoff']['p50_ms']} ms, p99 {r['handoff']['p99_ms']} ms "
+        f"({r['handoff']['rounds']} rounds) |",
+        f"| rate limit 50/s, limit 10, 4 processes | achieved {r['rate']['achieved_per_s']:.2f}/s |",
+        f"| 10k limits, {r['scale']['live_leases']:,} live leases | acquire p50 {r['scale']['acquire_p50_loaded_ms']} ms "
+        f"vs {r['scale']['acquire_p50_empty_ms']} ms empty |",
+        f"| 1,000 waiting asyncio tasks | {r['waiters']['connections']} connections, "
+        f"{r['waiters']['queries_per_s_idle']:.1f} queries/s idle, all served in {r['waiters']['drain_s']:.1f} s |",
+    ]
+    if r.get("notes"):
+        lines += ["", *[f"- {n}" for n in r["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = r["ceiling"]
+    labels = ["pgbench hot UPDATE\n1 client", "raw semaphore\n1 process", "pgslots sync\n1 process",
+              "pgslots async\n1 process", "raw semaphore\n16 on 4, 1 ms", "pgslots\n16 on 4, 1 ms"]
+    values = [c["pgbench_hot_update_1_client_tps"], c["raw_semaphore_1_process_cycles_per_s"],
+              r["uncontended"]["sync"]["cycles_per_s"], r["uncontended"]["async"]["cycles_per_s"],
+              c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"], r["contended_1ms"]["cycles_per_s"]]
+    colors = ["#999999", "#999999", "#2b6cb0", "#2b6cb0", "#999999", "#2b6cb0"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.bar(labels, values, color=colors)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("transactions or cycles per second")
+    ax.set_title(f"pgslots against the PostgreSQL ceiling ({r['date'][:10]}, {r['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", default=os.environ.get("PGSLOTS_BENCH_DSN"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed scenario")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    server = Server(args.dsn)
+    s = args.seconds
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release().split('-')[0]}",
+        "postgres": server.version,
+        "settings": server.settings,
+        "seconds_per_scenario": s,
+    }
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("ceiling", lambda: ceilings(server, s)),
+        ("uncontended", lambda: uncontended(fresh(server, "bench_solo"), s)),
+        ("contended_1ms", lambda: contended(fresh(server, "bench_c1"), s, 0.001)),
+        ("contended_20ms", lambda: contended(fresh(server, "bench_c20"), s, 0.020)),
+        ("handoff", lambda: handoff(fresh(server, "bench_handoff"), 200)),
+        ("rate", lambda: rate_accuracy(fresh(server, "bench_rate"), 2 * s)),
+        ("scale", lambda: scale(server, s)),
+        ("waiters", lambda: waiters(fresh(server, "bench_waiters"))),
+    ]
+    try:
+        for name, step in steps:
+            started = time.perf_counter()
+            print(f"== {name}", flush=True)
+            report[name] = step()
+            print(f"   {json.dumps(report[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
+    finally:
+        for db in ("bench_solo", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters"):
+            try:
+                server.drop(db)
+            except psycopg.Error:
+                pass
+        server.close()
+    report["targets"] = targets(report)
+    notes_path = HERE / "NOTES.md"
+    report["notes"] = [line[2:].strip() for line in notes_path.read_text().splitlines() if line.startswith("- ")] \
+        if notes_path.exists() else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "latest.md").write_text(markdown(report))
+    plot(report, args.out / "latest.png")
+    print(markdown(report))
+    print(f"Wrote {args.out / 'latest.json'}, latest.md and latest.png")
+
+
+if __name__ == "__main__":
+    main()
