@@ -90,9 +90,13 @@ CREATE SEQUENCE pgslots.waiter_tickets AS bigint;
 ---------------------------------------------------------------------------------------------------
 
 CREATE FUNCTION pgslots._now() RETURNS timestamptz
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pgslots, pg_temp
-AS $$ SELECT pg_catalog.clock_timestamp() + s.clock_offset FROM pgslots.settings s $$;
+AS $$
+BEGIN
+    RETURN clock_timestamp() + (SELECT s.clock_offset FROM pgslots.settings s);
+END
+$$;
 
 -- Unleased slots left at `at`, decaying continuously from `since`.
 CREATE FUNCTION pgslots._decayed(amount float8, rate float8, since timestamptz, at timestamptz)
@@ -290,44 +294,49 @@ CREATE FUNCTION pgslots._admit(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+-- The hot path: one pass over the locked rows, no helper calls unless something is wrong.
 DECLARE
-    wanted text[];
+    wanted text[] := names;
+    cfg pgslots.settings;
     lease_for interval;
     at timestamptz;
     lim record;
     ids uuid[] := '{}';
     found_names text[] := '{}';
     no_decay text[] := '{}';
-    blocked uuid[] := '{}';
+    blocked uuid[];
     occupied float8;
     ahead bigint;
     need float8;
     hint float8;
     attempt integer;
-    ttl interval;
 BEGIN
-    wanted := pgslots._check_names(names);
-    PERFORM pgslots._check_slots(slots);
+    IF names IS NULL OR slots IS NULL OR slots <= 0
+       OR EXISTS (SELECT 1 FROM unnest(names) AS n
+                  WHERE n IS NULL OR n = '' OR n ~ '[/%&><]' OR char_length(n) > 255) THEN
+        wanted := pgslots._check_names(names);   -- raises the precise error
+        PERFORM pgslots._check_slots(slots);
+    END IF;
+    IF cardinality(wanted) > 1 THEN
+        wanted := pgslots._check_names(wanted);  -- drops repeats
+    END IF;
+    SELECT * INTO cfg FROM pgslots.settings;
     IF NOT for_rate_limit THEN
-        lease_for := pgslots._lease_interval(lease_seconds);
+        IF lease_seconds IS NULL OR NOT (lease_seconds >= cfg.min_lease_seconds
+                                         AND lease_seconds <= cfg.max_lease_seconds) THEN
+            lease_for := pgslots._lease_interval(lease_seconds);   -- raises
+        END IF;
+        lease_for := make_interval(secs => lease_seconds);
     END IF;
     granted := false;
     waiter := ticket;
+    missing := '{}';
 
-    -- Lock the named limits in id order: the one order every locker uses.
-    PERFORM 1 FROM pgslots.limits l WHERE l.name = ANY (wanted) ORDER BY l.id FOR UPDATE;
-    at := pgslots._now();
-
-    SELECT coalesce(array_agg(l.name), '{}') INTO found_names
-    FROM pgslots.limits l WHERE l.name = ANY (wanted);
-    missing := ARRAY(SELECT n FROM unnest(wanted) AS n WHERE n <> ALL (found_names));
-    IF strict AND cardinality(missing) > 0 THEN
-        RAISE EXCEPTION 'Concurrency limits % must be created before acquiring slots',
-            pgslots._list_literal(missing)
-            USING ERRCODE = 'PS008', HINT = 'Create them first, e.g. with pgslots create NAME --limit N.';
-    END IF;
-
-    FOR lim IN SELECT * FROM pgslots.limits l WHERE l.name = ANY (wanted) AND l.active ORDER BY l.id LOOP
+    -- Lock the named limits in id order, the one order every locker uses, and look at each once.
+    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second
+               FROM pgslots.limits l WHERE l.name = ANY (wanted) ORDER BY l.id FOR UPDATE LOOP
+        found_names := found_names || lim.name;
+        CONTINUE WHEN NOT lim.active;
         IF slots > lim."limit" THEN
             RAISE EXCEPTION 'Unable to acquire concurrency slots on %: slots requested is greater than the limit (% > %)',
                 pgslots._list_literal(ARRAY[lim.name]), slots, lim."limit"
@@ -339,6 +348,16 @@ BEGIN
         END IF;
         ids := ids || lim.id;
     END LOOP;
+    at := clock_timestamp() + cfg.clock_offset;
+
+    IF cardinality(found_names) < cardinality(wanted) THEN
+        missing := ARRAY(SELECT n FROM unnest(wanted) AS n WHERE n <> ALL (found_names));
+        IF strict THEN
+            RAISE EXCEPTION 'Concurrency limits % must be created before acquiring slots',
+                pgslots._list_literal(missing)
+                USING ERRCODE = 'PS008', HINT = 'Create them first, e.g. with pgslots create NAME --limit N.';
+        END IF;
+    END IF;
     IF cardinality(no_decay) > 0 THEN
         RAISE EXCEPTION 'Only concurrency limits with slot decay can be used for rate limiting. The following limits do not have a decay configured: %',
             (SELECT string_agg(quote_literal(n), ', ') FROM unnest(no_decay) AS n)
@@ -354,9 +373,13 @@ BEGIN
     FOR attempt IN 1..2 LOOP
         blocked := '{}';
         retry_after := 0;
-        FOR lim IN SELECT * FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id LOOP
-            occupied := lim.leased_slots
-                + pgslots._decayed(lim.unleased_slots, lim.slot_decay_per_second, lim.decayed_at, at);
+        FOR lim IN SELECT l.id, l."limit", l.leased_slots, l.slot_decay_per_second,
+                          l.avg_slot_occupancy_seconds,
+                          greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+                                   * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8))
+                              AS unleased_now
+                   FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
+            occupied := lim.leased_slots + lim.unleased_now;
             SELECT coalesce(sum(w.slots), 0) INTO ahead FROM pgslots.waiters w
             WHERE w.limit_id = lim.id AND w.expires_at > at AND (ticket IS NULL OR w.id < ticket);
             need := occupied + ahead + slots - lim."limit";
@@ -383,8 +406,8 @@ BEGIN
         retry_after := NULL;
         IF for_rate_limit THEN
             UPDATE pgslots.limits l
-            SET unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second,
-                                                  l.decayed_at, at) + slots,
+            SET unleased_slots = greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+                                 * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8)) + slots,
                 decayed_at = at
             WHERE l.id = ANY (ids);
         ELSE
@@ -411,11 +434,11 @@ BEGIN
     blocked_by := ARRAY(SELECT l.name FROM pgslots.limits l WHERE l.id = ANY (blocked) ORDER BY l.name);
     UPDATE pgslots.limits l SET denied_slots = l.denied_slots + slots WHERE l.id = ANY (blocked);
     IF queue_client IS NOT NULL THEN
-        SELECT make_interval(secs => s.waiter_ttl_seconds) INTO ttl FROM pgslots.settings s;
         waiter := coalesce(ticket, nextval('pgslots.waiter_tickets'));
         -- A waiter keeps its place on every limit it asked for, not just the full ones.
         INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at)
-        SELECT waiter, i, slots, queue_client, at, at + ttl FROM unnest(ids) AS i
+        SELECT waiter, i, slots, queue_client, at, at + make_interval(secs => cfg.waiter_ttl_seconds)
+        FROM unnest(ids) AS i
         ON CONFLICT (limit_id, id) DO UPDATE SET expires_at = excluded.expires_at;
         DELETE FROM pgslots.waiters w
         WHERE w.limit_id = ANY (blocked) AND w.expires_at <= at;
@@ -438,11 +461,15 @@ CREATE FUNCTION pgslots.acquire(
     new_lease_id uuid DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
-    SELECT * FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client,
-                                 false, new_lease_id)
+BEGIN
+    SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by, a.waiter
+    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter
+    FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                        new_lease_id) AS a;
+END
 $$;
 COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
@@ -459,17 +486,20 @@ CREATE FUNCTION pgslots.rate_limit(
     queue_client uuid DEFAULT NULL,
     OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
     OUT waiter bigint)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+BEGIN
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a
+    INTO granted, retry_after, missing, blocked_by, waiter
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a;
+END
 $$;
 COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid) IS
 'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
 'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit.';
 
-CREATE FUNCTION pgslots.release(lease_id uuid) RETURNS boolean
+CREATE FUNCTION pgslots.release(lease_id uuid, durable boolean DEFAULT true) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
@@ -478,10 +508,15 @@ DECLARE
     part record;
     released boolean := false;
 BEGIN
+    IF NOT durable THEN
+        -- Commit without waiting for the WAL flush. A crash may then forget this release, which
+        -- keeps the slot taken until its lease expires: slower, never over-admitting.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     PERFORM 1 FROM pgslots.limits l
     WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x WHERE x.id = release.lease_id)
     ORDER BY l.id FOR UPDATE;
-    at := pgslots._now();
+    at := clock_timestamp() + (SELECT s.clock_offset FROM pgslots.settings s);
     FOR part IN DELETE FROM pgslots.leases x WHERE x.id = release.lease_id
                 RETURNING x.limit_id, x.slots, x.acquired_at LOOP
         released := true;
@@ -493,14 +528,18 @@ BEGIN
                 + (date_part('epoch', at - part.acquired_at) - l.avg_slot_occupancy_seconds)
                   / (2.0 * greatest(l."limit", 1)))
         WHERE l.id = part.limit_id;
-        PERFORM pgslots._wake(part.limit_id, at);
+        IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = part.limit_id) THEN
+            PERFORM pgslots._wake(part.limit_id, at);
+        END IF;
     END LOOP;
     RETURN released;
 END
 $$;
-COMMENT ON FUNCTION pgslots.release(uuid) IS
+COMMENT ON FUNCTION pgslots.release(uuid, boolean) IS
 'Releases a lease''s slots. Idempotent: an unknown or already released lease changes nothing '
-'and returns false. Wakes queued waiters that the freed slots can serve.';
+'and returns false. Wakes queued waiters that the freed slots can serve. durable => false commits '
+'without waiting for the WAL flush (use it in its own transaction only): a crash can then delay '
+'the slot until its lease expires, but never over-admit.';
 
 CREATE FUNCTION pgslots.renew(lease_id uuid, lease_seconds float8 DEFAULT 300)
 RETURNS timestamptz

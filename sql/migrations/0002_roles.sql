@@ -39,7 +39,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgslots FROM PUBLIC;
 
 ALTER FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) SECURITY DEFINER;
 ALTER FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid) SECURITY DEFINER;
-ALTER FUNCTION pgslots.release(uuid) SECURITY DEFINER;
+ALTER FUNCTION pgslots.release(uuid, boolean) SECURITY DEFINER;
 ALTER FUNCTION pgslots.renew(uuid, float8) SECURITY DEFINER;
 ALTER FUNCTION pgslots.heartbeat(uuid) SECURITY DEFINER;
 ALTER FUNCTION pgslots.leave_queue(bigint) SECURITY DEFINER;
@@ -61,7 +61,7 @@ BEGIN
         GRANT EXECUTE ON FUNCTION
             pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid),
             pgslots.rate_limit(text[], integer, boolean, bigint, uuid),
-            pgslots.release(uuid),
+            pgslots.release(uuid, boolean),
             pgslots.renew(uuid, float8),
             pgslots.heartbeat(uuid),
             pgslots.leave_queue(bigint),
@@ -77,7 +77,7 @@ BEGIN
         GRANT EXECUTE ON FUNCTION
             pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid),
             pgslots.rate_limit(text[], integer, boolean, bigint, uuid),
-            pgslots.release(uuid),
+            pgslots.release(uuid, boolean),
             pgslots.renew(uuid, float8),
             pgslots.heartbeat(uuid),
             pgslots.leave_queue(bigint),

@@ -12,6 +12,8 @@ ACQUIRE: LiteralString = (
 )
 RATE_LIMIT: LiteralString = "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s)"
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s)"
+# A release in its own transaction need not wait for the WAL flush: see pgslots.release.
+RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false)"
 RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s)"
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s)"
 LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s)"

@@ -140,7 +140,7 @@ class concurrency:  # noqa: N801 - named like the function it replaces
         client = self._client or default_client()
         client.engine.drop(lease.lease_id)
         try:
-            await client.acall(q.RELEASE, {"lease_id": lease.lease_id})
+            await client.acall(q.RELEASE_FAST, {"lease_id": lease.lease_id})
         except BaseException as error:
             # Cancelled or the database is away: the slots must come back all the same.
             client.engine.release_later(lease.lease_id)

@@ -150,7 +150,7 @@ class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the f
             return
         client.engine.drop(lease.lease_id)
         try:
-            client.call(q.RELEASE, {"lease_id": lease.lease_id})
+            client.call(q.RELEASE_FAST, {"lease_id": lease.lease_id})
         except BaseException as error:
             # The slots must come back even if the database is away right now.
             client.engine.release_later(lease.lease_id)
