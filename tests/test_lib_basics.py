@@ -375,7 +375,7 @@ def test_no_connection_outlives_its_event_loop(client: Client, fresh_dsn: str) -
     with psycopg.connect(fresh_dsn) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loopcheck'").fetchone()
     own.close()
-    assert row is not None and row[0] <= 1   # at most the engine's connection, never one per loop
+    assert row is not None and row[0] <= 1  # at most the engine's connection, never one per loop
 
 
 def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
@@ -393,5 +393,5 @@ def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -
         assert row is not None
         return int(row[0])
 
-    assert asyncio.run(main()) <= 3   # the pool (2), and the probe connection may still be leaving
+    assert asyncio.run(main()) <= 3  # the pool (2), and the probe connection may still be leaving
     own.close()

@@ -37,6 +37,7 @@ logger = logging.getLogger("pgslots")
 _HOST = socket.gethostname()
 LONGEST_WAIT_SECONDS = 60.0  # even a waiter that is never woken looks again this often
 POLL_SECONDS = 1.0  # without LISTEN, the longest pause between attempts
+RECONNECT_SECONDS = 30.0  # how long an attempt keeps retrying while the database is unreachable
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class Attempts:
     ticket: int | None = None
     pending_lease: uuid.UUID | None = None
     warned: bool = False
+    outage_since: float | None = None
+    outage_retries: int = 0
 
     @property
     def deadline(self) -> float | None:
@@ -213,12 +216,35 @@ class Attempts:
             engine.leave_later(self.ticket)
             self.ticket = None
 
-    def failed(self, exc: PgSlotsError) -> BaseException:
-        """The error to raise for a failed attempt. The database answering with an error means the
-        attempt rolled back, so there is no grant to clean up."""
+    def failed(self, exc: PgSlotsError, engine: Engine) -> BaseException | float:
+        """After a failed attempt: the error to raise, or the seconds to pause before trying again.
+
+        The database answering with an error means the attempt rolled back: raise it. A lost
+        connection (a restart, a failover, a terminated backend) is retried with back-off for up to
+        RECONNECT_SECONDS, within the caller's timeout; the attempt may have committed before the
+        connection went, so its lease is released in the background."""
         if not isinstance(exc.__cause__, psycopg.OperationalError):
             self.pending_lease = None
-        return self.pool_timeout(exc)
+            return exc
+        timed_out = self.pool_timeout(exc)
+        if timed_out is not exc:
+            return timed_out
+        if self.pending_lease is not None:
+            engine.release_later(self.pending_lease)
+            self.pending_lease = None
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
+        if now - self.outage_since > RECONNECT_SECONDS:
+            return exc
+        self.outage_retries += 1
+        pause: float = min(1.0, 0.05 * 2**self.outage_retries) * random.uniform(0.5, 1.0)
+        remaining = self.remaining()
+        return pause if remaining is None else min(pause, remaining)
+
+    def reconnected(self) -> None:
+        self.outage_since = None
+        self.outage_retries = 0
 
     def pool_timeout(self, exc: BaseException) -> BaseException:
         """Waiting for a pooled connection past the deadline is the caller's timeout, not an outage."""

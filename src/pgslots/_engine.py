@@ -54,6 +54,7 @@ class _Renewal:
     lease_id: uuid.UUID = field(compare=False)
     lease_seconds: float = field(compare=False)
     on_lost: Callable[[BaseException], None] = field(compare=False)
+    valid_until: float = field(default=0.0, compare=False)
     cancelled: bool = field(default=False, compare=False)
 
 
@@ -119,7 +120,8 @@ class Engine:
 
     def hold(self, lease_id: uuid.UUID, lease_seconds: float, on_lost: Callable[[BaseException], None]) -> None:
         """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if renewal fails for good."""
-        renewal = _Renewal(time.monotonic() + 0.75 * lease_seconds, next(self._seq), lease_id, lease_seconds, on_lost)
+        now = time.monotonic()
+        renewal = _Renewal(now + 0.75 * lease_seconds, next(self._seq), lease_id, lease_seconds, on_lost, now + lease_seconds)
         with self._lock:
             heapq.heappush(self._renewals, renewal)
             self._by_lease[lease_id] = renewal
@@ -269,11 +271,18 @@ class Engine:
                 if renewal.cancelled:
                     continue
             failure = self._renew(conn, renewal)
+            now = time.monotonic()
             with self._lock:
                 if renewal.cancelled:
                     continue
                 if failure is None:
-                    renewal.due = time.monotonic() + 0.75 * renewal.lease_seconds
+                    renewal.valid_until = now + renewal.lease_seconds
+                    renewal.due = now + 0.75 * renewal.lease_seconds
+                    heapq.heappush(self._renewals, renewal)
+                    continue
+                if not isinstance(failure, LeaseLostError) and now + 1.0 < renewal.valid_until:
+                    # The database is away, but the lease is still good for a while: keep trying.
+                    renewal.due = now + 1.0
                     heapq.heappush(self._renewals, renewal)
                     continue
                 self._by_lease.pop(renewal.lease_id, None)

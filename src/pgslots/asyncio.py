@@ -69,7 +69,12 @@ async def _acquire(client: Client, request: Request) -> Lease:
             try:
                 row = (await client.acall(query, params, timeout=state.remaining()))[0]
             except PgSlotsError as exc:
-                raise state.failed(exc) from exc.__cause__
+                retry = state.failed(exc, engine)
+                if isinstance(retry, BaseException):
+                    raise retry from exc.__cause__
+                await asyncio.sleep(retry)
+                continue
+            state.reconnected()
             outcome = state.record(row)
             if isinstance(outcome, Lease):
                 return outcome

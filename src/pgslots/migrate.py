@@ -90,9 +90,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
                 conn.execute(migration.sql.encode())
             except psycopg.Error as exc:
                 first = str(exc).strip().splitlines()[0]
-                raise PgSlotsError(
-                    f"Migration {migration.version:04d}_{migration.name} failed and was rolled back: {first}"
-                ) from exc
+                raise PgSlotsError(f"Migration {migration.version:04d}_{migration.name} failed and was rolled back: {first}") from exc
             conn.execute(
                 "INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)",
                 [migration.version, migration.name],

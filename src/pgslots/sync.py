@@ -53,7 +53,12 @@ def _acquire(client: Client, request: Request) -> Lease:
             try:
                 row = client.call(query, params, timeout=state.remaining())[0]
             except PgSlotsError as exc:
-                raise state.failed(exc) from exc.__cause__
+                retry = state.failed(exc, engine)
+                if isinstance(retry, BaseException):
+                    raise retry from exc.__cause__
+                time.sleep(retry)
+                continue
+            state.reconnected()
             outcome = state.record(row)
             if isinstance(outcome, Lease):
                 return outcome
