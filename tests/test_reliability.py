@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Any
 
+import invariants
 import psycopg
 import pytest
 
-import invariants
 from conftest import set_min_lease
 from pgslots.client import Client, configure
 from pgslots.sync import concurrency

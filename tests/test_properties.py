@@ -1,0 +1,102 @@
+"""Hostile and malformed input, generated: every call gets a clear error or a correct result, and
+the invariant checker passes after every example."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import invariants
+import pgslots
+from pgslots._core import make_request
+from pgslots_cli.main import cli
+
+Conn = psycopg.Connection[Any]
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# Text PostgreSQL can store (no NUL), with the forbidden characters, empties and long strings likely.
+names = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40),
+    st.sampled_from(["", "a/b", "%", "&", ">", "<", "x" * 255, "x" * 256, "ünï cødé ✓", "'", '"', "\\"]),
+    st.just("y" * 1_000_000),
+)
+ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31)]))
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-300, 1e300]))
+# What a call may fail with: our own codes, or PostgreSQL's data exceptions for values of the wrong shape.
+ACCEPTABLE = ("PS", "22")
+
+
+def _call(conn: Conn, query: str, params: list[Any]) -> bool:
+    try:
+        with conn.transaction():
+            conn.execute(query, params)
+        return True
+    except psycopg.DataError as exc:
+        # psycopg itself refuses values PostgreSQL cannot hold (a NUL byte), before sending them.
+        assert exc.sqlstate is None or exc.sqlstate.startswith(ACCEPTABLE), (exc.sqlstate, str(exc)[:200])
+        return False
+    except psycopg.Error as exc:
+        assert exc.sqlstate and exc.sqlstate.startswith(ACCEPTABLE), (exc.sqlstate, str(exc)[:200])
+        return False
+
+
+@SETTINGS
+@given(name=names, limit=ints, decay=floats, slots=ints, lease=floats)
+def test_sql_functions_survive_anything(sql: Conn, name: str, limit: int, decay: float, slots: int, lease: float) -> None:
+    with sql.transaction(force_rollback=True):
+        created = _call(sql, "SELECT pgslots.create_limit(%s, %s, %s)", [name, limit, decay])
+        valid_name = name != "" and not any(c in name for c in "/%&><") and len(name) <= 255
+        valid = valid_name and limit >= 0 and math.isfinite(decay) and decay >= 0
+        assert created == valid, (name[:50], limit, decay)
+        _call(sql, "SELECT * FROM pgslots.acquire(%s, %s, %s)", [[name, name], slots, lease])
+        _call(sql, "SELECT * FROM pgslots.rate_limit(%s, %s)", [[name], slots])
+        _call(sql, "SELECT pgslots.update_limit(%s, %s, %s)", [name, limit, decay])
+        _call(sql, "SELECT pgslots.renew(%s, %s)", [uuid.uuid4(), lease])
+        _call(sql, "SELECT pgslots.release(%s)", [uuid.uuid4()])
+        invariants.check(sql)
+
+
+@SETTINGS
+@given(lease_id=st.one_of(st.text(max_size=50), st.just(None)))
+def test_malformed_lease_ids(sql: Conn, lease_id: str | None) -> None:
+    with sql.transaction(force_rollback=True):
+        _call(sql, "SELECT pgslots.release(%s::text::uuid)", [lease_id])
+        _call(sql, "SELECT pgslots.renew(%s::text::uuid, 300)", [lease_id])
+        invariants.check(sql)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names_=st.one_of(st.none(), names, st.lists(names, max_size=4)),
+    occupy=st.one_of(ints, floats, st.none(), st.booleans()),
+    timeout=st.one_of(st.none(), floats, ints),
+    retries=st.one_of(st.none(), ints),
+    lease=st.one_of(floats, ints),
+)
+def test_python_arguments_are_checked_before_any_round_trip(names_: Any, occupy: Any, timeout: Any, retries: Any, lease: Any) -> None:
+    try:
+        request = make_request(names_, occupy, timeout, retries, lease, False, None, rate_limit=False)
+    except pgslots.InvalidArgumentError as exc:
+        assert str(exc)
+        return
+    assert request is None or (request.slots >= 1 and math.isfinite(request.lease_seconds))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=names.filter(lambda n: len(n) < 5000 and not n.startswith("-")), limit=st.integers(-5, 2**40))
+def test_cli_never_shows_a_traceback(fresh_dsn: str, name: str, limit: int) -> None:
+    result = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "create", name, "--limit", str(limit)])
+    assert result.exit_code in (0, 1), result.output
+    assert "Traceback" not in result.output
+    if result.exit_code == 1:
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        invariants.check(conn)
+        conn.execute("DELETE FROM pgslots.limits")
