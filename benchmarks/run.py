@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,9 +70,11 @@ class Server:
         self.pgbench = str(bindir / "pgbench") if bindir and (bindir / "pgbench").exists() else shutil.which("pgbench")
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             self.version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            settings = dict(conn.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers')"
-            ).fetchall())
+            settings = dict(
+                conn.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers')"
+                ).fetchall()
+            )
         self.settings = settings
 
     def database(self, name: str) -> str:
@@ -103,8 +104,7 @@ def pgbench(server: Server, dsn: str, script: str, clients: int, seconds: float)
         path = f.name
     os.chmod(path, 0o644)
     params = psycopg.conninfo.conninfo_to_dict(dsn)
-    args = [server.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
-            "-T", str(int(seconds)), "-f", path]
+    args = [server.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(int(seconds)), "-f", path]
     for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
         if params.get(key):
             args += [flag, str(params[key])]
@@ -122,11 +122,9 @@ def _raw_semaphore(dsn: str, seconds: float, limit_id: int, body: float, out: An
         cycles = 0
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
-            got = conn.execute(
-                "UPDATE sem SET used = used + 1 WHERE id = %s AND used + 1 <= lim RETURNING used", [limit_id]
-            ).fetchone()
+            got = conn.execute("UPDATE sem SET used = used + 1 WHERE id = %s AND used + 1 <= lim RETURNING used", [limit_id]).fetchone()
             if got is None:
-                time.sleep(0.001)   # busy retry every 1 ms
+                time.sleep(0.001)  # busy retry every 1 ms
                 continue
             if body:
                 time.sleep(body)
@@ -186,7 +184,7 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
     client = Client(dsn)
     client.create_limit("solo", 1)
     result: dict[str, Any] = {}
-    for _ in range(50):   # warm up: connections, prepared statements
+    for _ in range(50):  # warm up: connections, prepared statements
         with concurrency("solo", client=client):
             pass
     acquire, release = [], []
@@ -204,8 +202,10 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     result["sync"] = {
         "cycles_per_s": len(acquire) / elapsed,
-        "acquire_p50_ms": ms(pct(acquire, 0.5)), "acquire_p99_ms": ms(pct(acquire, 0.99)),
-        "release_p50_ms": ms(pct(release, 0.5)), "release_p99_ms": ms(pct(release, 0.99)),
+        "acquire_p50_ms": ms(pct(acquire, 0.5)),
+        "acquire_p99_ms": ms(pct(acquire, 0.99)),
+        "release_p50_ms": ms(pct(release, 0.5)),
+        "release_p99_ms": ms(pct(release, 0.99)),
     }
 
     async def run_async() -> dict[str, Any]:
@@ -227,8 +227,10 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         return {
             "cycles_per_s": len(acq) / elapsed,
-            "acquire_p50_ms": ms(pct(acq, 0.5)), "acquire_p99_ms": ms(pct(acq, 0.99)),
-            "release_p50_ms": ms(pct(rel, 0.5)), "release_p99_ms": ms(pct(rel, 0.99)),
+            "acquire_p50_ms": ms(pct(acq, 0.5)),
+            "acquire_p99_ms": ms(pct(acq, 0.99)),
+            "release_p50_ms": ms(pct(rel, 0.5)),
+            "release_p99_ms": ms(pct(rel, 0.99)),
         }
 
     result["async"] = asyncio.run(run_async())
@@ -263,10 +265,13 @@ def contended(dsn: str, seconds: float, body: float, processes: int = 16, limit:
     held = sum(r[1] for r in results)
     waits = [w for r in results for w in r[2]]
     return {
-        "processes": processes, "limit": limit, "body_ms": body * 1000,
+        "processes": processes,
+        "limit": limit,
+        "body_ms": body * 1000,
         "cycles_per_s": cycles / seconds,
         "utilisation": held / (seconds * limit),
-        "wait_p50_ms": ms(pct(waits, 0.5)), "wait_p99_ms": ms(pct(waits, 0.99)),
+        "wait_p50_ms": ms(pct(waits, 0.5)),
+        "wait_p99_ms": ms(pct(waits, 0.99)),
     }
 
 
@@ -299,7 +304,7 @@ def handoff(dsn: str, rounds: int) -> dict[str, Any]:
                 time.sleep(0.001)
             go.clear()
             released.append(time.time())
-        time.sleep(0.01)   # the waiter holds the slot briefly and lets go
+        time.sleep(0.01)  # the waiter holds the slot briefly and lets go
         while client.read_limit("baton").active_slots:
             time.sleep(0.001)
     stamps = out.get(timeout=60)
@@ -329,7 +334,7 @@ def rate_accuracy(dsn: str, seconds: float, rate: float = 50.0, limit: int = 10)
     client.close()
     stop_at = time.time() + seconds + 0.5
     stamps = sorted(s for r in run_processes(_rater, 4, dsn, stop_at) for s in r)
-    steady = stamps[limit:]   # after the initial burst
+    steady = stamps[limit:]  # after the initial burst
     achieved = (len(steady) - 1) / (steady[-1] - steady[0])
     return {"configured_per_s": rate, "achieved_per_s": achieved, "ratio": achieved / rate, "seconds": seconds}
 
@@ -361,17 +366,21 @@ def scale(server: Server, seconds: float) -> dict[str, Any]:
     with psycopg.connect(full, autocommit=True) as conn:
         conn.execute("SELECT pgslots.create_limit('l' || i, 1000000) FROM generate_series(0, 9999) AS i")
         conn.execute("UPDATE pgslots.settings SET max_lease_seconds = 86400")
-        conn.execute(
-            "SELECT pgslots.acquire(ARRAY['l' || (i % 10000)], 1, 86400) FROM generate_series(1, 100000) AS i"
-        )
+        conn.execute("SELECT pgslots.acquire(ARRAY['l' || (i % 10000)], 1, 86400) FROM generate_series(1, 100000) AS i")
         conn.execute("VACUUM ANALYZE pgslots.limits, pgslots.leases")
         leases = conn.execute("SELECT count(*) FROM pgslots.leases").fetchone()[0]  # type: ignore[index]
     setup = time.perf_counter() - started
     loaded = acquire_p50(full, "l0")
     server.drop("bench_scale_empty")
     server.drop("bench_scale_full")
-    return {"limits": 10_000, "live_leases": leases, "setup_s": round(setup, 1),
-            "acquire_p50_empty_ms": ms(base), "acquire_p50_loaded_ms": ms(loaded), "ratio": loaded / base}
+    return {
+        "limits": 10_000,
+        "live_leases": leases,
+        "setup_s": round(setup, 1),
+        "acquire_p50_empty_ms": ms(base),
+        "acquire_p50_loaded_ms": ms(loaded),
+        "ratio": loaded / base,
+    }
 
 
 def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str, Any]:
@@ -383,11 +392,9 @@ def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str
     crowd = Client(psycopg.conninfo.make_conninfo(dsn, application_name="bench-crowd"))
 
     def xacts() -> int:
-        time.sleep(1.5)   # backends flush their counters about once a second
+        time.sleep(2.5)  # busy backends flush their counters about once a second
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [dbname]
-            ).fetchone()
+            row = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [dbname]).fetchone()
             return int(row[0])  # type: ignore[index]
 
     async def main() -> dict[str, Any]:
@@ -403,14 +410,14 @@ def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str
         running = [asyncio.create_task(task()) for _ in range(tasks)]
         while holder.read_limit("crowded").waiters < tasks:
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1)
+        # Let the pool shrink back after the arrival burst, and every backend flush its counters
+        # (an idle backend reports within 10 s).
+        await asyncio.sleep(12)
         before = await asyncio.to_thread(xacts)
         t0 = time.perf_counter()
         await asyncio.sleep(idle_seconds)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conns = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bench-crowd'"
-            ).fetchone()[0]  # type: ignore[index]
+            conns = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bench-crowd'").fetchone()[0]  # type: ignore[index]
         after = await asyncio.to_thread(xacts)
         elapsed = time.perf_counter() - t0
         # Our own measuring transactions: two stats reads and the connection count.
@@ -433,12 +440,24 @@ def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     c = r["ceiling"]
     rows = [
-        ("uncontended sync cycles/s vs raw two-UPDATE semaphore (1 process)",
-         r["uncontended"]["sync"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"], ">= 0.75", lambda v: v >= 0.75),
-        ("uncontended async cycles/s vs raw two-UPDATE semaphore (1 process)",
-         r["uncontended"]["async"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"], "(reported)", None),
-        ("contended 16 on 4, body 1 ms: cycles/s vs raw semaphore busy-retrying every 1 ms",
-         r["contended_1ms"]["cycles_per_s"] / c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"], ">= 1.0", lambda v: v >= 1.0),
+        (
+            "uncontended sync cycles/s vs raw two-UPDATE semaphore (1 process)",
+            r["uncontended"]["sync"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"],
+            ">= 0.75",
+            lambda v: v >= 0.75,
+        ),
+        (
+            "uncontended async cycles/s vs raw two-UPDATE semaphore (1 process)",
+            r["uncontended"]["async"]["cycles_per_s"] / c["raw_semaphore_1_process_cycles_per_s"],
+            "(reported)",
+            None,
+        ),
+        (
+            "contended 16 on 4, body 1 ms: cycles/s vs raw semaphore busy-retrying every 1 ms",
+            r["contended_1ms"]["cycles_per_s"] / c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"],
+            ">= 1.0",
+            lambda v: v >= 1.0,
+        ),
         ("contended 16 on 4, body 20 ms: utilisation", r["contended_20ms"]["utilisation"], ">= 0.9", lambda v: v >= 0.9),
         ("hand-off p50 (ms)", r["handoff"]["p50_ms"], "<= 2", lambda v: v <= 2),
         ("hand-off p99 (ms)", r["handoff"]["p99_ms"], "<= 10", lambda v: v <= 10),
@@ -500,11 +519,22 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     c = r["ceiling"]
-    labels = ["pgbench hot UPDATE\n1 client", "raw semaphore\n1 process", "pgslots sync\n1 process",
-              "pgslots async\n1 process", "raw semaphore\n16 on 4, 1 ms", "pgslots\n16 on 4, 1 ms"]
-    values = [c["pgbench_hot_update_1_client_tps"], c["raw_semaphore_1_process_cycles_per_s"],
-              r["uncontended"]["sync"]["cycles_per_s"], r["uncontended"]["async"]["cycles_per_s"],
-              c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"], r["contended_1ms"]["cycles_per_s"]]
+    labels = [
+        "pgbench hot UPDATE\n1 client",
+        "raw semaphore\n1 process",
+        "pgslots sync\n1 process",
+        "pgslots async\n1 process",
+        "raw semaphore\n16 on 4, 1 ms",
+        "pgslots\n16 on 4, 1 ms",
+    ]
+    values = [
+        c["pgbench_hot_update_1_client_tps"],
+        c["raw_semaphore_1_process_cycles_per_s"],
+        r["uncontended"]["sync"]["cycles_per_s"],
+        r["uncontended"]["async"]["cycles_per_s"],
+        c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"],
+        r["contended_1ms"]["cycles_per_s"],
+    ]
     colors = ["#999999", "#999999", "#2b6cb0", "#2b6cb0", "#999999", "#2b6cb0"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.bar(labels, values, color=colors)
@@ -556,8 +586,9 @@ def main() -> None:
         server.close()
     report["targets"] = targets(report)
     notes_path = HERE / "NOTES.md"
-    report["notes"] = [line[2:].strip() for line in notes_path.read_text().splitlines() if line.startswith("- ")] \
-        if notes_path.exists() else []
+    report["notes"] = (
+        [line[2:].strip() for line in notes_path.read_text().splitlines() if line.startswith("- ")] if notes_path.exists() else []
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "latest.md").write_text(markdown(report))

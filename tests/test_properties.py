@@ -7,13 +7,12 @@ import math
 import uuid
 from typing import Any
 
+import invariants
 import psycopg
-import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import invariants
 import pgslots
 from pgslots._core import make_request
 from pgslots_cli.main import cli

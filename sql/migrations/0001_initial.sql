@@ -431,6 +431,9 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A refusal writes only pressure and a queue place; losing those in a crash costs nothing, so
+    -- its commit need not wait for the WAL flush while it holds the limit's row lock.
+    PERFORM set_config('synchronous_commit', 'off', true);
     blocked_by := ARRAY(SELECT l.name FROM pgslots.limits l WHERE l.id = ANY (blocked) ORDER BY l.name);
     UPDATE pgslots.limits l SET denied_slots = l.denied_slots + slots WHERE l.id = ANY (blocked);
     IF queue_client IS NOT NULL THEN

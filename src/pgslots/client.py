@@ -32,6 +32,7 @@ from .errors import MIGRATE_HINT, InvalidArgumentError, PgSlotsError, SchemaNotI
 from .migrate import LATEST_VERSION, migrate
 
 DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serve many threads
+IDLE_SECONDS = 10.0  # a pooled connection above the first closes after this long unused
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Client:
                     min_size=1,
                     max_size=self.max_connections,
                     kwargs={"autocommit": True, **self._connect_kwargs},
+                    max_idle=IDLE_SECONDS,
                     open=True,
                     name="pgslots",
                 )
@@ -161,6 +163,7 @@ class Client:
             min_size=1,
             max_size=self.max_connections,
             kwargs={"autocommit": True, **self._connect_kwargs},
+            max_idle=IDLE_SECONDS,
             open=False,
             name="pgslots-async",
         )
