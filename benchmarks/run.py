@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -555,7 +556,7 @@ def main() -> None:
     server = Server(args.dsn)
     s = args.seconds
     report: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release().split('-')[0]}",
         "postgres": server.version,
         "settings": server.settings,
@@ -579,10 +580,8 @@ def main() -> None:
             print(f"   {json.dumps(report[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
     finally:
         for db in ("bench_solo", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters"):
-            try:
+            with contextlib.suppress(psycopg.Error):
                 server.drop(db)
-            except psycopg.Error:
-                pass
         server.close()
     report["targets"] = targets(report)
     notes_path = HERE / "NOTES.md"

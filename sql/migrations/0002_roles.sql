@@ -74,15 +74,10 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_admin') THEN
         GRANT USAGE ON SCHEMA pgslots TO pgslots_admin;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user') THEN
+            GRANT pgslots_user TO pgslots_admin;   -- an admin may do all a user may
+        END IF;
         GRANT EXECUTE ON FUNCTION
-            pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid),
-            pgslots.rate_limit(text[], integer, boolean, bigint, uuid),
-            pgslots.release(uuid, boolean),
-            pgslots.renew(uuid, float8),
-            pgslots.heartbeat(uuid),
-            pgslots.leave_queue(bigint),
-            pgslots.get_limits(text[]),
-            pgslots.schema_version(),
             pgslots.sweep(),
             pgslots.create_limit(text, integer, float8, boolean, integer),
             pgslots.update_limit(text, integer, float8, boolean, integer, text),
@@ -90,9 +85,7 @@ BEGIN
             pgslots.list_leases(text),
             pgslots.lock_for_apply()
         TO pgslots_admin;
-        GRANT EXECUTE ON FUNCTION pgslots._now(), pgslots._decayed(float8, float8, timestamptz, timestamptz)
-            TO pgslots_admin;
-        GRANT SELECT ON pgslots.status, pgslots.settings TO pgslots_admin;
+        GRANT SELECT ON pgslots.settings TO pgslots_admin;
     END IF;
 END
 $$;

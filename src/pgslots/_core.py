@@ -264,3 +264,37 @@ def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], N
             logger.warning("Lease renewal failed (%s): the body keeps running, but its slots may be lost.", error)
 
     return lost
+
+
+class ConcurrencyBase:
+    """What the sync and async ``concurrency`` share: arguments, checks, and the release fallback."""
+
+    def __init__(
+        self,
+        names: str | list[str] | None,
+        occupy: int = 1,
+        timeout_seconds: float | None = None,
+        max_retries: int | None = None,
+        lease_duration: float = 300,
+        strict: bool = False,
+        holder: dict[str, Any] | None = None,
+        raise_on_lease_renewal_failure: bool | None = None,
+        *,
+        client: Any = None,
+        connection: psycopg.Connection[Any] | None = None,
+    ) -> None:
+        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
+        self._connection = connection
+        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
+        self._client = client
+        self._lease: Lease | None = None
+        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
+
+    @staticmethod
+    def release_failed(engine: Engine, lease_id: uuid.UUID, error: BaseException) -> None:
+        """The release did not go through (cancelled, or the database is away): the slots must come
+        back all the same, so the engine releases them in the background."""
+        engine.release_later(lease_id)
+        if not isinstance(error, PgSlotsError | psycopg.Error):
+            raise error
+        logger.warning("Could not release lease %s now (%s); retrying in the background.", lease_id, error)

@@ -21,15 +21,13 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
-
-import psycopg
+from typing import ParamSpec, TypeVar
 
 from . import _queries as q
-from ._core import Attempts, Lease, Request, logger, make_request, on_lease_lost
+from ._core import Attempts, ConcurrencyBase, Lease, Request, make_request, on_lease_lost
 from ._engine import Engine
 from .client import Client, default_client
-from .errors import PgSlotsError
+from .errors import InvalidArgumentError, PgSlotsError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -88,29 +86,10 @@ async def _acquire(client: Client, request: Request) -> Lease:
         raise
 
 
-class concurrency:  # noqa: N801 - named like the function it replaces
+class concurrency(ConcurrencyBase):  # noqa: N801 - named like the function it replaces
     """``async with concurrency(...)``: holds ``occupy`` slots on every named limit while the block
     runs; also a decorator for coroutine functions. Same arguments and errors as the sync one; a
     lease that cannot be renewed cancels the task holding it (``raise_on_lease_renewal_failure``)."""
-
-    def __init__(
-        self,
-        names: str | list[str] | None,
-        occupy: int = 1,
-        timeout_seconds: float | None = None,
-        max_retries: int | None = None,
-        lease_duration: float = 300,
-        strict: bool = False,
-        holder: dict[str, Any] | None = None,
-        raise_on_lease_renewal_failure: bool | None = None,
-        *,
-        client: Client | None = None,
-    ) -> None:
-        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
-        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
-        self._client = client
-        self._lease: Lease | None = None
-        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
 
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         @functools.wraps(func)
@@ -121,6 +100,8 @@ class concurrency:  # noqa: N801 - named like the function it replaces
         return wrapper
 
     async def __aenter__(self) -> Lease | None:
+        if self._connection is not None:
+            raise InvalidArgumentError("connection= is for pgslots.sync.concurrency; the async API acquires on its own pool.")
         if self._request is None:
             return None
         client = self._client or default_client()
@@ -146,12 +127,8 @@ class concurrency:  # noqa: N801 - named like the function it replaces
         client.engine.drop(lease.lease_id)
         try:
             await client.acall(q.RELEASE_FAST, {"lease_id": lease.lease_id})
-        except BaseException as error:
-            # Cancelled or the database is away: the slots must come back all the same.
-            client.engine.release_later(lease.lease_id)
-            if not isinstance(error, PgSlotsError | psycopg.Error):
-                raise
-            logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+        except BaseException as error:  # cancelled, or the database is away
+            self.release_failed(client.engine, lease.lease_id, error)
 
 
 async def rate_limit(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import _queries as q
-from ._core import POLL_SECONDS, Attempts, Lease, Request, logger, make_request, on_lease_lost
+from ._core import POLL_SECONDS, Attempts, ConcurrencyBase, Lease, Request, make_request, on_lease_lost
 from ._engine import Engine, interrupt_thread
 from .client import Client, default_client
 from .errors import InvalidArgumentError, PgSlotsError
@@ -96,7 +96,7 @@ def _acquire_in_transaction(client: Client, request: Request, conn: psycopg.Conn
         time.sleep(min(outcome, POLL_SECONDS))
 
 
-class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
+class concurrency(ConcurrencyBase, contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
     """Holds ``occupy`` slots on every named limit while the block (or decorated function) runs.
 
     Waits first-come-first-served until the slots are free, ``timeout_seconds`` passes
@@ -105,27 +105,6 @@ class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the f
     ``lease_duration``. Pass ``connection=`` to acquire inside your own transaction, ``client=`` to
     use a database other than the default one.
     """
-
-    def __init__(
-        self,
-        names: str | list[str] | None,
-        occupy: int = 1,
-        timeout_seconds: float | None = None,
-        max_retries: int | None = None,
-        lease_duration: float = 300,
-        strict: bool = False,
-        holder: dict[str, Any] | None = None,
-        raise_on_lease_renewal_failure: bool | None = None,
-        *,
-        client: Client | None = None,
-        connection: psycopg.Connection[Any] | None = None,
-    ) -> None:
-        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
-        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
-        self._client = client
-        self._connection = connection
-        self._lease: Lease | None = None
-        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
 
     def _recreate_cm(self) -> concurrency:
         # Each call of a decorated function gets its own acquire.
@@ -157,11 +136,7 @@ class concurrency(contextlib.ContextDecorator):  # noqa: N801 - named like the f
         try:
             client.call(q.RELEASE_FAST, {"lease_id": lease.lease_id})
         except BaseException as error:
-            # The slots must come back even if the database is away right now.
-            client.engine.release_later(lease.lease_id)
-            if not isinstance(error, PgSlotsError | psycopg.Error):
-                raise
-            logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+            self.release_failed(client.engine, lease.lease_id, error)
 
 
 def rate_limit(
