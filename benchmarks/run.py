@@ -552,7 +552,12 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("PGSLOTS_BENCH_DSN"))
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed scenario")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="rebuild latest.md and latest.png from latest.json")
     args = parser.parse_args()
+    if args.report_only:
+        report = json.loads((args.out / "latest.json").read_text())
+        write_report(report, args.out)
+        return
     server = Server(args.dsn)
     s = args.seconds
     report: dict[str, Any] = {
@@ -583,17 +588,20 @@ def main() -> None:
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)
         server.close()
+    write_report(report, args.out)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
     report["targets"] = targets(report)
     notes_path = HERE / "NOTES.md"
-    report["notes"] = (
-        [line[2:].strip() for line in notes_path.read_text().splitlines() if line.startswith("- ")] if notes_path.exists() else []
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "latest.md").write_text(markdown(report))
-    plot(report, args.out / "latest.png")
+    notes = notes_path.read_text().splitlines() if notes_path.exists() else []
+    report["notes"] = [line[2:].strip() for line in notes if line.startswith("- ")]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "latest.md").write_text(markdown(report))
+    plot(report, out / "latest.png")
     print(markdown(report))
-    print(f"Wrote {args.out / 'latest.json'}, latest.md and latest.png")
+    print(f"Wrote {out / 'latest.json'}, latest.md and latest.png")
 
 
 if __name__ == "__main__":
