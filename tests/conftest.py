@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import psycopg
 import pytest
 from psycopg import sql as pgsql
@@ -27,6 +28,11 @@ from pgslots._cluster import LocalCluster, find_bindir, server_user
 from pgslots.migrate import migrate
 
 TEMPLATE = "pgslots_template"
+
+# CI runs the same generated examples every time; local runs keep exploring new ones.
+hypothesis.settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 _counter = itertools.count()
 
 

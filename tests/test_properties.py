@@ -23,7 +23,7 @@ SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[Healt
 # Text PostgreSQL can store (no NUL), with the forbidden characters, empties and long strings likely.
 names = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40),
-    st.sampled_from(["", "a/b", "%", "&", ">", "<", "x" * 255, "x" * 256, "ünï cødé ✓", "'", '"', "\\"]),
+    st.sampled_from(["", "a/b", "%", "&", ">", "<", "x" * 255, "x" * 256, "ünï cødé ✓", "'", '"', "\\", "<\r", "a\nb", "\u2028"]),
     st.just("y" * 1_000_000),
 )
 ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31)]))

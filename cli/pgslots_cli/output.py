@@ -11,6 +11,10 @@ from typing import Any
 
 import click
 
+# Characters that would break a message over several lines (str.splitlines splits on all of them),
+# or move the cursor: shown escaped, so an error is always one line whatever a name contains.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, 0x85]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
 
 def to_jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -49,6 +53,7 @@ def seconds(value: float | None) -> str:
 
 def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
     """A plain table; column `shrink` is cut to make the table fit the terminal's width."""
+    rows = [[c.translate(_UNPRINTABLE) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     room = shutil.get_terminal_size((100, 24)).columns
     excess = sum(widths) + 2 * (len(widths) - 1) - room
@@ -56,6 +61,7 @@ def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
         widths[shrink] = max(8, widths[shrink] - excess)
 
     def fit(text: str, width: int) -> str:
+        text = text.translate(_UNPRINTABLE)
         return text if len(text) <= width else text[: width - 1] + "…"
 
     lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(headers, widths, strict=True))]
@@ -71,5 +77,9 @@ def bar(used: float, limit: int, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
+def one_line(message: str) -> str:
+    return message.strip().translate(_UNPRINTABLE)
+
+
 def echo_error(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(one_line(message), err=True)
