@@ -332,3 +332,29 @@ def test_lost_lease_warns_when_not_strict(client: Client, fresh_dsn: str, caplog
         finished = True
     assert finished
     assert "Lease renewal failed" in caplog.text and "was lost" in caplog.text
+
+
+def _child_uses_parents_client(client: Client, out: Any) -> None:
+    try:
+        with concurrency("forked", client=client, timeout_seconds=10):
+            out.put("held")
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.processes
+def test_a_client_made_before_fork_works_in_the_child(client: Client) -> None:
+    client.create_limit("forked", 1)
+    other = Client(client.dsn)
+    with concurrency("forked", client=other):
+        # The parent's client waits once, so its listener thread runs and its pool is open.
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("forked", client=client, timeout_seconds=0.3):
+            pass
+        assert client.engine.listening
+        out: Any = CTX.Queue()
+        child = CTX.Process(target=_child_uses_parents_client, args=(client, out))
+        child.start()
+        time.sleep(0.5)
+    assert out.get(timeout=15) == "held"  # woken through the child's own listener, not the dead copy
+    child.join(10)
+    other.close()

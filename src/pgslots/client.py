@@ -117,7 +117,20 @@ class Client:
         self._owners: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
         self._schema_checked = False
-        self.engine = Engine(listen_dsn or self.dsn, self._connect_kwargs, listen=listen)
+        self._listen_dsn = listen_dsn or self.dsn
+        self._listen = listen
+        self.engine = Engine(self._listen_dsn, self._connect_kwargs, listen=listen)
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """A forked child must not use its parent's connections or wait on its parent's listener
+        thread (which did not survive the fork): it starts afresh."""
+        self._pid = os.getpid()
+        self._pool = None if self._owns_pool else self._pool
+        self._apools = weakref.WeakKeyDictionary()
+        self._owners = set()
+        self._lock = threading.Lock()
+        self.engine = Engine(self._listen_dsn, self._connect_kwargs, listen=self._listen)
 
     def __repr__(self) -> str:
         safe = psycopg.conninfo.conninfo_to_dict(self.dsn)
@@ -127,6 +140,8 @@ class Client:
     # ---- connections ------------------------------------------------------------------------
 
     def pool(self) -> ConnectionPool[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
         with self._lock:
             if self._pool is None:
                 self._probe()
@@ -142,6 +157,8 @@ class Client:
             return self._pool
 
     async def apool(self) -> AsyncConnectionPool[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
         if self._given_apool is not None:
             return self._given_apool
         loop = asyncio.get_running_loop()
