@@ -46,7 +46,7 @@ def test_dead_waiter_leaves_the_queue_by_itself(sql: Conn) -> None:
     acquire(sql, ["dead"], lease_seconds=60, queue_client=uuid.uuid4())
     one(sql, "SELECT pgslots.release(%s)", [lease])
     assert not acquire(sql, ["dead"], lease_seconds=60)["granted"]  # the waiter still has its place
-    advance_clock(sql, 7)  # waiter_ttl_seconds (6) without a heartbeat
+    advance_clock(sql, 4)  # waiter_ttl_seconds (3) without a heartbeat
     assert acquire(sql, ["dead"], lease_seconds=60)["granted"]
 
 

@@ -18,7 +18,7 @@ CREATE TABLE pgslots.settings (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     min_lease_seconds float8 NOT NULL DEFAULT 60,
     max_lease_seconds float8 NOT NULL DEFAULT 86400,
-    waiter_ttl_seconds float8 NOT NULL DEFAULT 6,
+    waiter_ttl_seconds float8 NOT NULL DEFAULT 3,
     clock_offset interval NOT NULL DEFAULT '0',
     CONSTRAINT settings_lease_bounds CHECK (
         min_lease_seconds > 0 AND max_lease_seconds >= min_lease_seconds

@@ -29,7 +29,7 @@ from .errors import LeaseLostError, PgSlotsError, translate
 
 logger = logging.getLogger("pgslots")
 
-HEARTBEAT_SECONDS = 2.0  # well inside the queue's waiter_ttl_seconds (6 s by default)
+HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by default)
 RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
