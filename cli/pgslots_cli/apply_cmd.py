@@ -12,7 +12,7 @@ from .main import State, cli, pass_state
 from .output import number
 
 
-@cli.command("apply")
+@cli.command("apply", short_help="Make the limits match a TOML file.")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--prune", is_flag=True, help="Also delete the limits the file does not list.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")

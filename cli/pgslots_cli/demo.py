@@ -47,7 +47,7 @@ def _rater(dsn: str, stop_at: float, stamps: Any) -> None:
         stamps.put(now)
 
 
-@cli.command()
+@cli.command(short_help="Run the demo (about 15 s).")
 @click.option("--workers", type=click.IntRange(2, 32), default=8, show_default=True, help="Worker processes.")
 @click.option("--limit", "slots", type=click.IntRange(1, 16), default=3, show_default=True, help="Slots of the demo limit.")
 @click.option("--rate", type=click.FloatRange(0.5, 100), default=5.0, show_default=True, help="Rate limit of the second round, per second.")

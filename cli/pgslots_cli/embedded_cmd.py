@@ -9,7 +9,7 @@ from pgslots import embedded
 from .main import cli, fail
 
 
-@cli.group("embedded")
+@cli.group("embedded", short_help="The embedded local PostgreSQL.")
 def embedded_group() -> None:
     """The embedded local PostgreSQL, used when no --dsn, PGSLOTS_DSN, DATABASE_URL or PG* variable is set.
 

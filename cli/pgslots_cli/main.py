@@ -113,7 +113,7 @@ def cli(ctx: click.Context, dsn: str | None) -> None:
 # ---- schema ---------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Install or upgrade the schema.")
 @pass_state
 def migrate(state: State) -> None:
     """Install or upgrade the pgslots schema (safe to run again, and from several places at once)."""
@@ -173,7 +173,7 @@ def create(state: State, name: str, limit: int, slot_decay_per_second: float, ac
     click.echo(f"Run 'pgslots inspect {_quote(name)}' to view details.")
 
 
-@cli.command("ls")
+@cli.command("ls", short_help="List limits.")
 @output_options
 @pass_state
 def ls(state: State, output: str | None) -> None:
@@ -256,7 +256,7 @@ def update(
     click.echo(f"Updated global concurrency limit with name {name!r}.")
 
 
-@cli.command()
+@cli.command(short_help="Delete a limit.")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_state
@@ -280,7 +280,7 @@ def _toggle(state: State, name: str, active: bool) -> None:
     click.echo(f"{word.capitalize()} global concurrency limit with name {name!r}.")
 
 
-@cli.command()
+@cli.command(short_help="Enforce a limit again.")
 @click.argument("name")
 @pass_state
 def enable(state: State, name: str) -> None:
@@ -288,7 +288,7 @@ def enable(state: State, name: str) -> None:
     _toggle(state, name, True)
 
 
-@cli.command()
+@cli.command(short_help="Stop enforcing a limit.")
 @click.argument("name")
 @pass_state
 def disable(state: State, name: str) -> None:
@@ -299,7 +299,7 @@ def disable(state: State, name: str) -> None:
 # ---- leases ---------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Who holds what.")
 @click.argument("name", required=False)
 @output_options
 @pass_state
@@ -338,7 +338,7 @@ def leases(state: State, name: str | None, output: str | None) -> None:
     click.echo(table(["LEASE ID", "LIMITS", "SLOTS", "HOLDER", "HELD FOR", "EXPIRES", "TOKEN"], rows, shrink=3))
 
 
-@cli.command()
+@cli.command(short_help="Force-release a lease.")
 @click.argument("lease_id")
 @pass_state
 def release(state: State, lease_id: str) -> None:
@@ -349,7 +349,7 @@ def release(state: State, lease_id: str) -> None:
         click.echo(f"Lease '{lease_id}' is not held (released already, or reclaimed after expiry); nothing changed.")
 
 
-@cli.command()
+@cli.command(short_help="Reclaim expired leases now.")
 @pass_state
 def sweep(state: State) -> None:
     """Reclaim the slots of every expired lease now (full limits also do this by themselves)."""

@@ -45,7 +45,7 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
-@cli.command()
+@cli.command(short_help="Live view of limits, holders, waiters.")
 @click.argument("names", nargs=-1)
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
 @click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between refreshes.")
