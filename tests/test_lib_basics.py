@@ -395,3 +395,41 @@ def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -
 
     assert asyncio.run(main()) <= 3  # the pool (2), and the probe connection may still be leaving
     own.close()
+
+
+def test_without_listen_waiting_falls_back_to_polling(client: Client, fresh_dsn: str) -> None:
+    """Behind PgBouncer in transaction mode there is no LISTEN: waiters poll at the retry hint."""
+    client.create_limit("nolisten", 1)
+    polling = Client(fresh_dsn, listen=False)
+    got: list[float] = []
+
+    def waiter() -> None:
+        with concurrency("nolisten", client=polling, timeout_seconds=10):
+            got.append(time.monotonic())
+
+    with concurrency("nolisten"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        released = time.monotonic()
+    thread.join(15)
+    assert got and got[0] - released < 2.5  # the next poll, at most a second or so later
+    assert not polling.engine.listening
+    polling.close()
+
+
+def test_configure_with_a_pool(fresh_dsn: str) -> None:
+    from psycopg_pool import ConnectionPool
+
+    pool: ConnectionPool[Any] = ConnectionPool(fresh_dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True)
+    try:
+        c = pgslots.configure(pool=pool)
+        assert c.pool() is pool
+        c.create_limit("pooled", 1)
+        with concurrency("pooled"):
+            assert c.read_limit("pooled").active_slots == 1
+        c.close()
+        assert not pool.closed  # a pool we were given stays the caller's to close
+    finally:
+        pgslots.client._default = None
+        pool.close()
