@@ -18,8 +18,8 @@ import pytest
 
 import pgslots
 from conftest import set_min_lease
+from pgslots import LeaseRenewalFailedError
 from pgslots import asyncio as pa
-from pgslots._engine import LeaseRenewalFailedError
 from pgslots.client import Client, configure
 from pgslots.sync import concurrency, rate_limit
 

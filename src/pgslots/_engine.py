@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from . import _queries as q
-from .errors import LeaseLostError, PgSlotsError, translate
+from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError, translate
 
 logger = logging.getLogger("pgslots")
 
@@ -33,18 +33,6 @@ HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by de
 RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
-
-
-class LeaseRenewalFailedError(LeaseLostError):
-    """Raised inside the body holding slots whose lease could not be renewed."""
-
-    def __init__(self, message: str | None = None) -> None:
-        super().__init__(
-            message
-            or "The lease on the concurrency slots could not be renewed and may be lost: the body was "
-            "interrupted so that it does not run without its slots. Use a longer lease_duration or "
-            "raise_on_lease_renewal_failure=False to keep running."
-        )
 
 
 @dataclass(order=True)

@@ -11,6 +11,7 @@
     ├── LimitExistsError                     create of a name that is taken
     ├── LimitNotFoundError                   update/delete/inspect of an unknown name
     ├── LeaseLostError                       renew of a lease that expired or was released
+    │   └── LeaseRenewalFailedError          raised in a sync body whose lease could not be renewed
     ├── ConcurrencySlotAcquisitionError      an acquire that cannot succeed
     │   ├── SlotsExceedLimitError            more slots than the limit has
     │   ├── MissingLimitsError               strict acquire of limits that do not exist
@@ -63,6 +64,18 @@ class LimitNotFoundError(PgSlotsError):
 
 class LeaseLostError(PgSlotsError):
     """A lease expired or was released before it could be renewed."""
+
+
+class LeaseRenewalFailedError(LeaseLostError):
+    """Raised inside the body holding slots whose lease could not be renewed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "The lease on the concurrency slots could not be renewed and may be lost: the body was "
+            "interrupted so that it does not run without its slots. Use a longer lease_duration or "
+            "raise_on_lease_renewal_failure=False to keep running."
+        )
 
 
 class ConcurrencySlotAcquisitionError(PgSlotsError):
