@@ -167,7 +167,7 @@ def test_rate_limit_sleeps_the_exact_wait(client: Client) -> None:
     for _ in range(2 + 5):
         rate_limit("api")
     elapsed = time.monotonic() - start
-    assert 0.95 < elapsed < 1.3  # burst of 2, then 5 more at 5/s
+    assert 0.95 < elapsed < 2.0  # burst of 2, then 5 more at 5/s (never sooner; later only if the machine is busy)
     assert client.read_limit("api").denied_slots <= 6  # one refusal per wait: no polling
 
 
