@@ -76,7 +76,7 @@ def test_edits_keep_decay_exact(sql: Conn) -> None:
     one(sql, "SELECT pgslots.update_limit('edit', slot_decay_per_second => 2.0)")
     advance_clock(sql, 0.5)  # 1.5 at 1/s + 0.5 at 2/s = 2.5 slots decayed
     active = status(sql, "edit")["active_slots"]
-    real = time.monotonic() - started   # real time passes on the database clock too, at most at 2/s
+    real = time.monotonic() - started  # real time passes on the database clock too, at most at 2/s
     assert 1.5 - 2.0 * real - 1e-9 <= active <= 1.5 + 1e-9, (active, real)
 
 
@@ -87,7 +87,7 @@ def test_status_reports_after_decay(sql: Conn) -> None:
         rate_limit(sql, ["read"])
     advance_clock(sql, 1.0)
     active = status(sql, "read")["active_slots"]
-    real = time.monotonic() - started   # real time passes on the database clock too
+    real = time.monotonic() - started  # real time passes on the database clock too
     assert 4.0 - 4.0 * real - 1e-9 <= active <= 4.0 + 1e-9, (active, real)
 
 
