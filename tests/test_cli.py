@@ -276,3 +276,18 @@ def test_embedded_default_from_a_clean_directory(pg_server: dict[str, Any]) -> N
         import shutil
 
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_watch_ends_cleanly_on_ctrl_c(fresh_dsn: str) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "PGSLOTS_DSN": fresh_dsn}
+    proc = subprocess.Popen(
+        [_installed_pgslots(), "watch", "-n", "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "pgslots watch" in out
