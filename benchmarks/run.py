@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -561,6 +562,8 @@ def main() -> None:
         report = json.loads((args.out / "latest.json").read_text())
         write_report(report, args.out)
         return
+    # A SIGTERM (e.g. from `timeout`) still stops the throwaway server in the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = Server(args.dsn)
     s = args.seconds
     report: dict[str, Any] = {

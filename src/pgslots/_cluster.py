@@ -113,6 +113,9 @@ class LocalCluster:
             text=True,
             timeout=timeout,
             cwd=self.root,
+            # Its own session: a Ctrl-C (or any signal to our process group) must not reach the
+            # server that pg_ctl leaves running in the background.
+            start_new_session=True,
         )
 
     def _own(self, path: Path) -> None:
