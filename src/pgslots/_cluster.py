@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,11 +175,3 @@ class LocalCluster:
     def stop(self, mode: str = "fast") -> None:
         if self.datadir.exists():
             self._run("pg_ctl", "-D", str(self.datadir), "-w", "-m", mode, "stop")
-
-    def wait_ready(self, seconds: float = 30) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self._run("pg_isready", "-h", str(self.root), "-p", str(self.port)).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise ConfigurationError(f"PostgreSQL in {self.datadir} did not accept connections within {seconds} s.")

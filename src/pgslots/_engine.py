@@ -73,7 +73,6 @@ class Engine:
         self._listening = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._next_heartbeat = 0.0
-        self.connected_once = threading.Event()
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -172,7 +171,6 @@ class Engine:
             self._listening.set()
             if reconnected:
                 self._wake_all()  # notifications may have been lost while we were away
-        self.connected_once.set()
 
     def _disconnect(self) -> None:
         if self._conn is not None:

@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import _queries as q
 from ._config import resolve_dsn
 from ._engine import Engine
-from .errors import MIGRATE_HINT, InvalidArgumentError, PgSlotsError, SchemaNotInstalledError, translate
+from .errors import MIGRATE_HINT, InvalidArgumentError, LimitNotFoundError, PgSlotsError, SchemaNotInstalledError, translate
 from .migrate import LATEST_VERSION, migrate
 
 DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serve many threads
@@ -142,6 +142,9 @@ class Client:
     def pool(self) -> ConnectionPool[Any]:
         if self._pid != os.getpid():
             self._after_fork()
+        pool = self._pool
+        if pool is not None:
+            return pool  # the hot path: no lock once the pool exists
         with self._lock:
             if self._pool is None:
                 self._probe()
@@ -338,8 +341,6 @@ class Client:
         self.call(q.DELETE_LIMIT, {"name": name})
 
     def read_limit(self, name: str) -> LimitInfo:
-        from .errors import LimitNotFoundError
-
         found = self.read_limits([name])
         if not found:
             raise LimitNotFoundError(f"Global concurrency limit {name!r} not found.")

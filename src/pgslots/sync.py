@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 
@@ -27,8 +26,6 @@ from ._core import POLL_SECONDS, Attempts, ConcurrencyBase, Lease, Request, make
 from ._engine import Engine, interrupt_thread
 from .client import Client, default_client
 from .errors import InvalidArgumentError, PgSlotsError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
