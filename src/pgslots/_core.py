@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from . import _queries as q
-from ._engine import Engine
+from ._engine import Engine, Grant
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
@@ -135,6 +135,7 @@ class Attempts:
     warned: bool = False
     outage_since: float | None = None
     outage_retries: int = 0
+    missing: tuple[str, ...] = ()
 
     @property
     def deadline(self) -> float | None:
@@ -163,7 +164,9 @@ class Attempts:
         }
         if r.rate_limit:
             return q.RATE_LIMIT, params
-        self.pending_lease = uuid.uuid4()
+        if self.pending_lease is None:
+            # Named up front, and kept while queued: a release may grant it to us directly.
+            self.pending_lease = uuid.uuid4()
         holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
         params.update(lease_seconds=r.lease_seconds, holder=Jsonb(holder), new_lease_id=self.pending_lease)
         return q.ACQUIRE, params
@@ -176,6 +179,7 @@ class Attempts:
             self.warned = True
             logger.warning("Concurrency limits %s do not exist - skipping acquisition.", list_literal(row["missing"]))
         self.ticket = row["waiter"]
+        self.missing = tuple(row["missing"] or ())
         if row["granted"]:
             self.ticket = None
             self.pending_lease = None
@@ -186,9 +190,10 @@ class Attempts:
                 names=r.names,
                 slots=r.slots,
                 lease_seconds=r.lease_seconds,
-                missing=tuple(row["missing"] or ()),
+                missing=self.missing,
             )
-        self.pending_lease = None
+        if self.ticket is None:
+            self.pending_lease = None  # not queued: nothing can grant it
         if r.max_retries is not None and self.attempts > r.max_retries:
             raise ConcurrencySlotAcquisitionError(
                 f"Unable to acquire concurrency slots on {list_literal(r.names)}: still full "
@@ -207,14 +212,23 @@ class Attempts:
         remaining = self.remaining()
         return wait if remaining is None else min(wait, remaining)
 
-    def abandon(self, engine: Engine) -> None:
-        """After an interruption: release a grant that may have raced with it, and leave the queue."""
-        if self.pending_lease is not None:
-            engine.release_later(self.pending_lease)
-            self.pending_lease = None
+    def handed(self, grant: Grant) -> Lease:
+        """The lease a release granted to our queued ticket (named by pending_lease)."""
+        r = self.request
+        lease_id, self.pending_lease, self.ticket = self.pending_lease, None, None
+        return Lease(lease_id, grant.fencing_token, grant.expires_at, r.names, r.slots, r.lease_seconds, self.missing)
+
+    def abandon(self) -> list[tuple[Any, dict[str, Any]]]:
+        """After a timeout or an interruption, the calls that undo what is in flight: leave the queue,
+        then release a grant that may have raced with us (in that order, so that no release can
+        hand us the lease after we let it go)."""
+        steps: list[tuple[Any, dict[str, Any]]] = []
         if self.ticket is not None and self.queue_client is not None:
-            engine.leave_later(self.ticket)
-            self.ticket = None
+            steps.append((q.LEAVE_QUEUE, {"ticket": self.ticket}))
+        if self.pending_lease is not None:
+            steps.append((q.RELEASE, {"lease_id": self.pending_lease}))
+        self.ticket = self.pending_lease = None
+        return steps
 
     def failed(self, exc: PgSlotsError, engine: Engine) -> BaseException | float:
         """After a failed attempt: the error to raise, or the seconds to pause before trying again.

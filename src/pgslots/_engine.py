@@ -1,10 +1,11 @@
 """The per-client background worker: one thread and one connection serve every waiter and lease.
 
-It LISTENs on the ``pgslots`` channel and wakes the waiters whose tickets a notification names;
-it heartbeats this client's queued waiters (one call for all of them), which also returns the
-tickets that free slots could serve now: the backstop for lost notifications; it renews leases at
-0.75 x their duration; and it releases leases and leaves queues on behalf of callers that were
-interrupted. Being a thread, it keeps renewing while an event loop is blocked by CPU-bound code.
+It LISTENs on the ``pgslots`` channel and wakes the waiters whose tickets a notification names,
+handing over the lease when the notification says a release granted it to them; it heartbeats this
+client's queued waiters (one call for all of them), which also returns the tickets that should ask
+again: the backstop for lost notifications; it renews leases at 0.75 x their term; and it releases
+leases and leaves queues on behalf of callers that were interrupted. Being a thread, it keeps
+renewing while an event loop is blocked by CPU-bound code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -33,6 +35,34 @@ HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by de
 RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease a release handed to a queued waiter (the waiter named its id when it queued)."""
+
+    fencing_token: int
+    expires_at: datetime
+    term_seconds: float  # how long it runs before its first renewal is due, from the database
+
+
+Waker = Callable[[Grant | None], None]
+
+
+def parse_notification(payload: str) -> list[tuple[int, Grant | None]]:
+    """``12,13:77:1700000000.5:6`` -> [(12, None), (13, Grant(77, ..., 6.0))]; see migration 0003."""
+    woken: list[tuple[int, Grant | None]] = []
+    for entry in payload.split(","):
+        parts = entry.split(":")
+        try:
+            if len(parts) == 4:
+                expires = datetime.fromtimestamp(float(parts[2]), UTC)
+                woken.append((int(parts[0]), Grant(int(parts[1]), expires, float(parts[3]))))
+            elif parts[0]:
+                woken.append((int(parts[0]), None))
+        except ValueError:
+            logger.debug("pgslots: ignoring a notification entry it cannot read: %r", entry)
+    return woken
 
 
 @dataclass(order=True)
@@ -62,8 +92,9 @@ class Engine:
         self.listen = listen
         self.client_id = uuid.uuid4()
         self._lock = threading.Lock()
-        self._wakers: dict[int, Callable[[], None]] = {}
-        self._recent: dict[int, float] = {}  # tickets notified before their waiter registered
+        self._wakers: dict[int, Waker] = {}
+        # Tickets notified before their waiter registered: when, and the lease if one was handed over.
+        self._recent: dict[int, tuple[float, Grant | None]] = {}
         self._renewals: list[_Renewal] = []
         self._by_lease: dict[uuid.UUID, _Renewal] = {}
         self._cleanup: list[tuple[Any, dict[str, Any]]] = []
@@ -94,21 +125,32 @@ class Engine:
     def listening(self) -> bool:
         return self.listen and self._listening.is_set()
 
-    def register(self, ticket: int, wake: Callable[[], None]) -> None:
+    def register(self, ticket: int, wake: Waker) -> None:
+        """Calls wake (from the worker) when the ticket is notified, with the lease if it was handed one."""
         with self._lock:
             self._wakers[ticket] = wake
-            notified = self._recent.pop(ticket, None) is not None
-        if notified:
-            wake()
+            notified = self._recent.pop(ticket, None)
+        if notified is not None:
+            wake(notified[1])
 
     def unregister(self, ticket: int) -> None:
         with self._lock:
             self._wakers.pop(ticket, None)
 
-    def hold(self, lease_id: uuid.UUID, lease_seconds: float, on_lost: Callable[[BaseException], None]) -> None:
-        """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if renewal fails for good."""
+    def hold(
+        self,
+        lease_id: uuid.UUID,
+        lease_seconds: float,
+        on_lost: Callable[[BaseException], None],
+        first_term: float | None = None,
+    ) -> None:
+        """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if renewal fails for good.
+
+        first_term: how long the lease runs as granted, when shorter than lease_seconds (a lease
+        handed over by a release); renewals then extend it to lease_seconds."""
         now = time.monotonic()
-        renewal = _Renewal(now + 0.75 * lease_seconds, next(self._seq), lease_id, lease_seconds, on_lost, now + lease_seconds)
+        term = lease_seconds if first_term is None else min(first_term, lease_seconds)
+        renewal = _Renewal(now + 0.75 * term, next(self._seq), lease_id, lease_seconds, on_lost, now + term)
         with self._lock:
             heapq.heappush(self._renewals, renewal)
             self._by_lease[lease_id] = renewal
@@ -122,12 +164,10 @@ class Engine:
 
     def release_later(self, lease_id: uuid.UUID) -> None:
         """Releases a lease in the background (after an interrupted call that may have granted it)."""
-        self._later(q.RELEASE, {"lease_id": lease_id})
+        self.later(q.RELEASE, {"lease_id": lease_id})
 
-    def leave_later(self, ticket: int) -> None:
-        self._later(q.LEAVE_QUEUE, {"ticket": ticket})
-
-    def _later(self, query: Any, params: dict[str, Any]) -> None:
+    def later(self, query: Any, params: dict[str, Any]) -> None:
+        """Runs a clean-up call in the background, retrying until the database answers."""
         with self._lock:
             self._cleanup.append((query, params))
         self.start()
@@ -182,22 +222,22 @@ class Engine:
         with self._lock:
             wakers = list(self._wakers.values())
         for wake in wakers:
-            wake()
+            wake(None)
 
-    def _wake(self, tickets: list[int]) -> None:
+    def _wake(self, woken: list[tuple[int, Grant | None]]) -> None:
         now = time.monotonic()
         with self._lock:
-            wakers = []
-            for ticket in tickets:
+            calls = []
+            for ticket, grant in woken:
                 wake = self._wakers.get(ticket)
                 if wake is None:
-                    self._recent[ticket] = now
+                    self._recent[ticket] = (now, grant)
                 else:
-                    wakers.append(wake)
+                    calls.append((wake, grant))
             if len(self._recent) > 1000:
-                self._recent = {t: at for t, at in self._recent.items() if now - at < 5}
-        for wake in wakers:
-            wake()
+                self._recent = {t: seen for t, seen in self._recent.items() if now - seen[0] < 5}
+        for wake, grant in calls:
+            wake(grant)
 
     def _serve(self) -> None:
         conn = self._conn
@@ -212,7 +252,7 @@ class Engine:
             timeout = self._sleep_budget()
             if self.listen:
                 for note in conn.notifies(timeout=timeout):
-                    self._wake([int(t) for t in note.payload.split(",") if t])
+                    self._wake(parse_notification(note.payload))
             else:
                 self._stop.wait(timeout)
 
@@ -239,14 +279,15 @@ class Engine:
         if now < self._next_heartbeat:
             return
         with self._lock:
-            waiting = bool(self._wakers)
-        if not waiting:
+            # Taken before the call: each of these tickets was queued (committed) before it registered.
+            tickets = list(self._wakers)
+        if not tickets:
             return
         self._next_heartbeat = now + HEARTBEAT_SECONDS * random.uniform(0.8, 1.0)
-        row = conn.execute(q.HEARTBEAT, {"queue_client": self.client_id}).fetchone()
-        servable = list(row[0]) if row and row[0] else []
-        if servable:
-            self._wake(servable)
+        row = conn.execute(q.HEARTBEAT, {"queue_client": self.client_id, "tickets": tickets}).fetchone()
+        again = list(row[0]) if row and row[0] else []
+        if again:
+            self._wake([(ticket, None) for ticket in again])
 
     def _run_renewals(self, conn: psycopg.Connection[Any]) -> None:
         while True:

@@ -8,14 +8,15 @@ from __future__ import annotations
 from typing import LiteralString
 
 ACQUIRE: LiteralString = (
-    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s, %(queue_client)s)"
+    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
+    " %(queue_client)s, %(new_lease_id)s)"
 )
 RATE_LIMIT: LiteralString = "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s)"
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s)"
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
 RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false)"
 RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s)"
-HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s)"
+HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s, %(tickets)s)"
 LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s)"
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
 CREATE_LIMIT: LiteralString = "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s)"

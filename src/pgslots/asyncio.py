@@ -21,11 +21,11 @@ import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from . import _queries as q
 from ._core import Attempts, ConcurrencyBase, Lease, Request, make_request, on_lease_lost
-from ._engine import Engine
+from ._engine import Engine, Grant
 from .client import Client, default_client
 from .errors import InvalidArgumentError, PgSlotsError
 
@@ -33,31 +33,33 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-async def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
+async def _wait(engine: Engine, ticket: int | None, seconds: float) -> Grant | None:
+    """Sleeps until woken or `seconds` pass; returns the lease if a release handed one over."""
     if ticket is None:
         await asyncio.sleep(seconds)
-        return
+        return None
     loop = asyncio.get_running_loop()
-    woken: asyncio.Future[None] = loop.create_future()
+    woken: asyncio.Future[Grant | None] = loop.create_future()
 
-    def settle() -> None:
+    def settle(grant: Grant | None) -> None:
         if not woken.done():
-            woken.set_result(None)
+            woken.set_result(grant)
 
-    def wake() -> None:  # called from the engine's thread
+    def wake(grant: Grant | None) -> None:  # called from the engine's thread
         with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(settle, grant)
 
     engine.register(ticket, wake)
     try:
-        await asyncio.wait_for(woken, seconds)
+        return await asyncio.wait_for(woken, seconds)
     except TimeoutError:
-        pass
+        return None
     finally:
         engine.unregister(ticket)
 
 
-async def _acquire(client: Client, request: Request) -> Lease:
+async def _acquire(client: Client, request: Request) -> tuple[Lease, float | None]:
+    """The lease, and its first term when shorter than lease_seconds (handed over by a release)."""
     await client.apool()  # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
@@ -75,15 +77,30 @@ async def _acquire(client: Client, request: Request) -> Lease:
             state.reconnected()
             outcome = state.record(row)
             if isinstance(outcome, Lease):
-                return outcome
+                return outcome, None
             if not state.listening and engine.listen:
                 state.listening = await asyncio.to_thread(engine.ensure_listening, min(10.0, state.remaining() or 10.0))
                 if state.listening:
                     continue  # wake-ups can reach us now: look once more before sleeping
-            await _wait(engine, state.ticket, outcome)
-    except BaseException:
-        state.abandon(engine)
+            grant = await _wait(engine, state.ticket, outcome)
+            if grant is not None:
+                return state.handed(grant), grant.term_seconds
+    except BaseException as exc:
+        await _clean_up(client, state.abandon(), now=isinstance(exc, Exception))
         raise
+
+
+async def _clean_up(client: Client, steps: list[tuple[Any, dict[str, Any]]], now: bool) -> None:
+    """Undoes an abandoned acquire: right away after a timeout or an error; in the background after
+    a cancellation (a cancelled task must not wait for the database)."""
+    for query, params in steps:
+        if now:
+            try:
+                await client.acall(query, params, timeout=5)
+                continue
+            except PgSlotsError:
+                now = False
+        client.engine.later(query, params)
 
 
 class concurrency(ConcurrencyBase):  # noqa: N801 - named like the function it replaces
@@ -105,7 +122,7 @@ class concurrency(ConcurrencyBase):  # noqa: N801 - named like the function it r
         if self._request is None:
             return None
         client = self._client or default_client()
-        self._lease = await _acquire(client, self._request)
+        self._lease, first_term = await _acquire(client, self._request)
         if self._lease.lease_id is not None:
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
@@ -116,7 +133,7 @@ class concurrency(ConcurrencyBase):  # noqa: N801 - named like the function it r
                         loop.call_soon_threadsafe(task.cancel, f"pgslots lease lost: {error}")
 
             lost = on_lease_lost(self._raise_on_failure, cancel_task)
-            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
+            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost, first_term)
         return self._lease
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -23,24 +23,34 @@ import psycopg
 
 from . import _queries as q
 from ._core import POLL_SECONDS, Attempts, ConcurrencyBase, Lease, Request, make_request, on_lease_lost
-from ._engine import Engine, interrupt_thread
+from ._engine import Engine, Grant, interrupt_thread
 from .client import Client, default_client
 from .errors import InvalidArgumentError, PgSlotsError
 
 
-def _wait(engine: Engine, ticket: int | None, seconds: float) -> None:
+def _wait(engine: Engine, ticket: int | None, seconds: float) -> Grant | None:
+    """Sleeps until woken or `seconds` pass; returns the lease if a release handed one over."""
     if ticket is None:
         time.sleep(seconds)
-        return
+        return None
     woken = threading.Event()
-    engine.register(ticket, woken.set)
+    grants: list[Grant] = []
+
+    def wake(grant: Grant | None) -> None:  # called from the engine's thread
+        if grant is not None:
+            grants.append(grant)
+        woken.set()
+
+    engine.register(ticket, wake)
     try:
         woken.wait(seconds)
     finally:
         engine.unregister(ticket)
+    return grants[0] if grants else None
 
 
-def _acquire(client: Client, request: Request) -> Lease:
+def _acquire(client: Client, request: Request) -> tuple[Lease, float | None]:
+    """The lease, and its first term when shorter than lease_seconds (handed over by a release)."""
     client.pool()  # connection and schema problems surface here, before anything is in flight
     engine = client.engine
     state = Attempts(request, engine.client_id, listening=engine.listening)
@@ -58,15 +68,30 @@ def _acquire(client: Client, request: Request) -> Lease:
             state.reconnected()
             outcome = state.record(row)
             if isinstance(outcome, Lease):
-                return outcome
+                return outcome, None
             if not state.listening and engine.listen:
                 state.listening = engine.ensure_listening(min(10.0, state.remaining() or 10.0))
                 if state.listening:
                     continue  # wake-ups can reach us now: look once more before sleeping
-            _wait(engine, state.ticket, outcome)
-    except BaseException:
-        state.abandon(engine)
+            grant = _wait(engine, state.ticket, outcome)
+            if grant is not None:
+                return state.handed(grant), grant.term_seconds
+    except BaseException as exc:
+        _clean_up(client, state.abandon(), now=isinstance(exc, Exception))
         raise
+
+
+def _clean_up(client: Client, steps: list[tuple[Any, dict[str, Any]]], now: bool) -> None:
+    """Undoes an abandoned acquire: right away after a timeout or an error, so the caller sees the
+    queue and the slots as they should be; in the background after an interruption (Ctrl-C)."""
+    for query, params in steps:
+        if now:
+            try:
+                client.call(query, params, timeout=5)
+                continue
+            except PgSlotsError:
+                now = False
+        client.engine.later(query, params)
 
 
 def _acquire_in_transaction(client: Client, request: Request, conn: psycopg.Connection[Any]) -> Lease:
@@ -114,10 +139,10 @@ class concurrency(ConcurrencyBase, contextlib.ContextDecorator):  # noqa: N801 -
         if self._connection is not None:
             self._lease = _acquire_in_transaction(client, self._request, self._connection)
             return self._lease
-        self._lease = _acquire(client, self._request)
+        self._lease, first_term = _acquire(client, self._request)
         if self._lease.lease_id is not None:
             lost = on_lease_lost(self._raise_on_failure, interrupt_thread(threading.get_ident()))
-            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost)
+            client.engine.hold(self._lease.lease_id, self._lease.lease_seconds, lost, first_term)
         return self._lease
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
