@@ -112,6 +112,69 @@ def test_hand_off_to_a_waiter_in_another_process_is_pushed(client: Client, fresh
     assert median_ms < 50, latencies
 
 
+def _spy_acquires(client: Client) -> list[Any]:
+    """Counts the acquire calls the client makes (patched on this client only)."""
+    seen: list[Any] = []
+    sync_call, async_call = client.call, client.acall
+
+    def call(query: Any, params: Any = None, **kw: Any) -> Any:
+        seen.append(query)
+        return sync_call(query, params, **kw)
+
+    async def acall(query: Any, params: Any = None, **kw: Any) -> Any:
+        seen.append(query)
+        return await async_call(query, params, **kw)
+
+    client.call, client.acall = call, acall  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_the_release_hands_the_slot_to_the_waiter(client: Client, fresh_dsn: str, api: str) -> None:
+    """The waiter gets its lease from the release itself (no second acquire), and the engine
+    renews that lease past its short first term (2 x waiter_ttl_seconds) to the full duration."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 1.5")  # first term 3 s
+    client.create_limit("handed", 1)
+    assert client.engine.ensure_listening()  # else the first refusal looks once more after LISTEN
+    calls = _spy_acquires(client)
+    got: dict[str, Any] = {}
+
+    def body(lease: Any) -> None:
+        got["lease"] = lease
+        time.sleep(3.5)  # past the first term: only a renewal keeps the lease
+        got["listed"] = client.list_leases("handed")
+
+    def waiter() -> None:
+        if api == "sync":
+            with concurrency("handed", lease_duration=60) as lease:
+                body(lease)
+        else:
+
+            async def main() -> None:
+                async with pa.concurrency("handed", lease_duration=60) as lease:
+                    await asyncio.to_thread(body, lease)
+
+            asyncio.run(main())
+
+    with concurrency("handed"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while client.read_limit("handed").waiters < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    thread.join(20)
+    assert not thread.is_alive()
+    # Ours, and the waiter's refused one that queued it: the waiter never asked a second time.
+    assert len([c for c in calls if "pgslots.acquire(" in str(c)]) == 2
+    (listed,) = got["listed"]
+    assert listed.lease_id == got["lease"].lease_id and not listed.expired
+    assert listed.fencing_token == got["lease"].fencing_token
+    assert (listed.expires_at - listed.acquired_at).total_seconds() > 30  # renewed to the full 60 s
+    assert client.read_limit("handed").active_slots == 0
+
+
 # ---- connections while waiting --------------------------------------------------------------
 
 

@@ -105,7 +105,7 @@ def test_release_notifies_the_waiters_it_can_serve(fresh_dsn: str) -> None:
         client = uuid.uuid4()
         held = [acquire(admin, ["wake"], lease_seconds=60)["lease_id"] for _ in range(2)]
         tickets = [acquire(admin, ["wake"], lease_seconds=60, queue_client=client)["waiter"] for _ in range(3)]
-        lis.execute("LISTEN pgslots")
+        lis.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(f"pgslots:{client}")))  # its own channel
         one(admin, "SELECT pgslots.release(%s)", [held[0]])
         notes = list(lis.notifies(timeout=2, stop_after=1))
         assert [n.payload for n in notes] == [str(tickets[0])]  # one slot: only the head wakes

@@ -16,7 +16,9 @@
 --  * A waiter that asks again with the same ticket and lease id gets the lease it was handed
 --    (renewed to full length), so a lost or unread notification costs one call, never a slot.
 --
--- Notification payload (channel pgslots), comma-separated entries:
+-- Notifications go to each waiting client's own channel, "pgslots:<queue_client>", so a release
+-- wakes the one process it serves instead of every listening process.
+-- Payload, comma-separated entries:
 --   <ticket>                                       look again: the freed slots may fit you now
 --   <ticket>:<fencing_token>:<expires_epoch>:<seconds>   your named lease is granted; it expires at
 --                                                  expires_epoch (seconds from now: <seconds>)
@@ -239,7 +241,6 @@ DECLARE
     token bigint;
     run_for float8;
     expiry timestamptz;
-    payload text[] := '{}';
 BEGIN
     IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
         PERFORM pgslots._reclaim(target, at);
@@ -252,7 +253,7 @@ BEGIN
     END IF;
     free := lim."limit" - lim.leased_slots - lim.unleased_now;
     FOR w IN SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                    x.application_name, x.holder
+                    x.application_name, x.holder, x.client_id
              FROM pgslots.waiters x
              WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
         EXIT WHEN w.lease_id IS NULL OR w.parts <> 1 OR w.slots > free + 1e-9;
@@ -267,18 +268,35 @@ BEGIN
         IF FOUND THEN
             given := given + w.slots;
             free := free - w.slots;
-            payload := payload || format('%s:%s:%s:%s', w.id, token,
-                                         extract(epoch FROM expiry), run_for);
+            PERFORM pg_notify('pgslots:' || w.client_id,
+                              format('%s:%s:%s:%s', w.id, token, extract(epoch FROM expiry), run_for));
         END IF;
         DELETE FROM pgslots.waiters x WHERE x.id = w.id;
         served := served + 1;
-        EXIT WHEN served >= 100;   -- a NOTIFY payload holds about 8000 bytes
     END LOOP;
     IF given > 0 THEN
         UPDATE pgslots.limits l SET leased_slots = l.leased_slots + given WHERE l.id = target;
-        PERFORM pg_notify('pgslots', array_to_string(payload, ','));
     END IF;
     RETURN served;
+END
+$$;
+
+-- Notifies the waiters of one limit that the slots free now can serve, each client on its channel.
+CREATE OR REPLACE FUNCTION pgslots._wake(target uuid, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    woken bigint[] := pgslots._wakeable(target, at);
+    c record;
+BEGIN
+    IF cardinality(woken) > 0 THEN
+        FOR c IN SELECT w.client_id, string_agg(w.id::text, ',' ORDER BY w.id) AS tickets
+                 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ANY (woken)
+                 GROUP BY w.client_id LOOP
+            PERFORM pg_notify('pgslots:' || c.client_id, c.tickets);
+        END LOOP;
+    END IF;
 END
 $$;
 

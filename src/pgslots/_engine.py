@@ -1,6 +1,6 @@
 """The per-client background worker: one thread and one connection serve every waiter and lease.
 
-It LISTENs on the ``pgslots`` channel and wakes the waiters whose tickets a notification names,
+It LISTENs on its own channel (``pgslots:<client id>``) and wakes the waiters whose tickets a notification names,
 handing over the lease when the notification says a release granted it to them; it heartbeats this
 client's queued waiters (one call for all of them), which also returns the tickets that should ask
 again: the backstop for lost notifications; it renews leases at 0.75 x their term; and it releases
@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from . import _queries as q
 from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError, translate
@@ -206,7 +207,7 @@ class Engine:
             return
         self._conn = psycopg.connect(self.dsn, autocommit=True, **self.connect_kwargs)
         if self.listen:
-            self._conn.execute(q.LISTEN)
+            self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.client_id}")))
             reconnected = self._listening.is_set()
             self._listening.set()
             if reconnected:

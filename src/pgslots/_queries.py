@@ -29,7 +29,8 @@ GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"
 LOCK_FOR_APPLY: LiteralString = "SELECT pgslots.lock_for_apply()"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"
 SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
-LISTEN: LiteralString = "LISTEN pgslots"
+# Each client listens on its own channel, named after its queue_client id (see migration 0003).
+LISTEN: LiteralString = "LISTEN {}"
 # Only for acquires inside the caller's transaction: undo a refused attempt, keep a granted one.
 SAVEPOINT: LiteralString = "SAVEPOINT pgslots_acquire"
 ROLLBACK_TO_SAVEPOINT: LiteralString = "ROLLBACK TO SAVEPOINT pgslots_acquire"
