@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from sqlhelp import acquire, create, one, status
+from sqlhelp import acquire, advance_clock, create, one, status
 
 
 def test_race_for_the_last_slot(fresh_dsn: str) -> None:
@@ -83,3 +83,31 @@ def test_multi_name_acquire_with_one_limit_full_changes_nothing(fresh_dsn: str) 
         after = one(conn, "SELECT leased_slots, unleased_slots FROM pgslots.limits WHERE name = 'free'")
         assert before == after
         assert one(conn, "SELECT count(*) AS n FROM pgslots.leases")["n"] == 1
+
+
+def test_release_racing_the_reclaim_of_its_own_expired_lease(fresh_dsn: str) -> None:
+    """A full limit reclaims an expired lease while its holder releases it: counted once, not twice."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        create(admin, "twice", 1)
+        stale = acquire(admin, ["twice"], lease_seconds=60)["lease_id"]
+        advance_clock(admin, 61)  # the holder was too slow: its lease has expired
+    a = psycopg.connect(fresh_dsn)
+    b = psycopg.connect(fresh_dsn, autocommit=True)
+    try:
+        fresh = acquire(a, ["twice"], lease_seconds=60)  # reclaims the stale lease; holds the row lock
+        assert fresh["granted"]
+        result: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.update(one(b, "SELECT pgslots.release(%s) AS r", [stale])))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "the release must wait on the reclaim's row lock"
+        a.commit()
+        thread.join(5)
+        assert result["r"] is False  # the reclaim had it
+        with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+            row = status(admin, "twice")
+            assert row["active_slots"] == 1 and row["leases"] == 1
+            assert not acquire(admin, ["twice"], lease_seconds=60)["granted"]
+    finally:
+        a.close()
+        b.close()

@@ -35,8 +35,8 @@ CREATE INDEX waiters_lease ON pgslots.waiters (lease_id) WHERE lease_id IS NOT N
 COMMENT ON COLUMN pgslots.waiters.lease_id IS
     'The lease the waiter named (acquire''s new_lease_id): release may grant it directly.';
 
--- Same as in 0001, plus: the answer for a waiter already handed its lease, and the lease
--- details in a named waiter's queue row.
+-- As in 0001, plus: the answer for a waiter already handed its lease, and the lease details in a
+-- named waiter's queue row.
 CREATE OR REPLACE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
     ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid,
@@ -62,15 +62,6 @@ DECLARE
     hint float8;
     attempt integer;
 BEGIN
-    IF names IS NULL OR slots IS NULL OR slots <= 0
-       OR EXISTS (SELECT 1 FROM unnest(names) AS n
-                  WHERE n IS NULL OR n = '' OR n ~ '[/%&><]' OR char_length(n) > 255) THEN
-        wanted := pgslots._check_names(names);   -- raises the precise error
-        PERFORM pgslots._check_slots(slots);
-    END IF;
-    IF cardinality(wanted) > 1 THEN
-        wanted := pgslots._check_names(wanted);  -- drops repeats
-    END IF;
     SELECT * INTO cfg FROM pgslots.settings;
     IF NOT for_rate_limit THEN
         IF lease_seconds IS NULL OR NOT (lease_seconds >= cfg.min_lease_seconds
@@ -83,6 +74,15 @@ BEGIN
     waiter := ticket;
     missing := '{}';
 
+    IF names IS NULL OR slots IS NULL OR slots <= 0
+       OR EXISTS (SELECT 1 FROM unnest(names) AS n
+                  WHERE n IS NULL OR n = '' OR n ~ '[/%&><]' OR char_length(n) > 255) THEN
+        wanted := pgslots._check_names(names);   -- raises the precise error
+        PERFORM pgslots._check_slots(slots);
+    END IF;
+    IF cardinality(wanted) > 1 THEN
+        wanted := pgslots._check_names(wanted);  -- drops repeats
+    END IF;
     -- Lock the named limits in id order, the one order every locker uses, and look at each once.
     FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second
                FROM pgslots.limits l WHERE l.name = ANY (wanted) ORDER BY l.id FOR UPDATE LOOP
@@ -311,11 +311,41 @@ DECLARE
     released boolean := false;
     handed integer := 0;
     commit_mode text := current_setting('synchronous_commit');
+    target uuid;
+    freed integer;
 BEGIN
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
         -- keeps the slot taken until its lease expires: slower, never over-admitting.
         PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    -- The common case first: a lease on one limit. Its UPDATE takes the limit's row lock (the only
+    -- one this release needs), then the lease row goes. Had a reclaim removed the lease meanwhile
+    -- (it expired, and a full limit took its slots back), the count is put back as it was.
+    UPDATE pgslots.limits l
+    SET leased_slots = greatest(0, l.leased_slots - x.slots),
+        avg_slot_occupancy_seconds = greatest(0.1,
+            l.avg_slot_occupancy_seconds
+            + (date_part('epoch', clock_timestamp() + s.clock_offset - x.acquired_at)
+               - l.avg_slot_occupancy_seconds) / (2.0 * greatest(l."limit", 1)))
+    FROM pgslots.leases x, pgslots.settings s
+    WHERE x.id = release.lease_id AND x.parts = 1 AND l.id = x.limit_id
+    RETURNING l.id, x.slots INTO target, freed;
+    IF FOUND THEN
+        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.limit_id = target;
+        IF NOT FOUND THEN
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + freed WHERE l.id = target;
+            RETURN false;
+        END IF;
+        IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
+            at := clock_timestamp() + (SELECT s.clock_offset FROM pgslots.settings s);
+            handed := pgslots._hand_off(target, at);
+            PERFORM pgslots._wake(target, at);   -- the rest of the queue, if they fit
+            IF handed > 0 AND NOT durable THEN
+                PERFORM set_config('synchronous_commit', commit_mode, true);   -- see below
+            END IF;
+        END IF;
+        RETURN true;
     END IF;
     -- The limits of the lease, and of a queued request that named it: a release handing it over
     -- right now holds their locks, and the statements below then see what it wrote.
@@ -363,6 +393,66 @@ COMMENT ON FUNCTION pgslots.release(uuid, boolean) IS
 'without waiting for the WAL flush (use it in its own transaction only) unless slots were handed '
 'over: a crash can then delay the slot until its lease expires, but never over-admit.';
 
+CREATE OR REPLACE FUNCTION pgslots.acquire(
+    names text[],
+    slots integer DEFAULT 1,
+    lease_seconds float8 DEFAULT 300,
+    holder jsonb DEFAULT NULL,
+    strict boolean DEFAULT false,
+    ticket bigint DEFAULT NULL,
+    queue_client uuid DEFAULT NULL,
+    new_lease_id uuid DEFAULT NULL,
+    OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
+    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER   -- as set by 0002: CREATE OR REPLACE resets it
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    cfg pgslots.settings;
+    at timestamptz;
+    target uuid;
+BEGIN
+    -- The common case first: one limit, nobody queued on it, room for us. A single UPDATE decides
+    -- and counts under the row lock, like a bare semaphore, and the lease row is written beside it.
+    -- Everything else (errors, refusals, queues, several limits) is decided by _admit. Should the
+    -- UPDATE wait for the row lock, it checks the count the other transaction committed.
+    IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+        IF lease_seconds >= cfg.min_lease_seconds AND lease_seconds <= cfg.max_lease_seconds THEN
+            at := clock_timestamp() + cfg.clock_offset;
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
+            WHERE l.name = names[1] AND l.active
+              AND l.leased_slots + slots - l."limit"
+                  + greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+                             * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8)) <= 1e-9
+              AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                              WHERE w.limit_id = l.id AND w.expires_at > at)
+            RETURNING l.id INTO target;
+            IF FOUND THEN
+                granted := true;
+                lease_id := coalesce(new_lease_id, gen_random_uuid());
+                fencing_token := nextval('pgslots.fencing_tokens');
+                expires_at := at + make_interval(secs => lease_seconds);
+                missing := '{}';
+                INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at,
+                                            expires_at, host, pid, application_name, holder)
+                VALUES (lease_id, target, slots, 1, fencing_token, at, expires_at,
+                        coalesce(holder ->> 'host', host(inet_client_addr()), 'local'),
+                        CASE WHEN holder ->> 'pid' ~ '^[0-9]{1,9}$' THEN (holder ->> 'pid')::integer
+                             ELSE pg_backend_pid() END,
+                        nullif(current_setting('application_name'), ''),
+                        holder);
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by, a.waiter
+    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter
+    FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                        new_lease_id) AS a;
+END
+$$;
 COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
 '(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
