@@ -270,6 +270,28 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
     return result
 
 
+def server_side(server: Server, seconds: float) -> dict[str, Any]:
+    """The SQL alone, from pgbench (C, prepared, one client): a pgslots acquire + release cycle
+    against the raw two-UPDATE semaphore, on the same server, in alternating rounds."""
+    dsn = fresh(server, "bench_sql")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgslots.create_limit('solo', 1000000)")
+        conn.execute("CREATE TABLE sem (id int PRIMARY KEY, used int NOT NULL, lim int NOT NULL)")
+        conn.execute("INSERT INTO sem VALUES (1, 0, 1000000)")
+    raw = "UPDATE sem SET used = used + 1 WHERE id = 1 AND used + 1 <= lim RETURNING used;\nUPDATE sem SET used = used - 1 WHERE id = 1;\n"
+    cycle = (
+        'SELECT lease_id AS l FROM pgslots.acquire(\'{solo}\', 1, 300, \'{"host": "bench", "pid": 1}\', false, NULL, NULL,'
+        " gen_random_uuid()) \\gset\nSELECT pgslots.release(:l, false);\n"
+    )
+    rounds = 2
+    raw_tps = cycle_tps = 0.0
+    for _ in range(rounds):
+        raw_tps += pgbench(server, dsn, raw, 1, seconds / rounds) / rounds
+        cycle_tps += pgbench(server, dsn, cycle, 1, seconds / rounds) / rounds
+    server.drop("bench_sql")
+    return {"raw_semaphore_cycles_per_s": raw_tps, "pgslots_cycles_per_s": cycle_tps, "ratio": cycle_tps / raw_tps}
+
+
 def _contender(dsn: str, seconds: float, body: float, out: Any) -> None:
     from pgslots.sync import concurrency
 
@@ -487,6 +509,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             None,
         ),
         (
+            "SQL alone (pgbench): acquire + release cycle vs raw two-UPDATE semaphore",
+            r["server_side"]["ratio"],
+            "(reported)",
+            None,
+        ),
+        (
             "contended 16 on 4, body 1 ms: cycles/s vs raw semaphore busy-retrying every 1 ms",
             r["contended_1ms"]["cycles_per_s"] / c["raw_semaphore_16_on_4_body_1ms_cycles_per_s"],
             ">= 1.0",
@@ -531,6 +559,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['uncontended']['async']['acquire_p50_ms']}/{r['uncontended']['async']['acquire_p99_ms']} ms, release p50/p99 "
         f"{r['uncontended']['async']['release_p50_ms']}/{r['uncontended']['async']['release_p99_ms']} ms "
         f"(raw semaphore in the alternating rounds: {r['uncontended']['async']['raw_semaphore_cycles_per_s']:,.0f}/s) |",
+        f"| SQL alone, pgbench, 1 client | acquire + release {r['server_side']['pgslots_cycles_per_s']:,.0f} cycles/s, "
+        f"raw two-UPDATE semaphore {r['server_side']['raw_semaphore_cycles_per_s']:,.0f}/s (alternating rounds) |",
         f"| 16 processes on 4 slots, body 1 ms | {r['contended_1ms']['cycles_per_s']:,.0f} cycles/s, utilisation "
         f"{r['contended_1ms']['utilisation']:.2f}, wait p99 {r['contended_1ms']['wait_p99_ms']} ms |",
         f"| 16 processes on 4 slots, body 20 ms | {r['contended_20ms']['cycles_per_s']:,.0f} cycles/s, utilisation "
@@ -608,6 +638,7 @@ def main() -> None:
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("ceiling", lambda: ceilings(server, s)),
         ("uncontended", lambda: uncontended(fresh(server, "bench_solo"), s)),
+        ("server_side", lambda: server_side(server, s)),
         ("contended_1ms", lambda: contended(fresh(server, "bench_c1"), s, 0.001)),
         ("contended_20ms", lambda: contended(fresh(server, "bench_c20"), s, 0.020)),
         ("handoff", lambda: handoff(fresh(server, "bench_handoff"), 200)),
@@ -625,7 +656,7 @@ def main() -> None:
             report[name] = step()
             print(f"   {json.dumps(report[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
     finally:
-        for db in ("bench_solo", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters"):
+        for db in ("bench_solo", "bench_sql", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters"):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)
         server.close()

@@ -226,7 +226,9 @@ END
 $$;
 -- Grants the freed slots of one limit (whose row lock the caller holds) to the head of its queue:
 -- each waiter in ticket order that named its lease, waits on this limit alone and fits. Writes the
--- leases, removes the waiters, notifies them. Returns how many waiters it served.
+-- leases, removes the waiters, notifies them. A waiter it cannot serve this way (queued on several
+-- limits, or for a rate limit) stops it; if the free slots fit that one, it and those behind it that
+-- fit are notified to ask again. Returns how many waiters it served.
 CREATE FUNCTION pgslots._hand_off(target uuid, at timestamptz) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -241,14 +243,17 @@ DECLARE
     token bigint;
     run_for float8;
     expiry timestamptz;
+    wake_rest boolean := false;
 BEGIN
     IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active, l.leased_slots,
-           pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased_now
+           greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+                    * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8)) AS unleased_now
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF NOT FOUND OR NOT lim.active THEN
+        PERFORM pgslots._wake(target, at);   -- deleted or disabled: every waiter must look again
         RETURN 0;
     END IF;
     free := lim."limit" - lim.leased_slots - lim.unleased_now;
@@ -256,7 +261,11 @@ BEGIN
                     x.application_name, x.holder, x.client_id
              FROM pgslots.waiters x
              WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
-        EXIT WHEN w.lease_id IS NULL OR w.parts <> 1 OR w.slots > free + 1e-9;
+        EXIT WHEN w.slots > free + 1e-9;   -- nobody behind it may overtake it
+        IF w.lease_id IS NULL OR w.parts <> 1 THEN
+            wake_rest := true;
+            EXIT;
+        END IF;
         token := nextval('pgslots.fencing_tokens');
         run_for := least(w.lease_seconds, 2 * ttl);
         expiry := at + make_interval(secs => run_for);
@@ -276,6 +285,9 @@ BEGIN
     END LOOP;
     IF given > 0 THEN
         UPDATE pgslots.limits l SET leased_slots = l.leased_slots + given WHERE l.id = target;
+    END IF;
+    IF wake_rest THEN
+        PERFORM pgslots._wake(target, at);
     END IF;
     RETURN served;
 END
@@ -340,7 +352,6 @@ BEGIN
         IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
             at := clock_timestamp() + (SELECT s.clock_offset FROM pgslots.settings s);
             handed := pgslots._hand_off(target, at);
-            PERFORM pgslots._wake(target, at);   -- the rest of the queue, if they fit
             IF handed > 0 AND NOT durable THEN
                 PERFORM set_config('synchronous_commit', commit_mode, true);   -- see below
             END IF;
@@ -368,7 +379,6 @@ BEGIN
         WHERE l.id = part.limit_id;
         IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = part.limit_id) THEN
             handed := handed + pgslots._hand_off(part.limit_id, at);
-            PERFORM pgslots._wake(part.limit_id, at);   -- the rest of the queue, if they fit
         END IF;
     END LOOP;
     IF NOT released THEN
