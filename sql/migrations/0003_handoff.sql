@@ -18,6 +18,11 @@
 --
 -- Notifications go to each waiting client's own channel, "pgslots:<queue_client>", so a release
 -- wakes the one process it serves instead of every listening process.
+--
+-- Also here, because each lock-holding statement slows every other caller of a busy limit: acquire
+-- decides the common case (one limit, nobody queued, room) with one conditional UPDATE beside the
+-- lease row, and release of a one-limit lease is one UPDATE and one DELETE; anything else takes the
+-- full path of 0001.
 -- Payload, comma-separated entries:
 --   <ticket>                                       look again: the freed slots may fit you now
 --   <ticket>:<fencing_token>:<expires_epoch>:<seconds>   your named lease is granted; it expires at
