@@ -175,6 +175,39 @@ def test_the_release_hands_the_slot_to_the_waiter(client: Client, fresh_dsn: str
     assert client.read_limit("handed").active_slots == 0
 
 
+def test_a_lost_hand_off_notification_costs_one_heartbeat(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every notification is lost: the heartbeat sees the ticket left the queue (it was handed its
+    lease), the waiter asks again and gets that very lease, renewed; no slot is lost or doubled."""
+    import pgslots._engine
+
+    monkeypatch.setattr(pgslots._engine, "parse_notification", lambda payload: [])
+    client.create_limit("lost", 1)
+    assert client.engine.ensure_listening()
+    got: dict[str, Any] = {}
+
+    def waiter() -> None:
+        with concurrency("lost", lease_duration=60) as lease:
+            got["at"] = time.monotonic()
+            got["lease"] = lease
+            got["listed"] = client.list_leases("lost")
+
+    with concurrency("lost"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while client.read_limit("lost").waiters < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        released_at = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert got["at"] - released_at < 2.5  # one heartbeat (about a second) and one call
+    (listed,) = got["listed"]
+    assert listed.lease_id == got["lease"].lease_id
+    assert (listed.expires_at - listed.acquired_at).total_seconds() > 30  # renewed to the full 60 s
+    assert client.read_limit("lost").active_slots == 0
+
+
 # ---- connections while waiting --------------------------------------------------------------
 
 
