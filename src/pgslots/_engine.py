@@ -1,11 +1,11 @@
 """The per-client background worker: one thread and one connection serve every waiter and lease.
 
-It LISTENs on its own channel (``pgslots:<client id>``) and wakes the waiters whose tickets a notification names,
-handing over the lease when the notification says a release granted it to them; it heartbeats this
-client's queued waiters (one call for all of them), which also returns the tickets that should ask
-again: the backstop for lost notifications; it renews leases at 0.75 x their term; and it releases
-leases and leaves queues on behalf of callers that were interrupted. Being a thread, it keeps
-renewing while an event loop is blocked by CPU-bound code.
+It LISTENs on its own channel (``pgslots:<client id>``) and wakes the waiters whose tickets a
+notification names, handing over the lease when the notification says a release granted it to
+them; it heartbeats this client's queued waiters (one call for all of them), which also returns the
+tickets that should ask again: the backstop for lost notifications; it renews leases at 0.75 x
+their term; and it releases leases and leaves queues on behalf of callers that were interrupted.
+Being a thread, it keeps renewing while an event loop is blocked by CPU-bound code.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ async def _clean_up(client: Client, steps: list[tuple[Any, dict[str, Any]]], now
     for query, params in steps:
         if now:
             try:
-                await client.acall(query, params, timeout=5)
+                await client.acall(query, params, timeout=1)  # never long: the caller is waiting for its error
                 continue
             except PgSlotsError:
                 now = False

@@ -87,7 +87,7 @@ def _clean_up(client: Client, steps: list[tuple[Any, dict[str, Any]]], now: bool
     for query, params in steps:
         if now:
             try:
-                client.call(query, params, timeout=5)
+                client.call(query, params, timeout=1)  # never long: the caller is waiting for its error
                 continue
             except PgSlotsError:
                 now = False
