@@ -69,3 +69,37 @@ def test_wheel_ships_the_sql(tmp_path: Path) -> None:
     shipped = sorted(n for n in names if n.startswith("pgslots/sql/migrations/"))
     assert shipped == [f"pgslots/sql/migrations/{p.name}" for p in sorted((ROOT / "sql/migrations").glob("*.sql"))]
     assert "pgslots_cli/main.py" in names
+
+
+def test_upgrade_from_0002_keeps_leases_and_queue(empty_dsn: str) -> None:
+    """A database in use at version 2 (a holder, a queued waiter) upgrades to the hand-off schema
+    without losing either: the old waiter is woken as before, the old lease releases normally."""
+    import uuid
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA pgslots")
+        conn.execute(
+            "CREATE TABLE pgslots.migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in migrations()[:2]:
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)", [m.version, m.name])
+        conn.execute("SELECT pgslots.create_limit('old', 1)")
+        held = conn.execute("SELECT lease_id FROM pgslots.acquire('{old}', 1, 60)").fetchone()
+        client = uuid.uuid4()
+        ticket = conn.execute("SELECT waiter FROM pgslots.acquire('{old}', 1, 60, queue_client => %s)", [client]).fetchone()
+        assert held and ticket and ticket[0] is not None
+
+    assert pgslots.migrate(empty_dsn) == [m.version for m in migrations()[2:]]
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn, psycopg.connect(empty_dsn, autocommit=True) as lis:
+        lis.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(f"pgslots:{client}")))
+        assert conn.execute("SELECT pgslots.release(%s)", [held[0]]).fetchone() == (True,)
+        assert [n.payload for n in lis.notifies(timeout=2, stop_after=1)] == [str(ticket[0])]
+        got = conn.execute(
+            "SELECT granted FROM pgslots.acquire('{old}', 1, 60, ticket => %s, queue_client => %s)", [ticket[0], client]
+        ).fetchone()
+        assert got == (True,)
+        assert conn.execute("SELECT pgslots.heartbeat(%s, %s)", [client, [ticket[0]]]).fetchone() == ([ticket[0]],)
