@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import psycopg
 
-from sqlhelp import acquire, advance_clock, create, one, status
+from sqlhelp import acquire, advance_clock, create, one, rows, status
 
 
 def test_race_for_the_last_slot(fresh_dsn: str) -> None:
@@ -108,6 +109,68 @@ def test_release_racing_the_reclaim_of_its_own_expired_lease(fresh_dsn: str) -> 
             row = status(admin, "twice")
             assert row["active_slots"] == 1 and row["leases"] == 1
             assert not acquire(admin, ["twice"], lease_seconds=60)["granted"]
+    finally:
+        a.close()
+        b.close()
+
+
+def _waits_on_advisory_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        row = one(watcher, "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'")
+        return bool(row["n"] == 1)
+
+
+def test_a_release_waits_for_a_refusal_still_queueing(fresh_dsn: str) -> None:
+    """A refusal queues without the limit's row lock, so a release running at the same moment must
+    not miss it: the release waits on the queue lock until the refusal commits, then hands it the slot."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        create(admin, "q", 1)
+        held = acquire(admin, ["q"], lease_seconds=60)["lease_id"]
+    a = psycopg.connect(fresh_dsn)
+    b = psycopg.connect(fresh_dsn, autocommit=True)
+    try:
+        named = uuid.uuid4()
+        refused = acquire(a, ["q"], lease_seconds=60, queue_client=uuid.uuid4(), new_lease_id=named)
+        assert not refused["granted"] and refused["waiter"] is not None  # queued, not yet committed
+        thread = threading.Thread(target=lambda: one(b, "SELECT pgslots.release(%s)", [held]))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and _waits_on_advisory_lock(fresh_dsn), "the release must wait for the queueing refusal"
+        a.commit()
+        thread.join(5)
+        assert not thread.is_alive()
+        with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+            assert [r["id"] for r in rows(admin, "SELECT id FROM pgslots.leases")] == [named]  # handed over
+            assert status(admin, "q")["active_slots"] == 1 and status(admin, "q")["denied_slots"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_room_appearing_while_queueing_means_ask_again(fresh_dsn: str) -> None:
+    """A refusal that finds, once it holds the queue lock, that the waiter ahead of it has gone and
+    the slot is free, tells the caller to ask again at once (retry_after 0, not queued)."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        create(admin, "gap", 1)
+        held = acquire(admin, ["gap"], lease_seconds=60)["lease_id"]
+        ahead = acquire(admin, ["gap"], lease_seconds=60, queue_client=uuid.uuid4())["waiter"]  # names no lease
+        one(admin, "SELECT pgslots.release(%s)", [held])  # the slot is free, kept for the waiter ahead
+    b = psycopg.connect(fresh_dsn)
+    a = psycopg.connect(fresh_dsn, autocommit=True)
+    try:
+        one(b, "SELECT pgslots.leave_queue(%s)", [ahead])  # the waiter gives up; not committed yet
+        result: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(acquire(a, ["gap"], lease_seconds=60, queue_client=uuid.uuid4(), new_lease_id=uuid.uuid4()))
+        )
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and _waits_on_advisory_lock(fresh_dsn)
+        b.commit()
+        thread.join(5)
+        assert result["granted"] is False and result["retry_after"] == 0
+        assert result["waiter"] is None and result["blocked_by"] == []
+        assert acquire(a, ["gap"], lease_seconds=60)["granted"]  # and asking again gets it
     finally:
         a.close()
         b.close()

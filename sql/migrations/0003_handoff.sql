@@ -37,6 +37,12 @@ ALTER TABLE pgslots.waiters
     ADD COLUMN application_name text,
     ADD COLUMN holder jsonb;
 CREATE INDEX waiters_lease ON pgslots.waiters (lease_id) WHERE lease_id IS NOT NULL;
+
+-- Refusals counted without locking the limit (acquire's queueing path); status adds them in.
+CREATE TABLE pgslots.refusals (
+    limit_id uuid PRIMARY KEY,
+    denied_slots bigint NOT NULL
+);
 COMMENT ON COLUMN pgslots.waiters.lease_id IS
     'The lease the waiter named (acquire''s new_lease_id): release may grant it directly.';
 
@@ -250,6 +256,7 @@ DECLARE
     expiry timestamptz;
     wake_rest boolean := false;
 BEGIN
+    PERFORM pg_advisory_xact_lock(1885827953, hashtext(target::text));   -- see acquire
     IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
@@ -304,9 +311,11 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
-    woken bigint[] := pgslots._wakeable(target, at);
+    woken bigint[];
     c record;
 BEGIN
+    PERFORM pg_advisory_xact_lock(1885827953, hashtext(target::text));   -- see acquire
+    woken := pgslots._wakeable(target, at);
     IF cardinality(woken) > 0 THEN
         FOR c IN SELECT w.client_id, string_agg(w.id::text, ',' ORDER BY w.id) AS tickets
                  FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ANY (woken)
@@ -354,6 +363,7 @@ BEGIN
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + freed WHERE l.id = target;
             RETURN false;
         END IF;
+        PERFORM pg_advisory_xact_lock(1885827953, hashtext(target::text));   -- see acquire
         IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
             at := clock_timestamp() + (SELECT s.clock_offset FROM pgslots.settings s);
             handed := pgslots._hand_off(target, at);
@@ -382,6 +392,7 @@ BEGIN
                 + (date_part('epoch', at - part.acquired_at) - l.avg_slot_occupancy_seconds)
                   / (2.0 * greatest(l."limit", 1)))
         WHERE l.id = part.limit_id;
+        PERFORM pg_advisory_xact_lock(1885827953, hashtext(part.limit_id::text));   -- see acquire
         IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = part.limit_id) THEN
             handed := handed + pgslots._hand_off(part.limit_id, at);
         END IF;
@@ -427,8 +438,10 @@ DECLARE
     cfg pgslots.settings;
     at timestamptz;
     target uuid;
+    lim record;
+    need float8;
 BEGIN
-    -- The common case first: one limit, nobody queued on it, room for us. A single UPDATE decides
+    -- The common case first: one limit, room for us after those queued. A single UPDATE decides
     -- and counts under the row lock, like a bare semaphore, and the lease row is written beside it.
     -- Everything else (errors, refusals, queues, several limits) is decided by _admit. Should the
     -- UPDATE wait for the row lock, it checks the count the other transaction committed.
@@ -440,9 +453,9 @@ BEGIN
             WHERE l.name = names[1] AND l.active
               AND l.leased_slots + slots - l."limit"
                   + greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
-                             * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8)) <= 1e-9
-              AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
-                              WHERE w.limit_id = l.id AND w.expires_at > at)
+                             * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8))
+                  + (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                     WHERE w.limit_id = l.id AND w.expires_at > at) <= 1e-9
             RETURNING l.id INTO target;
             IF FOUND THEN
                 granted := true;
@@ -459,6 +472,62 @@ BEGIN
                         nullif(current_setting('application_name'), ''),
                         holder);
                 RETURN;
+            END IF;
+            -- Refused at a glance, and the caller queues: queue it without the limit's row lock,
+            -- so refusals neither wait for grants and releases nor hold them up. What keeps a
+            -- release from missing a waiter queued this way is the limit's queue lock (advisory):
+            -- shared here until this commits, exclusive in every release and wake-up before it
+            -- reads the queue. Expired leases to reclaim, and anything unusual, take _admit's path.
+            IF queue_client IS NOT NULL THEN
+                SELECT l.id, l.name, l.active, l."limit" INTO lim FROM pgslots.limits l WHERE l.name = names[1];
+                IF FOUND AND lim.active AND slots <= lim."limit"
+                   AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
+                                   WHERE x.limit_id = lim.id AND x.expires_at <= at) THEN
+                    PERFORM pg_advisory_xact_lock_shared(1885827953, hashtext(lim.id::text));
+                    SELECT l.id, l.name, l.active, l."limit", l.leased_slots, l.slot_decay_per_second,
+                           l.avg_slot_occupancy_seconds,
+                           greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+                                    * greatest(0::float8, extract(epoch FROM at - l.decayed_at)::float8))
+                               AS unleased_now,
+                           (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                            WHERE w.limit_id = l.id AND w.expires_at > at) AS ahead
+                    INTO lim FROM pgslots.limits l WHERE l.id = lim.id;
+                    need := lim.leased_slots + lim.unleased_now + lim.ahead + slots - lim."limit";
+                    IF FOUND AND lim.active AND need > 1e-9 THEN
+                        PERFORM set_config('synchronous_commit', 'off', true);   -- as in _admit
+                        granted := false;
+                        missing := '{}';
+                        blocked_by := ARRAY[lim.name];
+                        retry_after := CASE
+                            WHEN lim.slot_decay_per_second > 0 AND lim.leased_slots + slots <= lim."limit"
+                                THEN need / lim.slot_decay_per_second
+                            ELSE least(30, greatest(0.1,
+                                lim.avg_slot_occupancy_seconds * need / greatest(lim."limit", 1))) END;
+                        waiter := nextval('pgslots.waiter_tickets');
+                        INSERT INTO pgslots.waiters (id, limit_id, slots, client_id, enqueued_at,
+                                                     expires_at, parts, lease_id, lease_seconds, host,
+                                                     pid, application_name, holder)
+                        VALUES (waiter, lim.id, slots, queue_client, at,
+                                at + make_interval(secs => cfg.waiter_ttl_seconds), 1, new_lease_id,
+                                lease_seconds,
+                                coalesce(holder ->> 'host', host(inet_client_addr()), 'local'),
+                                CASE WHEN holder ->> 'pid' ~ '^[0-9]{1,9}$'
+                                     THEN (holder ->> 'pid')::integer ELSE pg_backend_pid() END,
+                                nullif(current_setting('application_name'), ''),
+                                holder);
+                        -- Refusal pressure, counted beside the limit so as not to lock it.
+                        INSERT INTO pgslots.refusals AS r (limit_id, denied_slots) VALUES (lim.id, slots)
+                        ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots;
+                        RETURN;
+                    END IF;
+                    -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
+                    -- once. Not via _admit: its row locks must never be taken under the queue lock.
+                    granted := false;
+                    retry_after := 0;
+                    missing := '{}';
+                    blocked_by := '{}';
+                    RETURN;
+                END IF;
             END IF;
         END IF;
     END IF;
@@ -523,3 +592,29 @@ BEGIN
     END IF;
 END
 $$;
+
+CREATE OR REPLACE VIEW pgslots.status AS
+SELECT l.id,
+       l.name,
+       l."limit",
+       l.active,
+       l.slot_decay_per_second,
+       l.leased_slots + pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
+           AS active_slots,
+       l.leased_slots,
+       pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
+           AS unleased_slots,
+       l.denied_slots + coalesce((SELECT r.denied_slots FROM pgslots.refusals r WHERE r.limit_id = l.id), 0)
+           AS denied_slots,
+       l.avg_slot_occupancy_seconds,
+       (SELECT count(*) FROM pgslots.leases x WHERE x.limit_id = l.id)::integer AS leases,
+       (SELECT count(*) FROM pgslots.leases x
+        WHERE x.limit_id = l.id AND x.expires_at <= c.at)::integer AS expired_leases,
+       (SELECT count(*) FROM pgslots.waiters w
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer AS waiters,
+       (SELECT date_part('epoch', c.at - min(w.enqueued_at)) FROM pgslots.waiters w
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::float8 AS oldest_waiter_seconds,
+       l.created,
+       l.updated
+FROM pgslots.limits l, LATERAL (SELECT pgslots._now() AS at) c;
+REVOKE ALL ON pgslots.refusals FROM PUBLIC;

@@ -194,6 +194,8 @@ class Attempts:
             )
         if self.ticket is None:
             self.pending_lease = None  # not queued: nothing can grant it
+            if row["retry_after"] == 0 and not row["blocked_by"]:
+                return 0.0  # the database saw room appear as it looked: ask again at once
         if r.max_retries is not None and self.attempts > r.max_retries:
             raise ConcurrencySlotAcquisitionError(
                 f"Unable to acquire concurrency slots on {list_literal(r.names)}: still full "
