@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sqlhelp import create, one, status
+from sqlhelp import create, one, rows, status
 
 LIMIT = 3
 PROCESSES = 8
@@ -105,3 +105,55 @@ def test_library_waiters_and_hand_offs_never_exceed_the_limit(fresh_dsn: str) ->
     _, _, grants, handed = _run_workers(fresh_dsn, "lib", _library_worker, extra=1)
     assert handed.value > 0, "no slot was ever handed over: the test proves nothing about hand-offs"
     print(f"\n{grants.value} grants through the library, {handed.value} of them handed over by a release")
+
+
+def _impatient_worker(dsn: str, holding: Any, peak: Any, grants: Any, timeouts: Any, deadline: float) -> None:
+    import pgslots
+    from pgslots.client import configure
+    from pgslots.sync import concurrency
+
+    configure(dsn)
+    rng = random.Random()
+    while time.time() < deadline:
+        try:
+            with concurrency("mix", lease_duration=60, timeout_seconds=rng.choice([0.002, 0.01, 0.05, 5])):
+                with holding.get_lock():
+                    holding.value += 1
+                    peak.value = max(peak.value, holding.value)
+                with grants.get_lock():
+                    grants.value += 1
+                time.sleep(rng.uniform(0, 0.005))
+                with holding.get_lock():
+                    holding.value -= 1
+        except pgslots.AcquireConcurrencySlotTimeoutError:
+            with timeouts.get_lock():
+                timeouts.value += 1
+
+
+def _limit_changer(dsn: str, deadline: float) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not rows(conn, "SELECT 1 FROM pgslots.status WHERE name = 'mix'"):
+            time.sleep(0.01)  # the test creates it
+        changes = 0
+        while time.time() < deadline:
+            for size in (2, LIMIT):
+                one(conn, "SELECT pgslots.update_limit('mix', %s)", [size])
+                changes += 1
+                time.sleep(0.03)
+        one(conn, "SELECT pgslots.update_limit('mix', %s)", [LIMIT])
+        assert changes > 10
+
+
+@pytest.mark.processes
+def test_queueing_timeouts_and_limit_changes_never_deadlock_or_exceed(fresh_dsn: str) -> None:
+    """Waiters that give up at random (leaving the queue), releases handing slots over, and the
+    limit moving between 2 and 3 underneath them: no deadlock, no error, never more than 3."""
+    changer = mp.get_context("fork").Process(target=_limit_changer, args=(fresh_dsn, time.time() + SECONDS))
+    changer.start()
+    try:
+        _, _, grants, timeouts = _run_workers(fresh_dsn, "mix", _impatient_worker, extra=1)
+    finally:
+        changer.join(SECONDS + 30)
+    assert changer.exitcode == 0
+    assert timeouts.value > 0, "nobody timed out: the test proves nothing about leaving the queue"
+    print(f"\n{grants.value} grants, {timeouts.value} timeouts while the limit moved between 2 and {LIMIT}")

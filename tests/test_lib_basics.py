@@ -433,3 +433,20 @@ def test_configure_with_a_pool(fresh_dsn: str) -> None:
     finally:
         pgslots.client._default = None
         pool.close()
+
+
+def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(client: Client) -> None:
+    """However an attempt ends while its ticket is queued (the deadline passing before the next
+    call, or the database refusing that call), the clean-up names the lease a release could hand
+    that ticket, as well as the ticket."""
+    from pgslots import _queries as q
+    from pgslots._core import Attempts, make_request, timeout_error
+
+    request = make_request("x", 1, None, None, 60, False, None, rate_limit=False)
+    assert request is not None
+    for error in (timeout_error(1), pgslots.PgSlotsError("the database said no")):
+        state = Attempts(request, uuid.uuid4(), listening=True)
+        _, params = state.query()
+        state.record({"granted": False, "waiter": 7, "missing": [], "retry_after": 0.5, "blocked_by": ["x"]})
+        assert state.failed(error, client.engine) is error
+        assert state.abandon() == [(q.LEAVE_QUEUE, {"ticket": 7}), (q.RELEASE, {"lease_id": params["new_lease_id"]})]

@@ -19,10 +19,16 @@
 -- Notifications go to each waiting client's own channel, "pgslots:<queue_client>", so a release
 -- wakes the one process it serves instead of every listening process.
 --
--- Also here, because each lock-holding statement slows every other caller of a busy limit: acquire
--- decides the common case (one limit, nobody queued, room) with one conditional UPDATE beside the
--- lease row, and release of a one-limit lease is one UPDATE and one DELETE; anything else takes the
--- full path of 0001.
+-- Also here, because each lock-holding statement slows every other caller of a busy limit:
+--  * acquire decides the common case (one limit, room after those queued) with one conditional
+--    UPDATE beside the lease row, and release of a one-limit lease is one UPDATE and one DELETE;
+--  * a refused acquire that queues (one limit, queue_client given) does not lock the limit's row.
+--    It holds the limit's queue lock, an advisory lock (class 1885827953, key hashtext(limit id)),
+--    shared until it commits; every release and wake-up takes it exclusively before reading the
+--    queue, so none can miss a waiter that was being queued. Whoever holds the queue lock shared
+--    never asks for a row lock, so the two never deadlock. Its refusal pressure goes to
+--    pgslots.refusals, which the status view adds to denied_slots.
+-- Anything else takes the full path of 0001.
 -- Payload, comma-separated entries:
 --   <ticket>                                       look again: the freed slots may fit you now
 --   <ticket>:<fencing_token>:<expires_epoch>:<seconds>   your named lease is granted; it expires at
@@ -545,6 +551,27 @@ COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, big
 'new_lease_id names the lease up front: the caller can release it after an interrupted call, and '
 'a queued caller waiting on one limit may be granted it by a release (the notification says so; '
 'asking again with the same ticket and new_lease_id returns it).';
+
+CREATE OR REPLACE FUNCTION pgslots.leave_queue(ticket bigint) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER   -- as set by 0002: CREATE OR REPLACE resets it
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz;
+    left_limit uuid;
+BEGIN
+    -- Lock the ticket's limits first, as a release does: a release that is handing this ticket its
+    -- lease right now finishes first, so the caller's release of that lease, next, finds it.
+    PERFORM 1 FROM pgslots.limits l
+    WHERE l.id IN (SELECT w.limit_id FROM pgslots.waiters w WHERE w.id = leave_queue.ticket)
+    ORDER BY l.id FOR UPDATE;
+    at := pgslots._now();
+    FOR left_limit IN DELETE FROM pgslots.waiters w WHERE w.id = leave_queue.ticket RETURNING w.limit_id LOOP
+        PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now
+    END LOOP;
+END
+$$;
 
 DROP FUNCTION pgslots.heartbeat(uuid);
 CREATE FUNCTION pgslots.heartbeat(queue_client uuid, tickets bigint[] DEFAULT NULL) RETURNS bigint[]

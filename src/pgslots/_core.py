@@ -240,7 +240,8 @@ class Attempts:
         RECONNECT_SECONDS, within the caller's timeout; the attempt may have committed before the
         connection went, so its lease is released in the background."""
         if not isinstance(exc.__cause__, psycopg.OperationalError):
-            self.pending_lease = None
+            if self.ticket is None:
+                self.pending_lease = None  # rolled back; while queued, a release may still hand it over
             return exc
         timed_out = self.pool_timeout(exc)
         if timed_out is not exc:

@@ -66,8 +66,9 @@ async def _acquire(client: Client, request: Request) -> tuple[Lease, float | Non
     try:
         while True:
             query, params = state.query()
+            timeout = state.remaining()  # past the deadline: raises here, with nothing in flight
             try:
-                row = (await client.acall(query, params, timeout=state.remaining()))[0]
+                row = (await client.acall(query, params, timeout=timeout))[0]
             except PgSlotsError as exc:
                 retry = state.failed(exc, engine)
                 if isinstance(retry, BaseException):

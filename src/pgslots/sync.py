@@ -57,8 +57,9 @@ def _acquire(client: Client, request: Request) -> tuple[Lease, float | None]:
     try:
         while True:
             query, params = state.query()
+            timeout = state.remaining()  # past the deadline: raises here, with nothing in flight
             try:
-                row = client.call(query, params, timeout=state.remaining())[0]
+                row = client.call(query, params, timeout=timeout)[0]
             except PgSlotsError as exc:
                 retry = state.failed(exc, engine)
                 if isinstance(retry, BaseException):
