@@ -109,6 +109,9 @@ class Engine:
     # ---- called from any thread -------------------------------------------------------------
 
     def start(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return  # the hot path (every hold): no lock
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()

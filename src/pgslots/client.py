@@ -79,6 +79,14 @@ def _application_name() -> str:
     return f"pgslots:{prog}"[:63]
 
 
+def _dicts(cur: Any, rows: list[Any]) -> list[dict[str, Any]]:
+    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
+    if not rows:
+        return []
+    names = [column.name for column in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
 def raise_translated(exc: psycopg.Error) -> NoReturn:
     mapped = translate(exc)
     if mapped is None:
@@ -245,18 +253,18 @@ class Client:
     def call(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection; pgslots errors come out translated."""
         try:
-            with self.pool().connection(timeout=timeout) as conn, conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(query, params)
-                return cur.fetchall() if cur.description else []
+            with self.pool().connection(timeout=timeout) as conn:
+                cur = conn.execute(query, params)
+                return _dicts(cur, cur.fetchall() if cur.description else [])
         except psycopg.Error as exc:
             raise_translated(exc)
 
     async def acall(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         try:
             apool = await self.apool()
-            async with apool.connection(timeout=timeout) as conn, conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(query, params)
-                return await cur.fetchall() if cur.description else []
+            async with apool.connection(timeout=timeout) as conn:
+                cur = await conn.execute(query, params)
+                return _dicts(cur, await cur.fetchall() if cur.description else [])
         except psycopg.Error as exc:
             raise_translated(exc)
 
