@@ -17,6 +17,18 @@ PROCESSES = 8
 SECONDS = 4.0
 
 
+def _hold(holding: Any, peak: Any, grants: Any, rng: random.Random) -> None:
+    """The body, between a grant and its release: count ourselves in shared memory, not in the database."""
+    with holding.get_lock():
+        holding.value += 1
+        peak.value = max(peak.value, holding.value)
+    with grants.get_lock():
+        grants.value += 1
+    time.sleep(rng.uniform(0, 0.004))
+    with holding.get_lock():
+        holding.value -= 1
+
+
 def _hammer(dsn: str, holding: Any, peak: Any, grants: Any, deadline: float) -> None:
     rng = random.Random()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -25,15 +37,7 @@ def _hammer(dsn: str, holding: Any, peak: Any, grants: Any, deadline: float) -> 
             if not got["granted"]:
                 time.sleep(rng.uniform(0, 0.003))
                 continue
-            # Between the grant and the release: count ourselves in shared memory, not in the database.
-            with holding.get_lock():
-                holding.value += 1
-                peak.value = max(peak.value, holding.value)
-            with grants.get_lock():
-                grants.value += 1
-            time.sleep(rng.uniform(0, 0.004))
-            with holding.get_lock():
-                holding.value -= 1
+            _hold(holding, peak, grants, rng)
             one(conn, "SELECT pgslots.release(%s)", [got["lease_id"]])
 
 
@@ -86,15 +90,9 @@ def _library_worker(dsn: str, holding: Any, peak: Any, grants: Any, handed: Any,
     rng = random.Random()
     while time.time() < deadline:
         with concurrency("lib", lease_duration=60, timeout_seconds=30):
-            with holding.get_lock():
-                holding.value += 1
-                peak.value = max(peak.value, holding.value)
-            with grants.get_lock():
-                grants.value += 1
+            with handed.get_lock():
                 handed.value += not last_acquire_granted  # its last acquire was refused: a release handed it over
-            time.sleep(rng.uniform(0, 0.004))
-            with holding.get_lock():
-                holding.value -= 1
+            _hold(holding, peak, grants, rng)
     client.close()
 
 
@@ -117,14 +115,7 @@ def _impatient_worker(dsn: str, holding: Any, peak: Any, grants: Any, timeouts: 
     while time.time() < deadline:
         try:
             with concurrency("mix", lease_duration=60, timeout_seconds=rng.choice([0.002, 0.01, 0.05, 5])):
-                with holding.get_lock():
-                    holding.value += 1
-                    peak.value = max(peak.value, holding.value)
-                with grants.get_lock():
-                    grants.value += 1
-                time.sleep(rng.uniform(0, 0.005))
-                with holding.get_lock():
-                    holding.value -= 1
+                _hold(holding, peak, grants, rng)
         except pgslots.AcquireConcurrencySlotTimeoutError:
             with timeouts.get_lock():
                 timeouts.value += 1

@@ -112,6 +112,17 @@ def test_hand_off_to_a_waiter_in_another_process_is_pushed(client: Client, fresh
     assert median_ms < 50, latencies
 
 
+def _queue_behind(client: Client, name: str, waiter: Any) -> threading.Thread:
+    """Starts `waiter` in a thread and returns once it is queued on the limit."""
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while client.read_limit(name).waiters < 1:
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.01)
+    return thread
+
+
 def _spy_acquires(client: Client) -> list[Any]:
     """Counts the acquire calls the client makes (patched on this client only)."""
     seen: list[Any] = []
@@ -158,12 +169,7 @@ def test_the_release_hands_the_slot_to_the_waiter(client: Client, fresh_dsn: str
             asyncio.run(main())
 
     with concurrency("handed"):
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while client.read_limit("handed").waiters < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        thread = _queue_behind(client, "handed", waiter)
     thread.join(20)
     assert not thread.is_alive()
     # Ours, and the waiter's refused one that queued it: the waiter never asked a second time.
@@ -192,12 +198,7 @@ def test_a_lost_hand_off_notification_costs_one_heartbeat(client: Client, monkey
             got["listed"] = client.list_leases("lost")
 
     with concurrency("lost"):
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while client.read_limit("lost").waiters < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        thread = _queue_behind(client, "lost", waiter)
         released_at = time.monotonic()
     thread.join(10)
     assert not thread.is_alive()
