@@ -241,11 +241,11 @@ BEGIN
     END IF;
 END
 $$;
--- Grants the freed slots of one limit (whose row lock the caller holds) to the head of its queue:
--- each waiter in ticket order that named its lease, waits on this limit alone and fits. Writes the
--- leases, removes the waiters, notifies them. A waiter it cannot serve this way (queued on several
--- limits, or for a rate limit) stops it; if the free slots fit that one, it and those behind it that
--- fit are notified to ask again. Returns how many waiters it served.
+-- Grants the freed slots of one limit (whose row lock and queue lock the caller holds) to the head
+-- of its queue: each waiter in ticket order that named its lease, waits on this limit alone and
+-- fits. Writes the leases, removes the waiters, notifies them. A waiter it cannot serve this way
+-- (queued on several limits, or for a rate limit) stops it; if the free slots fit that one, it and
+-- those behind it that fit are notified to ask again. Returns how many waiters it served.
 CREATE FUNCTION pgslots._hand_off(target uuid, at timestamptz) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -262,7 +262,6 @@ DECLARE
     expiry timestamptz;
     wake_rest boolean := false;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1885827953, hashtext(target::text));   -- see acquire
     IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;

@@ -194,23 +194,24 @@ class Attempts:
             )
         if self.ticket is None:
             self.pending_lease = None  # not queued: nothing can grant it
-            if row["retry_after"] == 0 and not row["blocked_by"]:
-                return 0.0  # the database saw room appear as it looked: ask again at once
-        if r.max_retries is not None and self.attempts > r.max_retries:
+        # No limit blocked it (the database saw room appear as it looked): not a refusal to count.
+        if r.max_retries is not None and self.attempts > r.max_retries and row["blocked_by"]:
             raise ConcurrencySlotAcquisitionError(
                 f"Unable to acquire concurrency slots on {list_literal(r.names)}: still full "
                 f"({', '.join(row['blocked_by'] or [])}) after {self.attempts} attempts (max_retries={r.max_retries})"
             )
-        hint = float(row["retry_after"] or 0.1)
+        hint = 0.1 if row["retry_after"] is None else float(row["retry_after"])
         if r.rate_limit:
             wait = hint  # exact: the time until enough slots have decayed
         elif r.max_retries is not None:
             wait = hint  # retries are counted: space them by the database's estimate
-        elif self.listening:
+        elif self.listening and self.ticket is not None:
             # A release notifies us and the engine's heartbeat is the backstop; the cap is a last resort.
             wait = LONGEST_WAIT_SECONDS * random.uniform(0.8, 1.0)
         else:
-            wait = min(hint, POLL_SECONDS)  # no LISTEN connection (e.g. PgBouncer): poll
+            # Nothing will notify us (no LISTEN connection, e.g. PgBouncer, or not queued): poll at the
+            # hint, which is 0 when the database saw room appear as it looked.
+            wait = min(hint, POLL_SECONDS)
         remaining = self.remaining()
         return wait if remaining is None else min(wait, remaining)
 
