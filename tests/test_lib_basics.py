@@ -414,7 +414,7 @@ def test_without_listen_waiting_falls_back_to_polling(client: Client, fresh_dsn:
         released = time.monotonic()
     thread.join(15)
     assert got and got[0] - released < 2.5  # the next poll, at most a second or so later
-    assert not polling.engine.listening
+    assert not polling._session.engine.listening
     polling.close()
 
 
@@ -424,7 +424,7 @@ def test_configure_with_a_pool(fresh_dsn: str) -> None:
     pool: ConnectionPool[Any] = ConnectionPool(fresh_dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True)
     try:
         c = pgslots.configure(pool=pool)
-        assert c.pool() is pool
+        assert c._session.pool() is pool
         c.create_limit("pooled", 1)
         with concurrency("pooled"):
             assert c.read_limit("pooled").active_slots == 1
@@ -440,7 +440,7 @@ def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(clien
     call, or the database refusing that call), the clean-up names the lease a release could hand
     that ticket, as well as the ticket."""
     from pgslots import _queries as q
-    from pgslots._core import Attempts, make_request, timeout_error
+    from pgslots._flow import Attempts, make_request, timeout_error
 
     request = make_request("x", 1, None, None, 60, False, None, rate_limit=False)
     assert request is not None
@@ -448,5 +448,5 @@ def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(clien
         state = Attempts(request, uuid.uuid4(), listening=True)
         _, params = state.query()
         state.record({"granted": False, "waiter": 7, "missing": [], "retry_after": 0.5, "blocked_by": ["x"]})
-        assert state.failed(error, client.engine) is error
+        assert state.failed(error) is error
         assert state.abandon() == [(q.LEAVE_QUEUE, {"ticket": 7}), (q.RELEASE, {"lease_id": params["new_lease_id"]})]

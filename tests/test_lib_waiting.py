@@ -126,7 +126,7 @@ def _queue_behind(client: Client, name: str, waiter: Any) -> threading.Thread:
 def _spy_acquires(client: Client) -> list[Any]:
     """Counts the acquire calls the client makes (patched on this client only)."""
     seen: list[Any] = []
-    sync_call, async_call = client.call, client.acall
+    sync_call, async_call = client._session.call, client._session.acall
 
     def call(query: Any, params: Any = None, **kw: Any) -> Any:
         seen.append(query)
@@ -136,7 +136,7 @@ def _spy_acquires(client: Client) -> list[Any]:
         seen.append(query)
         return await async_call(query, params, **kw)
 
-    client.call, client.acall = call, acall  # type: ignore[method-assign]
+    client._session.call, client._session.acall = call, acall  # type: ignore[method-assign]
     return seen
 
 
@@ -147,7 +147,7 @@ def test_the_release_hands_the_slot_to_the_waiter(client: Client, fresh_dsn: str
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 1.5")  # first term 3 s
     client.create_limit("handed", 1)
-    assert client.engine.ensure_listening()  # else the first refusal looks once more after LISTEN
+    assert client._session.engine.ensure_listening()  # else the first refusal looks once more after LISTEN
     calls = _spy_acquires(client)
     got: dict[str, Any] = {}
 
@@ -188,7 +188,7 @@ def test_a_lost_hand_off_notification_costs_one_heartbeat(client: Client, monkey
 
     monkeypatch.setattr(pgslots._engine, "parse_notification", lambda payload: [])
     client.create_limit("lost", 1)
-    assert client.engine.ensure_listening()
+    assert client._session.engine.ensure_listening()
     got: dict[str, Any] = {}
 
     def waiter() -> None:
@@ -319,7 +319,7 @@ def test_cancelled_waiter_leaks_nothing(client: Client) -> None:
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
-    while client.read_limit("cancel").waiters or client.engine.pending_cleanup():
+    while client.read_limit("cancel").waiters or client._session.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     info = client.read_limit("cancel")
@@ -337,7 +337,7 @@ def test_cancellation_racing_a_grant_releases_it(client: Client) -> None:
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
-    while client.engine.pending_cleanup():
+    while client._session.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     # Uncancelled acquires never exited (we only entered): count what the cancelled ones left.
@@ -358,7 +358,7 @@ def test_keyboard_interrupt_while_waiting_leaks_nothing(client: Client) -> None:
         with pytest.raises(KeyboardInterrupt), concurrency("kbd"):
             pass
     deadline = time.monotonic() + 5
-    while client.read_limit("kbd").waiters or client.engine.pending_cleanup():
+    while client.read_limit("kbd").waiters or client._session.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.read_limit("kbd").active_slots == 0
@@ -447,7 +447,7 @@ def test_a_client_made_before_fork_works_in_the_child(client: Client) -> None:
         # The parent's client waits once, so its listener thread runs and its pool is open.
         with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("forked", client=client, timeout_seconds=0.3):
             pass
-        assert client.engine.listening
+        assert client._session.engine.listening
         out: Any = CTX.Queue()
         child = CTX.Process(target=_child_uses_parents_client, args=(client, out))
         child.start()

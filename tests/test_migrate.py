@@ -17,6 +17,22 @@ from pgslots.errors import SchemaNotInstalledError, translate
 from pgslots.migrate import LATEST_VERSION, migrations
 
 ROOT = Path(__file__).resolve().parents[1]
+# The schema as released at version 3, before functions became code: what databases in use hold.
+SCHEMA_V3 = sorted((Path(__file__).parent / "fixtures" / "schema_v3").glob("*.sql"))
+
+
+def _install_old(dsn: str, files: list[Path]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA pgslots")
+        conn.execute(
+            "CREATE TABLE pgslots.migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for path in files:
+            version, name = path.stem.split("_", 1)
+            with conn.transaction():
+                conn.execute(path.read_bytes())
+                conn.execute("INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)", [int(version), name])
 
 
 def test_migrations_are_numbered_in_order() -> None:
@@ -66,8 +82,9 @@ def test_wheel_ships_the_sql(tmp_path: Path) -> None:
     )
     wheel = next(tmp_path.glob("pgslots-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n for n in names if n.startswith("pgslots/sql/migrations/"))
-    assert shipped == [f"pgslots/sql/migrations/{p.name}" for p in sorted((ROOT / "sql/migrations").glob("*.sql"))]
+    shipped = sorted(n for n in names if n.startswith("pgslots/sql/"))
+    assert shipped == sorted(f"pgslots/sql/{p.relative_to(ROOT / 'sql')}" for p in (ROOT / "sql").rglob("*.sql"))
+    assert "pgslots/sql/functions/20_admission.sql" in shipped and "pgslots/sql/privileges.sql" in shipped
     assert "pgslots_cli/main.py" in names
 
 
@@ -76,16 +93,8 @@ def test_upgrade_from_0002_keeps_leases_and_queue(empty_dsn: str) -> None:
     without losing either: the old waiter is woken as before, the old lease releases normally."""
     import uuid
 
+    _install_old(empty_dsn, SCHEMA_V3[:2])
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA pgslots")
-        conn.execute(
-            "CREATE TABLE pgslots.migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in migrations()[:2]:
-            with conn.transaction():
-                conn.execute(m.sql.encode())
-                conn.execute("INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)", [m.version, m.name])
         conn.execute("SELECT pgslots.create_limit('old', 1)")
         held = conn.execute("SELECT lease_id FROM pgslots.acquire('{old}', 1, 60)").fetchone()
         client = uuid.uuid4()
@@ -103,3 +112,67 @@ def test_upgrade_from_0002_keeps_leases_and_queue(empty_dsn: str) -> None:
         ).fetchone()
         assert got == (True,)
         assert conn.execute("SELECT pgslots.heartbeat(%s, %s)", [client, [ticket[0]]]).fetchone() == ([ticket[0]],)
+
+
+def test_upgrade_from_0003_with_a_holder_and_a_waiter_live(empty_dsn: str) -> None:
+    """A database in use at version 3 (functions still defined by migrations) upgrades: the old
+    bodies are gone, one definition of each function is left, and the holder's release hands its
+    slot to the waiter queued before the upgrade, which then gets its named lease."""
+    import uuid
+
+    _install_old(empty_dsn, SCHEMA_V3)
+    client, named = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgslots.create_limit('live', 1)")
+        held = conn.execute("SELECT lease_id FROM pgslots.acquire('{live}', 1, 60)").fetchone()
+        waiting = conn.execute(
+            "SELECT waiter FROM pgslots.acquire('{live}', 1, 60, queue_client => %s, new_lease_id => %s)", [client, named]
+        ).fetchone()
+        conn.execute("SELECT pgslots.acquire('{live}', 1, 60)")  # a refusal: pressure to keep
+        assert held and waiting and waiting[0] is not None
+
+    assert pgslots.migrate(empty_dsn) == [m.version for m in migrations()[3:]]
+    assert pgslots.migration_plan(empty_dsn).up_to_date
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn, psycopg.connect(empty_dsn, autocommit=True) as lis:
+        bodies = dict(
+            conn.execute(
+                "SELECT proname, count(*) FROM pg_proc WHERE pronamespace = 'pgslots'::regnamespace"
+                " AND proname IN ('acquire', 'heartbeat', '_admit', 'release') GROUP BY proname"
+            ).fetchall()
+        )
+        assert bodies == {"acquire": 1, "heartbeat": 1, "_admit": 1, "release": 1}
+        status = conn.execute("SELECT leases, waiters, denied_slots FROM pgslots.status WHERE name = 'live'").fetchone()
+        assert status == (1, 1, 2)  # the queued refusal and the plain one
+        lis.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(f"pgslots:{client}")))
+        assert conn.execute("SELECT pgslots.release(%s)", [held[0]]).fetchone() == (True,)
+        payloads = [n.payload for n in lis.notifies(timeout=2, stop_after=1)]
+        assert payloads and payloads[0].startswith(f"{waiting[0]}:")  # handed over
+        got = conn.execute(
+            "SELECT granted, lease_id FROM pgslots.acquire('{live}', 1, 60, ticket => %s, queue_client => %s, new_lease_id => %s)",
+            [waiting[0], client, named],
+        ).fetchone()
+        assert got == (True, named)
+        assert conn.execute("SELECT pgslots.release(%s)", [named]).fetchone() == (True,)
+        assert conn.execute("SELECT active_slots, waiters FROM pgslots.status WHERE name = 'live'").fetchone() == (0, 0)
+
+
+def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
+    """The migrator keeps functions current by checksum: a stale body is found by the plan and
+    replaced by migrate, with the privileges applied again."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pgslots.code SET checksum = 'stale' WHERE file = 'functions/30_slots.sql'")
+        conn.execute("CREATE FUNCTION pgslots.leftover() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    todo = pgslots.migration_plan(fresh_dsn)
+    assert not todo.migrations and todo.changed_code == ("functions/30_slots.sql",)
+    assert "CREATE FUNCTION pgslots.release" in todo.script()
+    assert pgslots.migrate(fresh_dsn) == []
+    assert pgslots.migration_plan(fresh_dsn).up_to_date
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regproc('pgslots.leftover')").fetchone() == (None,)
+        definer = conn.execute("SELECT prosecdef FROM pg_proc WHERE oid = 'pgslots.release'::regproc").fetchone()
+        assert definer == (True,)
+        public = conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgslots'::regnamespace AND has_function_privilege('public', oid, 'EXECUTE')"
+        ).fetchone()
+        assert public == (0,)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgslots
-from pgslots._core import make_request
+from pgslots._flow import make_request
 from pgslots_cli.main import cli
 
 Conn = psycopg.Connection[Any]

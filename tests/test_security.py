@@ -139,14 +139,22 @@ def test_planted_objects_cannot_hijack_the_functions(fresh_dsn: str, user_dsn: s
 
 
 def test_every_public_function_pins_search_path_and_is_documented(fresh_dsn: str) -> None:
+    """Public functions run as the owner with search_path pinned. Helpers carry no SET clause (so
+    the planner can inline them) and so must never run with the owner's rights: none is SECURITY
+    DEFINER, and none is callable by PUBLIC."""
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         functions = rows(
             conn,
-            "SELECT p.proname, p.proconfig, obj_description(p.oid, 'pg_proc') AS doc, p.prosecdef "
+            "SELECT p.proname, p.proconfig, obj_description(p.oid, 'pg_proc') AS doc, p.prosecdef, "
+            "has_function_privilege('public', p.oid, 'EXECUTE') AS public_may_call "
             "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgslots'",
         )
+    assert functions
     for f in functions:
+        assert not f["public_may_call"], f["proname"]
+        if f["proname"].startswith("_"):
+            assert not f["prosecdef"], f"helper {f['proname']} must not run as the owner"
+            continue
         assert f["proconfig"] and any(c.startswith("search_path=pg_catalog") for c in f["proconfig"]), f["proname"]
-        if not f["proname"].startswith("_"):
-            assert f["doc"], f"{f['proname']} has no COMMENT ON FUNCTION"
-            assert f["prosecdef"], f"{f['proname']} is not SECURITY DEFINER"
+        assert f["doc"], f"{f['proname']} has no COMMENT ON FUNCTION"
+        assert f["prosecdef"], f"{f['proname']} is not SECURITY DEFINER"

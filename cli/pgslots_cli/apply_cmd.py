@@ -8,7 +8,7 @@ import click
 
 from pgslots import apply as declarative
 
-from .main import State, cli, pass_state
+from .app import State, cli, pass_state
 from .output import number
 
 

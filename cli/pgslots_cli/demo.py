@@ -16,7 +16,7 @@ import pgslots
 from pgslots.client import configure
 from pgslots.sync import concurrency, rate_limit
 
-from .main import State, cli, pass_state
+from .app import State, cli, pass_state
 from .output import bar
 
 DEMO_LIMIT = "pgslots-demo"

@@ -6,7 +6,7 @@ import click
 
 from pgslots import embedded
 
-from .main import cli, fail
+from .app import cli, fail
 
 
 @cli.group("embedded", short_help="The embedded local PostgreSQL.")

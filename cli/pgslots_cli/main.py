@@ -1,114 +1,23 @@
 """The ``pgslots`` command: global concurrency and rate limits kept in PostgreSQL.
 
 Commands mirror ``prefect gcl`` where it has the same command, with the same flags and messages.
+This module holds the schema, limit and lease commands, and gathers the others.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-import psycopg
 
 import pgslots
-from pgslots import embedded
-from pgslots.client import Client, LimitInfo
+from pgslots.client import LimitInfo
 
-from .output import dumps, echo_error, number, seconds, table
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str) -> NoReturn:
-    echo_error(message)
-    sys.exit(1)
-
-
-class Group(click.Group):
-    """Turns every expected error into one line on stderr and exit status 1, never a traceback."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            code = super().main(*args, **kwargs)
-        except click.UsageError as exc:
-            where = f"pgslots {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "pgslots"
-            fail(f"Error: {exc.format_message()} (see '{where} --help')")
-        except click.ClickException as exc:
-            fail(f"Error: {exc.format_message()}")
-        except (click.Abort, KeyboardInterrupt):
-            fail("Aborted.")
-        sys.exit(code if isinstance(code, int) else 0)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except pgslots.PgSlotsError as exc:
-            fail(str(exc))
-        except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            fail(f"The database refused the request: {first}")
-
-
-class State:
-    def __init__(self, dsn: str | None) -> None:
-        self.dsn = dsn
-        self._client: Client | None = None
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = Client(self.dsn, listen=True)
-            if embedded.started_here is not None:
-                echo_error(
-                    f"(No database configured: started the embedded PostgreSQL in {embedded.started_here.root}; "
-                    "'pgslots embedded stop' stops it.)"
-                )
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-pass_state = click.make_pass_decorator(State)
-
-
-def output_options(func: F) -> F:
-    return click.option("-o", "--output", metavar="FORMAT", help="Print machine-readable output; 'json' is the only format.")(func)
-
-
-def check_output(output: str | None) -> bool:
-    if output is None:
-        return False
-    if output.lower() != "json":
-        fail("Only 'json' output format is supported.")
-    return True
-
-
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--dsn",
-    metavar="DSN",
-    help="PostgreSQL connection string. Default: $PGSLOTS_DSN, else $DATABASE_URL, else libpq's PG* "
-    "variables, else the embedded local server (see 'pgslots embedded').",
-)
-@click.version_option(package_name="pgslots")
-@click.pass_context
-def cli(ctx: click.Context, dsn: str | None) -> None:
-    """Global concurrency limits and rate limits that live in PostgreSQL.
-
-    A limit is a named pool of slots shared by every process on every machine that uses the same
-    database. Start with 'pgslots migrate', then 'pgslots create NAME --limit N'.
-    """
-    state = State(dsn)
-    ctx.obj = state
-    ctx.call_on_close(state.close)
-
+from . import apply_cmd, demo, embedded_cmd, watch  # noqa: F401 - they add their commands to cli
+from .app import State, check_output, cli, fail, output_options, pass_state
+from .output import dumps, number, seconds, table
 
 # ---- schema ---------------------------------------------------------------------------------
 
@@ -386,7 +295,3 @@ def _show(value: Any) -> str:
 
 def main() -> None:
     cli(prog_name="pgslots")
-
-
-# These modules add their commands to `cli` when imported.
-from . import apply_cmd, demo, embedded_cmd, watch  # noqa: E402,F401

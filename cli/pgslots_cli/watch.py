@@ -9,7 +9,7 @@ import click
 
 from pgslots.client import Client
 
-from .main import State, cli, pass_state
+from .app import State, cli, pass_state
 from .output import bar, number, seconds
 
 HOLDERS_SHOWN = 5

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from ._core import Lease
+from ._flow import Lease
 from .client import Client, LeaseInfo, LimitInfo, configure, default_client
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     ConfigurationError,
+    DatabaseError,
+    DatabaseUnavailableError,
     InvalidArgumentError,
     InvalidLimitNameError,
     InvalidLimitValueError,
@@ -21,7 +23,7 @@ from .errors import (
     SchemaNotInstalledError,
     SlotsExceedLimitError,
 )
-from .migrate import LATEST_VERSION, migrate
+from .migrate import LATEST_VERSION, MigrationPlan, migrate, migration_plan
 
 __all__ = [
     "LATEST_VERSION",
@@ -34,6 +36,8 @@ __all__ = [
     "AcquireConcurrencySlotTimeoutError",
     "ConcurrencySlotAcquisitionError",
     "ConfigurationError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
     "InvalidArgumentError",
     "InvalidLimitNameError",
     "InvalidLimitValueError",
@@ -47,4 +51,6 @@ __all__ = [
     "SchemaNotInstalledError",
     "SlotsExceedLimitError",
     "migrate",
+    "MigrationPlan",
+    "migration_plan",
 ]

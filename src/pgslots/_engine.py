@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from . import _queries as q
+from ._flow import Grant, Lease
 from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError, translate
 
 logger = logging.getLogger("pgslots")
@@ -36,15 +37,6 @@ HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by de
 RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
-
-
-@dataclass(frozen=True)
-class Grant:
-    """A lease a release handed to a queued waiter (the waiter named its id when it queued)."""
-
-    fencing_token: int
-    expires_at: datetime
-    term_seconds: float  # how long it runs before its first renewal is due, from the database
 
 
 Waker = Callable[[Grant | None], None]
@@ -141,17 +133,13 @@ class Engine:
         with self._lock:
             self._wakers.pop(ticket, None)
 
-    def hold(
-        self,
-        lease_id: uuid.UUID,
-        lease_seconds: float,
-        on_lost: Callable[[BaseException], None],
-        first_term: float | None = None,
-    ) -> None:
+    def hold(self, lease: Lease, on_lost: Callable[[BaseException], None]) -> None:
         """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if renewal fails for good.
 
-        first_term: how long the lease runs as granted, when shorter than lease_seconds (a lease
-        handed over by a release); renewals then extend it to lease_seconds."""
+        A lease handed over by a release first runs for less than lease_seconds (its first_term);
+        renewals then extend it to lease_seconds."""
+        assert lease.lease_id is not None
+        lease_id, lease_seconds, first_term = lease.lease_id, lease.lease_seconds, lease.first_term
         now = time.monotonic()
         term = lease_seconds if first_term is None else min(first_term, lease_seconds)
         renewal = _Renewal(now + 0.75 * term, next(self._seq), lease_id, lease_seconds, on_lost, now + term)

@@ -97,14 +97,15 @@ def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
 
 def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_run: bool = False) -> Plan:
     """Computes the plan and, unless dry_run, carries it out in one transaction."""
-    with client.pool().connection() as conn, conn.transaction():
-        client.call_on(conn, q.LOCK_FOR_APPLY)
-        current = [LimitInfo(**row) for row in client.call_on(conn, q.GET_LIMITS, {"names": None})]
+    session = client._session
+    with session.transaction() as conn:
+        session.call_on(conn, q.LOCK_FOR_APPLY)
+        current = [LimitInfo(**row) for row in session.call_on(conn, q.GET_LIMITS, {"names": None})]
         todo = plan(current, desired, prune)
         if dry_run:
             return todo
         for want in todo.create:
-            client.call_on(
+            session.call_on(
                 conn,
                 q.CREATE_LIMIT,
                 {
@@ -116,7 +117,7 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
                 },
             )
         for want, changes in todo.change:
-            client.call_on(
+            session.call_on(
                 conn,
                 q.UPDATE_LIMIT,
                 {
@@ -129,5 +130,5 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
                 },
             )
         for name in todo.delete:
-            client.call_on(conn, q.DELETE_LIMIT, {"name": name})
+            session.call_on(conn, q.DELETE_LIMIT, {"name": name})
     return todo

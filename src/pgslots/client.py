@@ -1,5 +1,5 @@
-"""The client: one per database. Holds the connection pools and the background engine, and offers
-the admin calls (create, read, list, update, delete limits; leases; sweep; migrate).
+"""The client: one per database. Offers the admin calls (create, read, list, update, delete
+limits; leases; sweep; migrate); its connections and background worker stay private.
 
 Most programs use the default client, configured by :func:`configure` or the environment
 (``PGSLOTS_DSN``, ``DATABASE_URL``, libpq's ``PG*`` variables). Programs that talk to several
@@ -8,31 +8,21 @@ databases make one :class:`Client` each and pass it as ``client=``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
 import os
-import sys
 import threading
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
-from ._config import resolve_dsn
-from ._engine import Engine
-from .errors import MIGRATE_HINT, InvalidArgumentError, LimitNotFoundError, PgSlotsError, SchemaNotInstalledError, translate
-from .migrate import LATEST_VERSION, migrate
-
-DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serve many threads
-IDLE_SECONDS = 10.0  # a pooled connection above the first closes after this long unused
+from ._flow import check_number
+from ._session import DEFAULT_POOL_SIZE, Session
+from .errors import InvalidArgumentError, LimitNotFoundError, PgSlotsError
+from .migrate import MigrationPlan, migrate, migration_plan
 
 
 @dataclass(frozen=True)
@@ -74,28 +64,13 @@ class LeaseInfo:
     holder: dict[str, Any] | None
 
 
-def _application_name() -> str:
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    return f"pgslots:{prog}"[:63]
-
-
-def _dicts(cur: Any, rows: list[Any]) -> list[dict[str, Any]]:
-    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
-    if not rows:
-        return []
-    names = [column.name for column in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in rows]
-
-
-def raise_translated(exc: psycopg.Error) -> NoReturn:
-    mapped = translate(exc)
-    if mapped is None:
-        raise exc
-    raise mapped from exc
-
-
 class Client:
-    """Everything pgslots needs to talk to one database."""
+    """Everything pgslots needs to talk to one database: the admin calls below, and the connections
+    and background worker that ``concurrency()`` and ``rate_limit()`` use (pass ``client=``).
+
+    Nothing connects until first used. With no DSN given or configured, the embedded local server
+    is used, and started on first use if it is not running (see ``pgslots embedded``).
+    """
 
     def __init__(
         self,
@@ -106,198 +81,38 @@ class Client:
         listen: bool = True,
         max_connections: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        if pool is not None and dsn is None and isinstance(pool.conninfo, str):
-            dsn = pool.conninfo
-        self.dsn = resolve_dsn(dsn)
-        self._connect_kwargs: dict[str, Any] = {}
-        if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.dsn) and not os.environ.get("PGAPPNAME"):
-            self._connect_kwargs["application_name"] = _application_name()
-        self.max_connections = max_connections
-        self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
-        self._owns_pool = self._pool is None
-        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[AsyncConnectionPool[Any]]] = (
-            weakref.WeakKeyDictionary()
-        )
-        if isinstance(pool, AsyncConnectionPool):
-            self._given_apool: AsyncConnectionPool[Any] | None = pool
-        else:
-            self._given_apool = None
-        self._owners: set[asyncio.Task[None]] = set()
-        self._lock = threading.Lock()
-        self._schema_checked = False
-        self._listen_dsn = listen_dsn or self.dsn
-        self._listen = listen
-        self.engine = Engine(self._listen_dsn, self._connect_kwargs, listen=listen)
-        self._pid = os.getpid()
+        self._session = Session(dsn, pool, listen_dsn, listen, max_connections)
 
-    def _after_fork(self) -> None:
-        """A forked child must not use its parent's connections or wait on its parent's listener
-        thread (which did not survive the fork): it starts afresh."""
-        self._pid = os.getpid()
-        self._pool = None if self._owns_pool else self._pool
-        self._apools = weakref.WeakKeyDictionary()
-        self._owners = set()
-        self._lock = threading.Lock()
-        self.engine = Engine(self._listen_dsn, self._connect_kwargs, listen=self._listen)
+    @property
+    def dsn(self) -> str:
+        """The connection string in use (resolving it may start the embedded server)."""
+        return self._session.dsn
 
     def __repr__(self) -> str:
-        safe = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        safe.pop("password", None)
-        return f"Client({safe!r})"
+        return self._session.describe()
 
-    # ---- connections ------------------------------------------------------------------------
-
-    def pool(self) -> ConnectionPool[Any]:
-        if self._pid != os.getpid():
-            self._after_fork()
-        pool = self._pool
-        if pool is not None:
-            return pool  # the hot path: no lock once the pool exists
-        with self._lock:
-            if self._pool is None:
-                self._probe()
-                self._pool = ConnectionPool(
-                    self.dsn,
-                    min_size=1,
-                    max_size=self.max_connections,
-                    kwargs={"autocommit": True, **self._connect_kwargs},
-                    max_idle=IDLE_SECONDS,
-                    open=True,
-                    name="pgslots",
-                )
-            return self._pool
-
-    async def apool(self) -> AsyncConnectionPool[Any]:
-        if self._pid != os.getpid():
-            self._after_fork()
-        if self._given_apool is not None:
-            return self._given_apool
-        loop = asyncio.get_running_loop()
-        opening = self._apools.get(loop)
-        if opening is None:
-            # Stored before the first await: concurrent first calls share one pool.
-            opening = self._apools[loop] = loop.create_task(self._open_apool())
-        try:
-            return await asyncio.shield(opening) if not opening.done() else opening.result()
-        except BaseException:
-            if opening.done() and (opening.cancelled() or opening.exception() is not None):
-                self._apools.pop(loop, None)  # let a later call try again
-            raise
-
-    async def _open_apool(self) -> AsyncConnectionPool[Any]:
-        await self._aprobe()
-        apool = AsyncConnectionPool(
-            self.dsn,
-            min_size=1,
-            max_size=self.max_connections,
-            kwargs={"autocommit": True, **self._connect_kwargs},
-            max_idle=IDLE_SECONDS,
-            open=False,
-            name="pgslots-async",
-        )
-        await apool.open()
-        self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(apool), name="pgslots-pool-owner"))
-        return apool
-
-    @staticmethod
-    async def _own_apool(apool: AsyncConnectionPool[Any]) -> None:
-        """Lives as long as the event loop: when asyncio.run() ends and cancels every task, this one
-        closes the loop's connections, so none outlives its loop."""
-        try:
-            await asyncio.Event().wait()
-        finally:
-            # The pool's own workers are being cancelled too, which stops AsyncConnectionPool.close()
-            # half-way; its idle connections are closed here first (libpq's finish is synchronous).
-            for conn in list(getattr(apool, "_pool", ())):
-                with contextlib.suppress(Exception):
-                    conn.pgconn.finish()
-            with contextlib.suppress(BaseException):
-                await apool.close(timeout=1)
-
-    def _probe(self) -> None:
-        """One direct connection before a pool exists: a clear error for a wrong DSN or a missing
-        schema, instead of a pool that retries in the background until a timeout."""
-        if self._schema_checked:
-            return
-        try:
-            with psycopg.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
-                row = conn.execute(q.SCHEMA_VERSION).fetchone()
-        except psycopg.Error as exc:
-            raise_translated(exc)
-        self._check_version(row[0] if row else None)
-
-    async def _aprobe(self) -> None:
-        if self._schema_checked:
-            return
-        try:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
-                row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
-        except psycopg.Error as exc:
-            raise_translated(exc)
-        self._check_version(row[0] if row else None)
-
-    def _probe_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self._connect_kwargs)
-        if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(self.dsn):
-            kwargs["connect_timeout"] = 10
-        return kwargs
-
-    def _check_version(self, version: int | None) -> None:
-        if version is None or version < LATEST_VERSION:
-            raise SchemaNotInstalledError(
-                f"The pgslots schema in this database is at version {version or 0}, this library needs "
-                f"{LATEST_VERSION}: {MIGRATE_HINT.replace('install', 'upgrade')}."
-            )
-        self._schema_checked = True
-
-    def call(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Runs one statement on a pooled connection; pgslots errors come out translated."""
-        try:
-            with self.pool().connection(timeout=timeout) as conn:
-                cur = conn.execute(query, params)
-                return _dicts(cur, cur.fetchall() if cur.description else [])
-        except psycopg.Error as exc:
-            raise_translated(exc)
-
-    async def acall(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        try:
-            apool = await self.apool()
-            async with apool.connection(timeout=timeout) as conn:
-                cur = await conn.execute(query, params)
-                return _dicts(cur, await cur.fetchall() if cur.description else [])
-        except psycopg.Error as exc:
-            raise_translated(exc)
-
-    def call_on(self, conn: psycopg.Connection[Any], query: Any, params: Any = None) -> list[dict[str, Any]]:
-        """Runs one statement on the caller's own connection (inside the caller's transaction)."""
-        try:
-            with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(query, params)
-                return cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise_translated(exc)
+    def _call(self, query: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self._session.call(query, params)
 
     async def aclose(self) -> None:
         """Closes this event loop's pool now (it is also closed when the loop ends)."""
-        loop = asyncio.get_running_loop()
-        opening = self._apools.pop(loop, None)
-        if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
-            await opening.result().close()
+        await self._session.aclose()
 
     def close(self) -> None:
-        self.engine.stop()
-        with self._lock:
-            if self._pool is not None and self._owns_pool:
-                self._pool.close()
-                self._pool = None
+        """Stops the background worker and closes the connections this client opened."""
+        self._session.close()
 
     # ---- admin ------------------------------------------------------------------------------
 
     def migrate(self) -> list[int]:
         """Installs or upgrades the schema; returns the migration versions applied."""
         applied = migrate(self.dsn)
-        self._schema_checked = False
+        self._session.schema_changed()
         return applied
+
+    def migration_plan(self) -> MigrationPlan:
+        """What :meth:`migrate` would do now (pending migrations, changed functions), changing nothing."""
+        return migration_plan(self.dsn)
 
     def create_limit(
         self,
@@ -309,7 +124,7 @@ class Client:
         active_slots: int = 0,
     ) -> LimitInfo:
         _check_limit_args(limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots)
-        self.call(
+        self._call(
             q.CREATE_LIMIT,
             {
                 "name": name,
@@ -332,7 +147,7 @@ class Client:
         new_name: str | None = None,
     ) -> LimitInfo:
         _check_limit_args(limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots)
-        self.call(
+        self._call(
             q.UPDATE_LIMIT,
             {
                 "name": name,
@@ -346,7 +161,7 @@ class Client:
         return self.read_limit(new_name or name)
 
     def delete_limit(self, name: str) -> None:
-        self.call(q.DELETE_LIMIT, {"name": name})
+        self._call(q.DELETE_LIMIT, {"name": name})
 
     def read_limit(self, name: str) -> LimitInfo:
         found = self.read_limits([name])
@@ -355,11 +170,11 @@ class Client:
         return found[0]
 
     def read_limits(self, names: Sequence[str] | None = None) -> list[LimitInfo]:
-        rows = self.call(q.GET_LIMITS, {"names": None if names is None else list(names)})
+        rows = self._call(q.GET_LIMITS, {"names": None if names is None else list(names)})
         return [LimitInfo(**row) for row in rows]
 
     def list_leases(self, name: str | None = None) -> list[LeaseInfo]:
-        return [LeaseInfo(**row) for row in self.call(q.LIST_LEASES, {"name": name})]
+        return [LeaseInfo(**row) for row in self._call(q.LIST_LEASES, {"name": name})]
 
     def release(self, lease_id: uuid.UUID | str) -> bool:
         """Releases one lease (any holder's); False when it was already gone."""
@@ -367,28 +182,18 @@ class Client:
             parsed = lease_id if isinstance(lease_id, uuid.UUID) else uuid.UUID(str(lease_id))
         except ValueError:
             raise InvalidArgumentError(f"{lease_id!r} is not a lease id: lease ids are UUIDs.") from None
-        rows = self.call(q.RELEASE, {"lease_id": parsed})
+        rows = self._call(q.RELEASE, {"lease_id": parsed})
         return bool(rows and rows[0]["release"])
 
     def sweep(self) -> int:
         """Reclaims every expired lease now; returns how many."""
-        rows = self.call(q.SWEEP)
+        rows = self._call(q.SWEEP)
         return int(rows[0]["sweep"])
 
 
 def _check_limit_args(**values: Any) -> None:
-    """Rejects what the SQL would reject too, before any round trip: a clearer message for Python types."""
     for label, value in values.items():
-        if value is None:
-            continue
-        integer = label != "slot_decay_per_second"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            kind = "a whole number" if integer else "a number"
-            raise InvalidArgumentError(f"{label} must be {kind}, got {value!r}.")
-        if not math.isfinite(value) or value < 0:
-            raise InvalidArgumentError(f"{label} must be a finite number >= 0, got {value!r}.")
-        if integer and value > 2**31 - 1:
-            raise InvalidArgumentError(f"{label} must be at most {2**31 - 1}, got {value!r}.")
+        check_number(label, value, minimum=0, integer=label != "slot_decay_per_second", allow_none=True)
 
 
 _default: Client | None = None

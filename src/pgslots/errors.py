@@ -4,6 +4,8 @@
 
     PgSlotsError
     ├── ConfigurationError                   no database configured or reachable
+    │   └── DatabaseUnavailableError         the database cannot be reached now (retried where safe)
+    ├── DatabaseError                        the database refused a request for a reason of its own
     ├── SchemaNotInstalledError              schema missing or older than this library
     ├── InvalidArgumentError (ValueError)    bad slots, lease seconds or other argument
     │   ├── InvalidLimitNameError            a name breaks the naming rule
@@ -18,14 +20,20 @@
     │   └── RateLimitWithoutDecayError       rate limit on limits without decay
     └── AcquireConcurrencySlotTimeoutError (TimeoutError)
 
-SQL raises with pgslots' own SQLSTATE codes (class ``PS``); :func:`translate` turns them, and the
-"schema not installed" family of errors, into the classes above.
+SQL raises with pgslots' own SQLSTATE codes (class ``PS``). :func:`from_database` is the one place
+where a driver error becomes one of the classes above (chained, so the driver's error stays
+readable as ``__cause__``); :func:`database_errors` applies it around a block. Nothing else leaves
+the library.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout
 
 MIGRATE_HINT = "run `pgslots migrate` (or pgslots.migrate() from Python) to install it"
 
@@ -36,6 +44,19 @@ class PgSlotsError(Exception):
 
 class ConfigurationError(PgSlotsError):
     """No database is configured, or the configured one cannot be reached."""
+
+
+class DatabaseUnavailableError(ConfigurationError):
+    """The database cannot be reached now: refused, lost or timed-out connections, no pooled
+    connection free in time (``pool_exhausted``). Waiting flows retry these for a while."""
+
+    def __init__(self, message: str, *, pool_exhausted: bool = False) -> None:
+        super().__init__(message)
+        self.pool_exhausted = pool_exhausted
+
+
+class DatabaseError(PgSlotsError):
+    """The database refused a request with an error that is not one of pgslots' own."""
 
 
 class SchemaNotInstalledError(PgSlotsError):
@@ -125,8 +146,27 @@ def translate(exc: psycopg.Error) -> PgSlotsError | None:
     ):
         return SchemaNotInstalledError(f"The pgslots schema is not installed in this database: {MIGRATE_HINT}.")
     if isinstance(exc, psycopg.OperationalError):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return ConfigurationError(
-            f"Cannot reach the database ({first}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running."
+        return DatabaseUnavailableError(
+            f"Cannot reach the database ({_first_line(exc)}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running.",
+            pool_exhausted=isinstance(exc, PoolTimeout),
         )
     return None
+
+
+def from_database(exc: psycopg.Error) -> PgSlotsError:
+    """The pgslots error to raise for a driver error: its own class, or DatabaseError."""
+    return translate(exc) or DatabaseError(f"The database refused the request: {_first_line(exc)}")
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """Raises driver errors from the block as pgslots errors, chained to the original."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise from_database(exc) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,12 +1,17 @@
-"""The I/O-free heart of the client: validating a request and deciding what follows each attempt.
+"""The waiting logic, written once: pure flows that the sync and async drivers run.
 
-The sync and async front-ends are thin drivers around :class:`Attempts`: they run the query it
-asks for, feed it the row, and either return the grant or wait as long as it says. Whether a slot
-is free is never decided here: that is the SQL's job.
+A flow is a generator. It yields commands (:class:`Connect`, :class:`Call` a query,
+:class:`Sleep`, :class:`Wait` for a ticket's wake-up, :class:`Listen`, :class:`Hold` and
+:class:`Drop` a lease's renewals, :class:`Later` for background clean-up) and receives their
+results; a failed command is thrown into it as a :class:`~pgslots.errors.PgSlotsError` (or the
+interruption that stopped it). It imports no database driver, starts no thread and never
+sleeps itself, so the same flow serves ``pgslots.sync`` and ``pgslots.asyncio``. Whether a slot is
+free is never decided here: that is the SQL's job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -14,20 +19,16 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
-
-import psycopg
-from psycopg.types.json import Jsonb
-from psycopg_pool import PoolTimeout
+from typing import Any, TypeVar
 
 from . import _queries as q
-from ._engine import Engine, Grant
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
+    DatabaseUnavailableError,
     InvalidArgumentError,
     PgSlotsError,
 )
@@ -38,6 +39,93 @@ _HOST = socket.gethostname()
 LONGEST_WAIT_SECONDS = 60.0  # even a waiter that is never woken looks again this often
 POLL_SECONDS = 1.0  # without LISTEN, the longest pause between attempts
 RECONNECT_SECONDS = 30.0  # how long an attempt keeps retrying while the database is unreachable
+CLEAN_UP_SECONDS = 1.0  # a clean-up the caller waits for never takes longer; the rest goes to the background
+
+
+# ---- what a flow asks its driver for ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Make sure the database answers and the schema is current, before anything is in flight; the
+    reply is the :class:`Link` to this process's engine."""
+
+
+@dataclass(frozen=True)
+class Link:
+    queue_client: Any  # the uuid this process's waiters queue under
+    listening: bool  # wake-ups reach this process now
+    can_listen: bool  # they could, once the engine listens
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run one statement; the reply is its rows as dicts. ``in_transaction``: on the caller's own
+    connection, inside the caller's transaction, instead of a pooled one."""
+
+    query: Any
+    params: dict[str, Any] | None = None
+    timeout: float | None = None
+    in_transaction: bool = False
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Sleep until the ticket is woken or ``seconds`` pass; the reply is the Grant a release handed
+    over, or None."""
+
+    ticket: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Make sure wake-ups can reach this process; the reply says whether they can."""
+
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Renew this lease in the background until dropped; if that fails for good, interrupt the body
+    (``raise_on_failure``) or warn."""
+
+    lease: Lease
+    raise_on_failure: bool
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Stop renewing this lease."""
+
+    lease_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Later:
+    """Run this statement in the background until the database answers (no reply)."""
+
+    query: Any
+    params: dict[str, Any]
+
+
+Command = Connect | Call | Sleep | Wait | Listen | Hold | Drop | Later
+T = TypeVar("T")
+Flow = Generator[Command, Any, T]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease a release handed to a queued waiter (the waiter named its id when it queued)."""
+
+    fencing_token: int
+    expires_at: datetime
+    term_seconds: float  # how long it runs before its first renewal is due, from the database
 
 
 @dataclass(frozen=True)
@@ -51,6 +139,10 @@ class Lease:
     slots: int
     lease_seconds: float
     missing: tuple[str, ...] = ()
+    first_term: float | None = field(default=None, repr=False, compare=False)  # when handed over: shorter
+
+
+# ---- requests --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -75,15 +167,15 @@ def normalize_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[st
     return tuple(dict.fromkeys(names))
 
 
-def _check_number(label: str, value: Any, *, minimum: float, integer: bool, allow_none: bool) -> None:
+def check_number(label: str, value: Any, *, minimum: float, integer: bool, allow_none: bool) -> None:
+    """Rejects what the SQL would reject too, before any round trip, with a message for Python types."""
     if value is None:
         if allow_none:
             return
         raise InvalidArgumentError(f"{label} is required.")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentError(f"{label} must be a number, got {value!r}.")
-    if integer and not isinstance(value, int):
-        raise InvalidArgumentError(f"{label} must be a whole number, got {value!r}.")
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InvalidArgumentError(f"{label} must be {kind}, got {value!r}.")
     if not math.isfinite(value) or value < minimum:
         raise InvalidArgumentError(f"{label} must be a finite number >= {minimum:g}, got {value!r}.")
     if integer and value > 2**31 - 1:
@@ -102,10 +194,10 @@ def make_request(
 ) -> Request | None:
     """A validated request, or None when there is nothing to acquire (no names)."""
     wanted = normalize_names(names)
-    _check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
-    _check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
-    _check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
-    _check_number("lease_duration", lease_duration, minimum=0, integer=False, allow_none=False)
+    check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
+    check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
+    check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
+    check_number("lease_duration", lease_duration, minimum=0, integer=False, allow_none=False)
     if holder is not None and not isinstance(holder, dict):
         raise InvalidArgumentError(f"holder must be a dict such as {{'type': 'worker', 'id': '7'}}, got {holder!r}.")
     if not wanted:
@@ -119,6 +211,9 @@ def list_literal(names: tuple[str, ...] | list[str]) -> str:
 
 def timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
     return AcquireConcurrencySlotTimeoutError(f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)")
+
+
+# ---- one acquire across its attempts ---------------------------------------------------------
 
 
 @dataclass
@@ -168,7 +263,7 @@ class Attempts:
             # Named up front, and kept while queued: a release may grant it to us directly.
             self.pending_lease = uuid.uuid4()
         holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
-        params.update(lease_seconds=r.lease_seconds, holder=Jsonb(holder), new_lease_id=self.pending_lease)
+        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease)
         return q.ACQUIRE, params
 
     def record(self, row: dict[str, Any]) -> Lease | float:
@@ -219,7 +314,7 @@ class Attempts:
         """The lease a release granted to our queued ticket (named by pending_lease)."""
         r = self.request
         lease_id, self.pending_lease, self.ticket = self.pending_lease, None, None
-        return Lease(lease_id, grant.fencing_token, grant.expires_at, r.names, r.slots, r.lease_seconds, self.missing)
+        return Lease(lease_id, grant.fencing_token, grant.expires_at, r.names, r.slots, r.lease_seconds, self.missing, grant.term_seconds)
 
     def abandon(self) -> list[tuple[Any, dict[str, Any]]]:
         """After a timeout or an interruption, the calls that undo what is in flight: leave the queue,
@@ -233,23 +328,23 @@ class Attempts:
         self.ticket = self.pending_lease = None
         return steps
 
-    def failed(self, exc: PgSlotsError, engine: Engine) -> BaseException | float:
-        """After a failed attempt: the error to raise, or the seconds to pause before trying again.
+    def failed(self, exc: PgSlotsError) -> BaseException | float | Later:
+        """After a failed attempt: the error to raise, the seconds to pause before trying again, or
+        first a background release of the lease the attempt may have been granted.
 
         The database answering with an error means the attempt rolled back: raise it. A lost
         connection (a restart, a failover, a terminated backend) is retried with back-off for up to
         RECONNECT_SECONDS, within the caller's timeout; the attempt may have committed before the
         connection went, so its lease is released in the background."""
-        if not isinstance(exc.__cause__, psycopg.OperationalError):
+        if not isinstance(exc, DatabaseUnavailableError):
             if self.ticket is None:
                 self.pending_lease = None  # rolled back; while queued, a release may still hand it over
             return exc
-        timed_out = self.pool_timeout(exc)
-        if timed_out is not exc:
-            return timed_out
+        if exc.pool_exhausted and self.deadline is not None and time.monotonic() >= self.deadline:
+            return timeout_error(self.request.timeout_seconds)  # the caller's timeout, not an outage
         if self.pending_lease is not None:
-            engine.release_later(self.pending_lease)
-            self.pending_lease = None
+            lease, self.pending_lease = self.pending_lease, None
+            return Later(q.RELEASE, {"lease_id": lease})
         now = time.monotonic()
         if self.outage_since is None:
             self.outage_since = now
@@ -264,11 +359,109 @@ class Attempts:
         self.outage_since = None
         self.outage_retries = 0
 
-    def pool_timeout(self, exc: BaseException) -> BaseException:
-        """Waiting for a pooled connection past the deadline is the caller's timeout, not an outage."""
-        if isinstance(exc.__cause__, PoolTimeout) and self.deadline is not None and time.monotonic() >= self.deadline:
-            return timeout_error(self.request.timeout_seconds)
-        return exc
+
+# ---- the flows -------------------------------------------------------------------------------
+
+
+def concurrency(request: Request, raise_on_failure: bool) -> Flow[Lease]:
+    """Acquire slots for a body, and keep their lease renewed until :func:`release`."""
+    lease = yield from acquire(request)
+    if lease.lease_id is not None:
+        yield Hold(lease, raise_on_failure)
+    return lease
+
+
+def acquire(request: Request) -> Flow[Lease]:
+    """Acquire (or rate limit) on pooled connections, queued first-come-first-served: ask, then
+    wait to be woken (or handed the lease), until granted, timed out or out of retries."""
+    link: Link = yield Connect()
+    state = Attempts(request, link.queue_client, listening=link.listening)
+    can_listen = link.can_listen
+    try:
+        while True:
+            query, params = state.query()
+            timeout = state.remaining()  # past the deadline: raises here, with nothing in flight
+            try:
+                rows = yield Call(query, params, timeout)
+            except PgSlotsError as exc:
+                retry = state.failed(exc)
+                while isinstance(retry, Later):  # first release what the lost attempt may have won
+                    yield retry
+                    retry = state.failed(exc)
+                if isinstance(retry, BaseException):
+                    raise retry from exc.__cause__
+                yield Sleep(retry)
+                continue
+            state.reconnected()
+            outcome = state.record(rows[0])
+            if isinstance(outcome, Lease):
+                return outcome
+            if not state.listening and can_listen:
+                state.listening = yield Listen(min(10.0, state.remaining() or 10.0))
+                if state.listening:
+                    continue  # wake-ups can reach us now: look once more before sleeping
+            if state.ticket is None:
+                yield Sleep(outcome)
+                continue
+            grant = yield Wait(state.ticket, outcome)
+            if grant is not None:
+                return state.handed(grant)
+    except BaseException as exc:
+        yield from clean_up(state.abandon(), now=isinstance(exc, Exception))
+        raise
+
+
+def acquire_in_transaction(request: Request) -> Flow[Lease]:
+    """Acquire inside the caller's transaction. A refusal is rolled back to a savepoint (freeing the
+    row locks it took) and retried after the hint: queueing needs committed rows, so this path polls."""
+    state = Attempts(request, None, listening=False)
+    while True:
+        query, params = state.query()
+        yield Call(q.SAVEPOINT, in_transaction=True)
+        try:
+            outcome = state.record((yield Call(query, params, in_transaction=True))[0])
+        except BaseException:
+            yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)
+            raise
+        if isinstance(outcome, Lease):
+            yield Call(q.RELEASE_SAVEPOINT, in_transaction=True)
+            return outcome
+        yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)  # frees the row locks the refused attempt took
+        yield Sleep(min(outcome, POLL_SECONDS))
+
+
+def clean_up(steps: list[tuple[Any, dict[str, Any]]], now: bool) -> Flow[None]:
+    """Undoes an abandoned acquire: right away after a timeout or an error, so the caller sees the
+    queue and the slots as they should be; in the background after an interruption (Ctrl-C, a
+    cancelled task), which must not wait for the database."""
+    for query, params in steps:
+        if now:
+            try:
+                yield Call(query, params, CLEAN_UP_SECONDS)
+                continue
+            except PgSlotsError:
+                now = False
+        yield Later(query, params)
+
+
+def release(lease: Lease, in_transaction: bool) -> Flow[None]:
+    """Gives a lease's slots back at the end of the body. If that cannot be done now (the database
+    is away, or the caller was interrupted) the release goes on in the background: the slots must
+    come back all the same."""
+    if lease.lease_id is None:
+        return
+    if in_transaction:
+        with contextlib.suppress(PgSlotsError):  # the caller's transaction decides: a rollback takes the lease
+            yield Call(q.RELEASE, {"lease_id": lease.lease_id}, in_transaction=True)
+        return
+    yield Drop(lease.lease_id)
+    try:
+        yield Call(q.RELEASE_FAST, {"lease_id": lease.lease_id})
+    except BaseException as error:
+        yield Later(q.RELEASE, {"lease_id": lease.lease_id})
+        if not isinstance(error, PgSlotsError):
+            raise
+        logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
 
 
 def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
@@ -284,8 +477,8 @@ def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], N
     return lost
 
 
-class ConcurrencyBase:
-    """What the sync and async ``concurrency`` share: arguments, checks, and the release fallback."""
+class ConcurrencyArguments:
+    """What the sync and async ``concurrency`` share: their arguments, checked once."""
 
     def __init__(
         self,
@@ -299,7 +492,7 @@ class ConcurrencyBase:
         raise_on_lease_renewal_failure: bool | None = None,
         *,
         client: Any = None,
-        connection: psycopg.Connection[Any] | None = None,
+        connection: Any = None,
     ) -> None:
         self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
         self._connection = connection
@@ -307,12 +500,3 @@ class ConcurrencyBase:
         self._client = client
         self._lease: Lease | None = None
         self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)
-
-    @staticmethod
-    def release_failed(engine: Engine, lease_id: uuid.UUID, error: BaseException) -> None:
-        """The release did not go through (cancelled, or the database is away): the slots must come
-        back all the same, so the engine releases them in the background."""
-        engine.release_later(lease_id)
-        if not isinstance(error, PgSlotsError | psycopg.Error):
-            raise error
-        logger.warning("Could not release lease %s now (%s); retrying in the background.", lease_id, error)

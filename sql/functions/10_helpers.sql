@@ -1,0 +1,305 @@
+-- The clock, argument checks, and the small pieces every slot decision shares.
+--
+-- The pieces a decision is made of (decay, the grant test, the retry hint, the holder columns) are
+-- LANGUAGE sql functions without a SET clause, their names schema-qualified: the planner inlines
+-- them into the statements that call them, so sharing them costs nothing on the hot path. Pieces
+-- that write (a lease, a queue place, a refusal) are PL/pgSQL, whose plans stay cached.
+
+---------------------------------------------------------------------------------------------------
+-- Clock
+---------------------------------------------------------------------------------------------------
+
+-- The pgslots clock: the database clock, moved by settings.clock_offset (tests only).
+CREATE FUNCTION pgslots._clock(clock_offset interval) RETURNS timestamptz
+LANGUAGE sql VOLATILE
+AS $$ SELECT pg_catalog.clock_timestamp() + clock_offset $$;
+
+CREATE FUNCTION pgslots._now() RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN pgslots._clock((SELECT s.clock_offset FROM pgslots.settings s));
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- The pieces of a decision
+---------------------------------------------------------------------------------------------------
+
+-- Unleased slots left at `at`, decaying continuously at `rate` since `since`.
+CREATE FUNCTION pgslots._decayed(amount float8, rate float8, since timestamptz, at timestamptz)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN rate > 0
+        THEN greatest(0::float8,
+             amount - rate * greatest(0::float8, pg_catalog.date_part('epoch', at - since)::float8))
+        ELSE amount END
+$$;
+
+-- How many slots are missing for a request of `slots` on a limit of `capacity` holding `leased`
+-- and `unleased` slots, with `queued` slots of waiters ahead of it. Zero or less: it fits.
+CREATE FUNCTION pgslots._shortfall(capacity integer, leased integer, unleased float8, queued bigint,
+                                   slots integer)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT leased + unleased + queued + slots - capacity::float8 $$;
+
+-- The grant test. The tolerance absorbs the rounding of continuous decay.
+CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT shortfall <= 1e-9 $$;
+
+-- Seconds until a refused request may fit. Exact for a decaying limit whose leases leave room (the
+-- slots of waiters ahead decay too); otherwise estimated from the average time a slot is held,
+-- between 0.1 s and 30 s.
+CREATE FUNCTION pgslots._retry_after(shortfall float8, capacity integer, leased integer, slots integer,
+                                     rate float8, avg_slot_occupancy_seconds float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN rate > 0 AND leased + slots <= capacity
+        THEN shortfall / rate
+        ELSE least(30::float8, greatest(0.1::float8,
+                   avg_slot_occupancy_seconds * shortfall / greatest(capacity, 1)))
+    END
+$$;
+
+-- The average time a slot is held, after one more lease of `held_seconds` ended: a moving average
+-- with weight 1/(2*limit), the base of the retry hint.
+CREATE FUNCTION pgslots._occupancy_after(average float8, held_seconds float8, capacity integer)
+RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT greatest(0.1::float8, average + (held_seconds - average) / (2.0 * greatest(capacity, 1))) $$;
+
+-- Holder columns of a lease: where the holder said it runs, else what the connection shows.
+CREATE FUNCTION pgslots._holder_host(holder jsonb) RETURNS text
+LANGUAGE sql STABLE
+AS $$ SELECT coalesce(holder ->> 'host', pg_catalog.host(pg_catalog.inet_client_addr()), 'local') $$;
+
+CREATE FUNCTION pgslots._holder_pid(holder jsonb) RETURNS integer
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN holder ->> 'pid' ~ '^[0-9]{1,9}$' THEN (holder ->> 'pid')::integer
+                ELSE pg_catalog.pg_backend_pid() END
+$$;
+
+CREATE FUNCTION pgslots._application_name() RETURNS text
+LANGUAGE sql STABLE
+AS $$ SELECT nullif(pg_catalog.current_setting('application_name'), '') $$;
+
+-- The queue lock of a limit (an advisory lock, class 1885827953): taken shared by an acquire that
+-- queues without the limit's row lock, exclusively by every release and wake-up before it reads the
+-- queue, so none of them can miss a waiter being queued. See acquire.
+CREATE FUNCTION pgslots._lock_queue(target uuid) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1885827953, pg_catalog.hashtext(target::text)) $$;
+
+CREATE FUNCTION pgslots._lock_queue_shared(target uuid) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$ SELECT pg_catalog.pg_advisory_xact_lock_shared(1885827953, pg_catalog.hashtext(target::text)) $$;
+
+-- Notifications go to each waiting client's own channel, so a release wakes only the process it serves.
+CREATE FUNCTION pgslots._channel(client_id uuid) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT 'pgslots:' || client_id::text $$;
+
+---------------------------------------------------------------------------------------------------
+-- Writes every path shares
+---------------------------------------------------------------------------------------------------
+
+-- Writes a lease's rows, one per limit; returns how many were new (a row that exists is kept).
+CREATE FUNCTION pgslots._write_lease(lease_id uuid, ids uuid[], slots integer, fencing_token bigint,
+                                     at timestamptz, expires_at timestamptz, host text, pid integer,
+                                     application_name text, holder jsonb)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    written integer;
+BEGIN
+    INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
+                                host, pid, application_name, holder)
+    SELECT _write_lease.lease_id, i, _write_lease.slots, cardinality(ids), _write_lease.fencing_token,
+           at, _write_lease.expires_at, _write_lease.host, _write_lease.pid,
+           _write_lease.application_name, _write_lease.holder
+    FROM unnest(ids) AS i
+    ON CONFLICT (id, limit_id) DO NOTHING;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    RETURN written;
+END
+$$;
+
+-- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
+-- With a named lease, it leaves what a release needs to grant that lease directly.
+CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
+                                 at timestamptz, ttl_seconds float8, lease_id uuid,
+                                 lease_seconds float8, holder jsonb)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
+                                      parts, lease_id, lease_seconds, host, pid,
+                                      application_name, holder)
+    SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
+           cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
+           pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
+           pgslots._application_name(), _enqueue.holder
+    FROM unnest(ids) AS i
+    ON CONFLICT (limit_id, id) DO UPDATE
+    SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
+        lease_seconds = excluded.lease_seconds;
+END
+$$;
+
+-- Refusal pressure, counted beside the limits so that counting needs no lock on their rows.
+CREATE FUNCTION pgslots._count_refusal(ids uuid[], slots integer) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pgslots.refusals AS r (limit_id, denied_slots)
+    SELECT i, slots FROM unnest(ids) AS i
+    ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots;
+END
+$$;
+
+-- Deletes the expired lease rows of one limit (whose row lock the caller holds); returns the slots.
+CREATE FUNCTION pgslots._reclaim(target uuid, at timestamptz) RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    freed bigint;
+BEGIN
+    WITH gone AS (
+        DELETE FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at
+        RETURNING x.slots
+    )
+    SELECT coalesce(sum(gone.slots), 0) INTO freed FROM gone;
+    IF freed > 0 THEN
+        UPDATE pgslots.limits l SET leased_slots = greatest(0, l.leased_slots - freed)
+        WHERE l.id = target;
+    END IF;
+    RETURN freed;
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- Argument checks (they raise pgslots' own errors)
+---------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgslots._list_literal(names text[]) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT '[' || coalesce(pg_catalog.string_agg(
+        '''' || pg_catalog.replace(n, '''', '\''') || '''', ', ' ORDER BY ord), '') || ']'
+    FROM pg_catalog.unnest(names) WITH ORDINALITY AS u(n, ord)
+$$;
+
+-- True when a name breaks the naming rule; _check_name says how.
+CREATE FUNCTION pgslots._bad_name(name text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT name IS NULL OR name = '' OR name ~ '[/%&><]' OR pg_catalog.char_length(name) > 255 $$;
+
+CREATE FUNCTION pgslots._check_name(name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'A limit name must not be empty.'
+            USING ERRCODE = 'PS001', HINT = 'Give the limit a name, e.g. ''api''.';
+    END IF;
+    IF name ~ '[/%&><]' THEN
+        RAISE EXCEPTION 'Limit name % contains a forbidden character: names must not contain any of / %% & > <.',
+            quote_literal(left(name, 80))
+            USING ERRCODE = 'PS001', HINT = 'Choose a name without / % & > <.';
+    END IF;
+    IF char_length(name) > 255 THEN
+        RAISE EXCEPTION 'Limit name ''%...'' is % characters long: names are at most 255 characters.',
+            left(name, 40), char_length(name)
+            USING ERRCODE = 'PS001', HINT = 'Choose a shorter name.';
+    END IF;
+END
+$$;
+
+-- Checks every name; returns them in the caller's order without repeats (a name given twice is one limit).
+CREATE FUNCTION pgslots._check_names(names text[]) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    n text;
+BEGIN
+    IF names IS NULL THEN
+        RAISE EXCEPTION 'names must be an array of limit names, not NULL.' USING ERRCODE = 'PS011';
+    END IF;
+    FOREACH n IN ARRAY names LOOP
+        PERFORM pgslots._check_name(n);
+    END LOOP;
+    RETURN ARRAY(SELECT u.n FROM unnest(names) WITH ORDINALITY AS u(n, ord)
+                 GROUP BY u.n ORDER BY min(u.ord));
+END
+$$;
+
+CREATE FUNCTION pgslots._check_limit_values("limit" integer, slot_decay_per_second float8)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF "limit" IS NOT NULL AND "limit" < 0 THEN
+        RAISE EXCEPTION 'limit must be 0 or more, got %.', "limit"
+            USING ERRCODE = 'PS002', HINT = 'Pass a whole number of slots >= 0.';
+    END IF;
+    IF slot_decay_per_second IS NOT NULL AND NOT (
+            slot_decay_per_second >= 0 AND slot_decay_per_second < 'Infinity'::float8) THEN
+        RAISE EXCEPTION 'slot_decay_per_second must be a finite number >= 0, got %.', slot_decay_per_second
+            USING ERRCODE = 'PS002', HINT = 'Use 0 for no decay, or the number of slots freed per second.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgslots._check_slots(slots integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF slots IS NULL OR slots <= 0 THEN
+        RAISE EXCEPTION 'slots must be 1 or more, got %.', coalesce(slots::text, 'NULL')
+            USING ERRCODE = 'PS005', HINT = 'Ask for at least one slot.';
+    END IF;
+END
+$$;
+
+-- True when a lease duration is within the bounds of the settings; _check_lease_seconds says how not.
+CREATE FUNCTION pgslots._lease_seconds_ok(lease_seconds float8, cfg pgslots.settings) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT lease_seconds >= cfg.min_lease_seconds AND lease_seconds <= cfg.max_lease_seconds $$;
+
+CREATE FUNCTION pgslots._check_lease_seconds(lease_seconds float8, cfg pgslots.settings) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF lease_seconds IS NULL OR NOT pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
+        RAISE EXCEPTION 'lease_seconds must be between % and % seconds, got %.',
+            cfg.min_lease_seconds, cfg.max_lease_seconds, coalesce(lease_seconds::text, 'NULL')
+            USING ERRCODE = 'PS007',
+                  HINT = 'Choose a lease duration within the bounds in pgslots.settings.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgslots._limit_not_found(name text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Global concurrency limit % not found.', quote_literal(coalesce(name, 'NULL'))
+        USING ERRCODE = 'PS004', HINT = 'Check the name against the limits in pgslots.status.';
+END
+$$;
+
+CREATE FUNCTION pgslots._limit_exists(name text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Global concurrency limit % already exists.', quote_literal(name)
+        USING ERRCODE = 'PS003', HINT = 'Pick another name, or change the existing limit with update_limit.';
+END
+$$;

@@ -1,0 +1,285 @@
+-- Admission: acquire and rate_limit, and the one decision behind both (_admit).
+--
+-- Every decision is made under the row lock of the limits involved, with the database clock.
+-- Rows of pgslots.limits are always locked in id order, by every function that locks more than one,
+-- so multi-limit acquires and releases never deadlock. A refused caller that passes queue_client is
+-- queued: waiters of a limit are served first-come (by ticket), and a request never overtakes the
+-- slots queued ahead of it.
+
+CREATE FUNCTION pgslots._admit(
+    names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
+    ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid,
+    OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
+    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    wanted text[] := names;
+    cfg pgslots.settings;
+    lease_for interval;
+    at timestamptz;
+    lim record;
+    ids uuid[] := '{}';
+    found_names text[] := '{}';
+    no_decay text[] := '{}';
+    blocked uuid[];
+    short float8;
+    attempt integer;
+BEGIN
+    SELECT * INTO cfg FROM pgslots.settings;
+    IF NOT for_rate_limit THEN
+        PERFORM pgslots._check_lease_seconds(lease_seconds, cfg);
+        lease_for := make_interval(secs => lease_seconds);
+    END IF;
+    granted := false;
+    waiter := ticket;
+    missing := '{}';
+
+    IF names IS NULL OR slots IS NULL OR slots <= 0
+       OR EXISTS (SELECT 1 FROM unnest(names) AS n WHERE pgslots._bad_name(n)) THEN
+        wanted := pgslots._check_names(names);   -- raises the precise error
+        PERFORM pgslots._check_slots(slots);
+    END IF;
+    IF cardinality(wanted) > 1 THEN
+        wanted := pgslots._check_names(wanted);  -- drops repeats
+    END IF;
+    -- Lock the named limits in id order, the one order every locker uses, and look at each once.
+    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second
+               FROM pgslots.limits l WHERE l.name = ANY (wanted) ORDER BY l.id FOR UPDATE LOOP
+        found_names := found_names || lim.name;
+        CONTINUE WHEN NOT lim.active;
+        IF slots > lim."limit" THEN
+            RAISE EXCEPTION 'Unable to acquire concurrency slots on %: slots requested is greater than the limit (% > %)',
+                pgslots._list_literal(ARRAY[lim.name]), slots, lim."limit"
+                USING ERRCODE = 'PS006',
+                      HINT = 'Ask for fewer slots or raise the limit; this request can never succeed.';
+        END IF;
+        IF for_rate_limit AND lim.slot_decay_per_second <= 0 THEN
+            no_decay := no_decay || lim.name;
+        END IF;
+        ids := ids || lim.id;
+    END LOOP;
+    at := pgslots._clock(cfg.clock_offset);
+
+    -- A queued waiter asking again may have been granted its named lease by a release meanwhile
+    -- (its notification lost or not read yet): that lease is the answer, renewed to full length.
+    IF ticket IS NOT NULL AND new_lease_id IS NOT NULL AND NOT for_rate_limit THEN
+        UPDATE pgslots.leases x SET expires_at = at + lease_for
+        WHERE x.id = new_lease_id AND x.limit_id = ANY (ids)
+        RETURNING x.fencing_token, x.expires_at INTO fencing_token, expires_at;
+        IF FOUND THEN
+            granted := true;
+            lease_id := new_lease_id;
+            DELETE FROM pgslots.waiters w WHERE w.id = ticket;
+            RETURN;
+        END IF;
+    END IF;
+
+    IF cardinality(found_names) < cardinality(wanted) THEN
+        missing := ARRAY(SELECT n FROM unnest(wanted) AS n WHERE n <> ALL (found_names));
+        IF strict THEN
+            RAISE EXCEPTION 'Concurrency limits % must be created before acquiring slots',
+                pgslots._list_literal(missing)
+                USING ERRCODE = 'PS008', HINT = 'Create the limits first (create_limit), or acquire without strict.';
+        END IF;
+    END IF;
+    IF cardinality(no_decay) > 0 THEN
+        RAISE EXCEPTION 'Only concurrency limits with slot decay can be used for rate limiting. The following limits do not have a decay configured: %',
+            (SELECT string_agg(quote_literal(n), ', ') FROM unnest(no_decay) AS n)
+            USING ERRCODE = 'PS009',
+                  HINT = 'Give the limits a slot_decay_per_second above 0 (update_limit).';
+    END IF;
+    IF cardinality(ids) = 0 THEN
+        granted := true;   -- nothing active to enforce
+        RETURN;
+    END IF;
+
+    -- Decide; on a refusal, reclaim expired leases of the limits that refused and decide again.
+    FOR attempt IN 1..2 LOOP
+        blocked := '{}';
+        retry_after := 0;
+        FOR lim IN SELECT l.id, l."limit", l.leased_slots, l.slot_decay_per_second,
+                          l.avg_slot_occupancy_seconds,
+                          pgslots._shortfall(l."limit", l.leased_slots,
+                              pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
+                              (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                               WHERE w.limit_id = l.id AND w.expires_at > at
+                                 AND (ticket IS NULL OR w.id < ticket)),
+                              slots) AS short
+                   FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
+            IF NOT pgslots._fits(lim.short) THEN
+                blocked := blocked || lim.id;
+                retry_after := greatest(retry_after, pgslots._retry_after(
+                    lim.short, lim."limit", lim.leased_slots, slots, lim.slot_decay_per_second,
+                    lim.avg_slot_occupancy_seconds));
+            END IF;
+        END LOOP;
+        EXIT WHEN cardinality(blocked) = 0 OR attempt = 2;
+        IF (SELECT sum(pgslots._reclaim(b, at)) FROM unnest(blocked) AS b) = 0 THEN
+            EXIT;
+        END IF;
+    END LOOP;
+
+    IF cardinality(blocked) = 0 THEN
+        granted := true;
+        retry_after := NULL;
+        IF for_rate_limit THEN
+            UPDATE pgslots.limits l
+            SET unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at)
+                                 + slots,
+                decayed_at = at
+            WHERE l.id = ANY (ids);
+        ELSE
+            lease_id := coalesce(new_lease_id, gen_random_uuid());
+            fencing_token := nextval('pgslots.fencing_tokens');
+            expires_at := at + lease_for;
+            PERFORM pgslots._write_lease(lease_id, ids, slots, fencing_token, at, expires_at,
+                                         pgslots._holder_host(holder), pgslots._holder_pid(holder),
+                                         pgslots._application_name(), holder);
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots WHERE l.id = ANY (ids);
+        END IF;
+        IF ticket IS NOT NULL THEN
+            DELETE FROM pgslots.waiters w WHERE w.id = ticket;
+        END IF;
+        RETURN;
+    END IF;
+
+    -- A refusal writes only pressure and a queue place; losing those in a crash costs nothing, so
+    -- its commit need not wait for the WAL flush while it holds the limit's row lock.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    blocked_by := ARRAY(SELECT l.name FROM pgslots.limits l WHERE l.id = ANY (blocked) ORDER BY l.name);
+    PERFORM pgslots._count_refusal(blocked, slots);
+    IF queue_client IS NOT NULL THEN
+        waiter := coalesce(ticket, nextval('pgslots.waiter_tickets'));
+        PERFORM pgslots._enqueue(waiter, ids, slots, queue_client, at, cfg.waiter_ttl_seconds,
+                                 new_lease_id, lease_seconds, holder);
+        DELETE FROM pgslots.waiters w
+        WHERE w.limit_id = ANY (blocked) AND w.expires_at <= at;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgslots.acquire(
+    names text[],
+    slots integer DEFAULT 1,
+    lease_seconds float8 DEFAULT 300,
+    holder jsonb DEFAULT NULL,
+    strict boolean DEFAULT false,
+    ticket bigint DEFAULT NULL,
+    queue_client uuid DEFAULT NULL,
+    new_lease_id uuid DEFAULT NULL,
+    OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
+    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+-- The common case first: one limit, room for us after those queued. A single UPDATE decides and
+-- counts under the row lock, like a bare semaphore, and the lease row is written beside it. Should
+-- the UPDATE wait for the row lock, it checks the count the other transaction committed.
+-- A refused caller that queues (one limit, queue_client given) is queued without the limit's row
+-- lock, under the limit's queue lock held shared (see _lock_queue), so refusals neither wait for
+-- grants and releases nor hold them up. Everything else (errors, queued callers asking again,
+-- several limits, expired leases to reclaim) is decided by _admit.
+DECLARE
+    cfg pgslots.settings;
+    at timestamptz;
+    target uuid;
+    lim record;
+BEGIN
+    IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+        IF pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
+            at := pgslots._clock(cfg.clock_offset);
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
+            WHERE l.name = names[1] AND l.active
+              AND pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
+                      pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
+                      (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                       WHERE w.limit_id = l.id AND w.expires_at > at),
+                      slots))
+            RETURNING l.id INTO target;
+            IF FOUND THEN
+                granted := true;
+                lease_id := coalesce(new_lease_id, gen_random_uuid());
+                fencing_token := nextval('pgslots.fencing_tokens');
+                expires_at := at + make_interval(secs => lease_seconds);
+                missing := '{}';
+                PERFORM pgslots._write_lease(lease_id, ARRAY[target], slots, fencing_token, at, expires_at,
+                                             pgslots._holder_host(holder), pgslots._holder_pid(holder),
+                                             pgslots._application_name(), holder);
+                RETURN;
+            END IF;
+            IF queue_client IS NOT NULL THEN
+                SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l WHERE l.name = names[1];
+                IF FOUND AND lim.active AND slots <= lim."limit"
+                   AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
+                                   WHERE x.limit_id = lim.id AND x.expires_at <= at) THEN
+                    PERFORM pgslots._lock_queue_shared(lim.id);
+                    SELECT l.id, l.name, l.active, l."limit", l.leased_slots, l.slot_decay_per_second,
+                           l.avg_slot_occupancy_seconds,
+                           pgslots._shortfall(l."limit", l.leased_slots,
+                               pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
+                               (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                                WHERE w.limit_id = l.id AND w.expires_at > at),
+                               slots) AS short
+                    INTO lim FROM pgslots.limits l WHERE l.id = lim.id;
+                    IF FOUND AND lim.active AND NOT pgslots._fits(lim.short) THEN
+                        PERFORM set_config('synchronous_commit', 'off', true);   -- as in _admit
+                        granted := false;
+                        missing := '{}';
+                        blocked_by := ARRAY[lim.name];
+                        retry_after := pgslots._retry_after(lim.short, lim."limit", lim.leased_slots, slots,
+                                                            lim.slot_decay_per_second,
+                                                            lim.avg_slot_occupancy_seconds);
+                        waiter := nextval('pgslots.waiter_tickets');
+                        PERFORM pgslots._enqueue(waiter, ARRAY[lim.id], slots, queue_client, at,
+                                                 cfg.waiter_ttl_seconds, new_lease_id, lease_seconds, holder);
+                        PERFORM pgslots._count_refusal(ARRAY[lim.id], slots);
+                        RETURN;
+                    END IF;
+                    -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
+                    -- once. Not via _admit: its row locks must never be taken under the queue lock.
+                    granted := false;
+                    retry_after := 0;
+                    missing := '{}';
+                    blocked_by := '{}';
+                    RETURN;
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+    SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by, a.waiter
+    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter
+    FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                        new_lease_id) AS a;
+END
+$$;
+COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS
+'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
+'(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
+'blocked_by. missing lists names with no limit (strict => error). With queue_client, a refused '
+'caller is queued and gets a waiter ticket to pass back; queued callers are served first-come. '
+'new_lease_id names the lease up front: the caller can release it after an interrupted call, and '
+'a queued caller waiting on one limit may be granted it by a release (the notification says so; '
+'asking again with the same ticket and new_lease_id returns it).';
+
+CREATE FUNCTION pgslots.rate_limit(
+    names text[],
+    slots integer DEFAULT 1,
+    strict boolean DEFAULT false,
+    ticket bigint DEFAULT NULL,
+    queue_client uuid DEFAULT NULL,
+    OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
+    OUT waiter bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+BEGIN
+    SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
+    INTO granted, retry_after, missing, blocked_by, waiter
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a;
+END
+$$;
+COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid) IS
+'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
+'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit.';

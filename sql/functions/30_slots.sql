@@ -1,0 +1,148 @@
+-- Slots: release, renew and sweep, what a holder (or an operator) does with a lease.
+
+CREATE FUNCTION pgslots.release(lease_id uuid, durable boolean DEFAULT true) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz;
+    part record;
+    released boolean := false;
+    handed integer := 0;
+    commit_mode text := current_setting('synchronous_commit');
+    target uuid;
+    freed integer;
+BEGIN
+    IF NOT durable THEN
+        -- Commit without waiting for the WAL flush. A crash may then forget this release, which
+        -- keeps the slot taken until its lease expires: slower, never over-admitting.
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    -- The common case first: a lease on one limit. Its UPDATE takes the limit's row lock (the only
+    -- one this release needs), then the lease row goes. Had a reclaim removed the lease meanwhile
+    -- (it expired, and a full limit took its slots back), the count is put back as it was.
+    UPDATE pgslots.limits l
+    SET leased_slots = greatest(0, l.leased_slots - x.slots),
+        avg_slot_occupancy_seconds = pgslots._occupancy_after(l.avg_slot_occupancy_seconds,
+            pg_catalog.date_part('epoch', pgslots._clock(s.clock_offset) - x.acquired_at), l."limit")
+    FROM pgslots.leases x, pgslots.settings s
+    WHERE x.id = release.lease_id AND x.parts = 1 AND l.id = x.limit_id
+    RETURNING l.id, x.slots INTO target, freed;
+    IF FOUND THEN
+        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.limit_id = target;
+        IF NOT FOUND THEN
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + freed WHERE l.id = target;
+            RETURN false;
+        END IF;
+        released := true;
+        PERFORM pgslots._lock_queue(target);
+        IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
+            handed := pgslots._hand_off(target, pgslots._now());
+        END IF;
+    ELSE
+        -- The limits of the lease, and of a queued request that named it: a release handing it
+        -- over right now holds their locks, and the statements below then see what it wrote.
+        PERFORM 1 FROM pgslots.limits l
+        WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x WHERE x.id = release.lease_id
+                       UNION ALL
+                       SELECT w.limit_id FROM pgslots.waiters w WHERE w.lease_id = release.lease_id)
+        ORDER BY l.id FOR UPDATE;
+        at := pgslots._now();
+        FOR part IN DELETE FROM pgslots.leases x WHERE x.id = release.lease_id
+                    RETURNING x.limit_id, x.slots, x.acquired_at LOOP
+            released := true;
+            UPDATE pgslots.limits l
+            SET leased_slots = greatest(0, l.leased_slots - part.slots),
+                avg_slot_occupancy_seconds = pgslots._occupancy_after(
+                    l.avg_slot_occupancy_seconds, pg_catalog.date_part('epoch', at - part.acquired_at), l."limit")
+            WHERE l.id = part.limit_id;
+            PERFORM pgslots._lock_queue(part.limit_id);
+            IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = part.limit_id) THEN
+                handed := handed + pgslots._hand_off(part.limit_id, at);
+            END IF;
+        END LOOP;
+        IF NOT released THEN
+            -- Not granted yet: the caller gave up on a queued request. Take it out of the queue, so
+            -- that no release can hand it the lease later; those behind may fit now.
+            FOR part IN DELETE FROM pgslots.waiters w WHERE w.lease_id = release.lease_id
+                        RETURNING w.limit_id LOOP
+                PERFORM pgslots._wake(part.limit_id, at);
+            END LOOP;
+        END IF;
+    END IF;
+    IF handed > 0 AND NOT durable THEN
+        -- Handing slots over grants a lease: that must survive a crash like any grant.
+        PERFORM set_config('synchronous_commit', commit_mode, true);
+    END IF;
+    RETURN released;
+END
+$$;
+COMMENT ON FUNCTION pgslots.release(uuid, boolean) IS
+'Releases a lease''s slots. Idempotent: an unknown or already released lease changes nothing '
+'and returns false; a queued request that named this lease (new_lease_id) leaves the queue. The '
+'freed slots go straight to the head of the queue when it named its lease (see acquire), else the '
+'queued waiters they can serve are notified. durable => false commits without waiting for the WAL '
+'flush (use it in its own transaction only) unless slots were handed over: a crash can then delay '
+'the slot until its lease expires, but never over-admit.';
+
+CREATE FUNCTION pgslots.renew(lease_id uuid, lease_seconds float8 DEFAULT 300)
+RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    cfg pgslots.settings;
+    at timestamptz;
+    renewed integer;
+    expected integer;
+    new_expiry timestamptz;
+BEGIN
+    SELECT * INTO cfg FROM pgslots.settings;
+    PERFORM pgslots._check_lease_seconds(lease_seconds, cfg);
+    at := pgslots._clock(cfg.clock_offset);
+    new_expiry := at + make_interval(secs => lease_seconds);
+    WITH r AS (
+        UPDATE pgslots.leases x SET expires_at = new_expiry
+        WHERE x.id = renew.lease_id AND x.expires_at > at
+        RETURNING x.parts
+    )
+    SELECT count(*), min(r.parts) INTO renewed, expected FROM r;
+    IF renewed = 0 OR renewed < expected THEN
+        RAISE EXCEPTION 'Lease % was lost: it expired or was released, so its slots may be held by others now.',
+            lease_id
+            USING ERRCODE = 'PS010',
+                  HINT = 'Stop the work that needed the slots and acquire them again.';
+    END IF;
+    RETURN new_expiry;
+END
+$$;
+COMMENT ON FUNCTION pgslots.renew(uuid, float8) IS
+'Extends a live lease to now + lease_seconds and returns the new expiry. A lease that expired or '
+'was released is lost: renewing it raises SQLSTATE PS010 and changes nothing.';
+
+CREATE FUNCTION pgslots.sweep() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz := pgslots._now();
+    targets uuid[];
+    reclaimed integer;
+BEGIN
+    targets := ARRAY(SELECT l.id FROM pgslots.limits l
+                     WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x WHERE x.expires_at <= at)
+                     ORDER BY l.id FOR UPDATE);
+    SELECT count(DISTINCT x.id) INTO reclaimed FROM pgslots.leases x
+    WHERE x.limit_id = ANY (targets) AND x.expires_at <= at;
+    PERFORM pgslots._reclaim(t, at) FROM unnest(targets) AS t;
+    PERFORM pgslots._wake(t, at) FROM unnest(targets) AS t;
+    -- Lease rows of deleted limits, and waiters nobody heartbeats any more.
+    DELETE FROM pgslots.leases x WHERE x.expires_at <= at
+        AND NOT EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.id = x.limit_id);
+    DELETE FROM pgslots.waiters w WHERE w.expires_at <= at;
+    RETURN reclaimed;
+END
+$$;
+COMMENT ON FUNCTION pgslots.sweep() IS
+'Reclaims the slots of every expired lease and drops dead waiters; returns how many leases it '
+'reclaimed. Not required for correctness (a full limit reclaims its own expired leases); for cron.';

@@ -1,0 +1,179 @@
+-- The queue: who is woken or handed slots when some are freed, and the upkeep of waiting clients.
+--
+-- Waiters of a limit are served in ticket order. Wake-ups go to each waiting client's own channel,
+-- "pgslots:<queue_client>". Payload, comma-separated entries:
+--   <ticket>                                             look again: the freed slots may fit you now
+--   <ticket>:<fencing_token>:<expires_epoch>:<seconds>   your named lease is granted; it expires at
+--                                                        expires_epoch (<seconds> from now)
+
+-- The queued waiters of one limit that the slots free now can serve, head first. Slots of expired
+-- leases count as free: the waiter's own acquire will reclaim them.
+CREATE FUNCTION pgslots._wakeable(target uuid, at timestamptz) RETURNS bigint[]
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    lim record;
+    taken bigint := 0;
+    w record;
+    woken bigint[] := '{}';
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgslots.waiters x WHERE x.limit_id = target) THEN
+        RETURN woken;
+    END IF;
+    SELECT l."limit", l.active,
+           l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x
+                             WHERE x.limit_id = target AND x.expires_at <= at) AS live_leased,
+           pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
+    INTO lim FROM pgslots.limits l WHERE l.id = target;
+    FOR w IN SELECT x.id, x.slots FROM pgslots.waiters x
+             WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
+        -- Deleted or disabled: every waiter must look again.
+        EXIT WHEN lim.active AND NOT pgslots._fits(
+            pgslots._shortfall(lim."limit", lim.live_leased::integer, lim.unleased, taken, w.slots));
+        taken := taken + w.slots;
+        woken := woken || w.id;
+        EXIT WHEN cardinality(woken) >= 400;   -- a NOTIFY payload holds about 8000 bytes
+    END LOOP;
+    RETURN woken;
+END
+$$;
+
+-- Notifies the waiters of one limit that the slots free now can serve, each client on its channel.
+CREATE FUNCTION pgslots._wake(target uuid, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    woken bigint[];
+    c record;
+BEGIN
+    PERFORM pgslots._lock_queue(target);
+    woken := pgslots._wakeable(target, at);
+    IF cardinality(woken) > 0 THEN
+        FOR c IN SELECT w.client_id, string_agg(w.id::text, ',' ORDER BY w.id) AS tickets
+                 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ANY (woken)
+                 GROUP BY w.client_id LOOP
+            PERFORM pg_notify(pgslots._channel(c.client_id), c.tickets);
+        END LOOP;
+    END IF;
+END
+$$;
+
+-- Grants the freed slots of one limit (whose row lock and queue lock the caller holds) to the head
+-- of its queue: each waiter in ticket order that named its lease, waits on this limit alone and
+-- fits. Writes the leases, removes the waiters, notifies them. A waiter it cannot serve this way
+-- (queued on several limits, or for a rate limit) stops it; if the free slots fit that one, it and
+-- those behind it that fit are notified to ask again. Returns how many waiters it served.
+-- A handed lease first runs for at most 2 x waiter_ttl_seconds: if its waiter died after its last
+-- heartbeat, the slots come back that soon; the waiter's client renews it to full length.
+CREATE FUNCTION pgslots._hand_off(target uuid, at timestamptz) RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    lim record;
+    ttl float8 := (SELECT s.waiter_ttl_seconds FROM pgslots.settings s);
+    w record;
+    given integer := 0;
+    served integer := 0;
+    token bigint;
+    run_for float8;
+    expiry timestamptz;
+    wake_rest boolean := false;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
+        PERFORM pgslots._reclaim(target, at);
+    END IF;
+    SELECT l."limit", l.active, l.leased_slots,
+           pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
+    INTO lim FROM pgslots.limits l WHERE l.id = target;
+    IF NOT FOUND OR NOT lim.active THEN
+        PERFORM pgslots._wake(target, at);   -- deleted or disabled: every waiter must look again
+        RETURN 0;
+    END IF;
+    FOR w IN SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
+                    x.application_name, x.holder, x.client_id
+             FROM pgslots.waiters x
+             WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
+        -- Nobody behind a waiter that does not fit may overtake it.
+        EXIT WHEN NOT pgslots._fits(pgslots._shortfall(lim."limit", lim.leased_slots, lim.unleased, given, w.slots));
+        IF w.lease_id IS NULL OR w.parts <> 1 THEN
+            wake_rest := true;
+            EXIT;
+        END IF;
+        token := nextval('pgslots.fencing_tokens');
+        run_for := least(w.lease_seconds, 2 * ttl);
+        expiry := at + make_interval(secs => run_for);
+        IF pgslots._write_lease(w.lease_id, ARRAY[target], w.slots, token, at, expiry, w.host, w.pid,
+                                w.application_name, w.holder) > 0 THEN
+            given := given + w.slots;
+            PERFORM pg_notify(pgslots._channel(w.client_id),
+                              format('%s:%s:%s:%s', w.id, token, extract(epoch FROM expiry), run_for));
+        END IF;
+        DELETE FROM pgslots.waiters x WHERE x.id = w.id;
+        served := served + 1;
+    END LOOP;
+    IF given > 0 THEN
+        UPDATE pgslots.limits l SET leased_slots = l.leased_slots + given WHERE l.id = target;
+    END IF;
+    IF wake_rest THEN
+        PERFORM pgslots._wake(target, at);
+    END IF;
+    RETURN served;
+END
+$$;
+
+CREATE FUNCTION pgslots.heartbeat(queue_client uuid, tickets bigint[] DEFAULT NULL) RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz := pgslots._now();
+    mine bigint[];
+BEGIN
+    -- Given the tickets it waits on, only those keep their place: a request abandoned in the middle
+    -- of its call (its ticket never known to the client) leaves the queue when its time is up.
+    UPDATE pgslots.waiters w
+    SET expires_at = at + make_interval(secs => s.waiter_ttl_seconds)
+    FROM pgslots.settings s
+    WHERE w.client_id = queue_client AND (tickets IS NULL OR w.id = ANY (tickets));
+    -- One walk of the queue per limit, not per waiter.
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO mine
+    FROM (SELECT q.t FROM (SELECT DISTINCT w.limit_id FROM pgslots.waiters w
+                           WHERE w.client_id = queue_client) l,
+                          unnest(pgslots._wakeable(l.limit_id, at)) AS q(t)
+          WHERE (tickets IS NULL OR q.t = ANY (tickets))
+            AND EXISTS (SELECT 1 FROM pgslots.waiters v WHERE v.id = q.t AND v.client_id = queue_client)
+          UNION ALL
+          -- Tickets no longer queued: handed their lease, or dropped. Asking again tells which.
+          SELECT g.t FROM unnest(tickets) AS g(t)
+          WHERE NOT EXISTS (SELECT 1 FROM pgslots.waiters v WHERE v.id = g.t)) u(t);
+    RETURN coalesce(mine, '{}');
+END
+$$;
+COMMENT ON FUNCTION pgslots.heartbeat(uuid, bigint[]) IS
+'Keeps every queued waiter of one client in its place for another waiter_ttl_seconds, and returns '
+'the tickets that should ask again now: those among them that free slots could serve, and those '
+'of `tickets` (the ones the client waits on) that are no longer queued, e.g. because a release '
+'handed them their lease. A backstop for lost notifications. A client that stops calling it '
+'leaves the queue by itself.';
+
+CREATE FUNCTION pgslots.leave_queue(ticket bigint) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz;
+    left_limit uuid;
+BEGIN
+    -- Lock the ticket's limits first, as a release does: a release that is handing this ticket its
+    -- lease right now finishes first, so the caller's release of that lease, next, finds it.
+    PERFORM 1 FROM pgslots.limits l
+    WHERE l.id IN (SELECT w.limit_id FROM pgslots.waiters w WHERE w.id = leave_queue.ticket)
+    ORDER BY l.id FOR UPDATE;
+    at := pgslots._now();
+    FOR left_limit IN DELETE FROM pgslots.waiters w WHERE w.id = leave_queue.ticket RETURNING w.limit_id LOOP
+        PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgslots.leave_queue(bigint) IS
+'Takes a waiter ticket out of the queue (the caller gave up waiting). Idempotent.';

@@ -1,0 +1,65 @@
+-- Reads: the status view and what operators and clients list.
+
+CREATE VIEW pgslots.status AS
+SELECT l.id,
+       l.name,
+       l."limit",
+       l.active,
+       l.slot_decay_per_second,
+       l.leased_slots + d.unleased AS active_slots,
+       l.leased_slots,
+       d.unleased AS unleased_slots,
+       coalesce((SELECT r.denied_slots FROM pgslots.refusals r WHERE r.limit_id = l.id), 0) AS denied_slots,
+       l.avg_slot_occupancy_seconds,
+       (SELECT count(*) FROM pgslots.leases x WHERE x.limit_id = l.id)::integer AS leases,
+       (SELECT count(*) FROM pgslots.leases x
+        WHERE x.limit_id = l.id AND x.expires_at <= c.at)::integer AS expired_leases,
+       (SELECT count(*) FROM pgslots.waiters w
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer AS waiters,
+       (SELECT date_part('epoch', c.at - min(w.enqueued_at)) FROM pgslots.waiters w
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::float8 AS oldest_waiter_seconds,
+       l.created,
+       l.updated
+FROM pgslots.limits l,
+     LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
+     LATERAL (SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
+                  AS unleased) d;
+COMMENT ON VIEW pgslots.status IS
+'One row per limit: occupied slots after decay (active_slots), leases, queued waiters and the age '
+'of the oldest, refusal pressure (denied_slots).';
+
+CREATE FUNCTION pgslots.get_limits(names text[] DEFAULT NULL) RETURNS SETOF pgslots.status
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+    SELECT * FROM pgslots.status s WHERE names IS NULL OR s.name = ANY (names) ORDER BY s.name
+$$;
+COMMENT ON FUNCTION pgslots.get_limits(text[]) IS
+'The status rows of the named limits (all limits when names is NULL), by name.';
+
+CREATE FUNCTION pgslots.list_leases(name text DEFAULT NULL)
+RETURNS TABLE (lease_id uuid, limit_names text[], slots integer, fencing_token bigint,
+               acquired_at timestamptz, expires_at timestamptz, expired boolean,
+               host text, pid integer, application_name text, holder jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+    SELECT x.id, array_agg(l.name ORDER BY l.name), min(x.slots), min(x.fencing_token),
+           min(x.acquired_at), min(x.expires_at), min(x.expires_at) <= pgslots._now(),
+           min(x.host), min(x.pid), min(x.application_name), (array_agg(x.holder))[1]
+    FROM pgslots.leases x JOIN pgslots.limits l ON l.id = x.limit_id
+    WHERE list_leases.name IS NULL
+       OR x.id IN (SELECT y.id FROM pgslots.leases y JOIN pgslots.limits m ON m.id = y.limit_id
+                   WHERE m.name = list_leases.name)
+    GROUP BY x.id
+    ORDER BY min(x.acquired_at), x.id
+$$;
+COMMENT ON FUNCTION pgslots.list_leases(text) IS
+'Who holds what: one row per lease (of one limit, or all), oldest first, with holder details.';
+
+CREATE FUNCTION pgslots.schema_version() RETURNS integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$ SELECT coalesce(max(m.version), 0) FROM pgslots.migrations m $$;
+COMMENT ON FUNCTION pgslots.schema_version() IS
+'The number of the newest migration applied to this database.';

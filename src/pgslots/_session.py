@@ -1,0 +1,286 @@
+"""The plumbing behind a :class:`~pgslots.Client`: connection pools, the schema probe, the engine,
+and the three ways to run one statement (pooled sync, pooled async, on the caller's connection).
+
+Private: the drivers in ``pgslots.sync`` and ``pgslots.asyncio`` and the admin calls of ``Client``
+talk to it; users never do. Every driver error leaves it as a pgslots error (see errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from . import _queries as q
+from ._config import configured_dsn, resolve_dsn
+from ._engine import Engine
+from .errors import MIGRATE_HINT, SchemaNotInstalledError, database_errors
+from .migrate import LATEST_VERSION
+
+logger = logging.getLogger("pgslots")
+
+DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serve many threads
+IDLE_SECONDS = 10.0  # a pooled connection above the first closes after this long unused
+
+
+def _application_name() -> str:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"pgslots:{prog}"[:63]
+
+
+def _dicts(cur: Any, rows: list[Any]) -> list[dict[str, Any]]:
+    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
+    if not rows:
+        return []
+    names = [column.name for column in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A holder dict goes to the database as jsonb."""
+    if params and isinstance(params.get("holder"), dict):
+        return {**params, "holder": Jsonb(params["holder"])}
+    return params
+
+
+class Session:
+    """Pools, probe and engine of one client. The DSN is resolved on first use, so a client made
+    with nothing configured starts the embedded server only when it first connects (from a worker
+    thread when that happens inside an event loop)."""
+
+    def __init__(
+        self,
+        dsn: str | None,
+        pool: ConnectionPool[Any] | AsyncConnectionPool[Any] | None,
+        listen_dsn: str | None,
+        listen: bool,
+        max_connections: int,
+    ) -> None:
+        if pool is not None and dsn is None and isinstance(pool.conninfo, str):
+            dsn = pool.conninfo
+        self._explicit_dsn = configured_dsn(dsn)  # None: the embedded server, started on first use
+        self._dsn: str | None = self._explicit_dsn
+        self._listen_dsn = listen_dsn
+        self.listen = listen
+        self.max_connections = max_connections
+        self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
+        self._owns_pool = self._pool is None
+        self._given_apool = pool if isinstance(pool, AsyncConnectionPool) else None
+        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[AsyncConnectionPool[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._owners: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._schema_checked = False
+        self._engine: Engine | None = None
+        self._pid = os.getpid()
+
+    # ---- where the database is ----------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        if self._dsn is None:
+            self._dsn = resolve_dsn(self._explicit_dsn)  # may start the embedded server: blocks
+        return self._dsn
+
+    async def adsn(self) -> str:
+        if self._dsn is None:
+            await asyncio.to_thread(lambda: self.dsn)
+        return self.dsn
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        if "application_name" in psycopg.conninfo.conninfo_to_dict(self.dsn) or os.environ.get("PGAPPNAME"):
+            return {}
+        return {"application_name": _application_name()}
+
+    @property
+    def engine(self) -> Engine:
+        """The background worker (created on first use; its thread starts when needed)."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        engine = self._engine
+        if engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = Engine(self._listen_dsn or self.dsn, self.connect_kwargs(), listen=self.listen)
+                engine = self._engine
+        return engine
+
+    def _after_fork(self) -> None:
+        """A forked child must not use its parent's connections or wait on its parent's listener
+        thread (which did not survive the fork): it starts afresh."""
+        self._pid = os.getpid()
+        self._pool = None if self._owns_pool else self._pool
+        self._apools = weakref.WeakKeyDictionary()
+        self._owners = set()
+        self._lock = threading.Lock()
+        self._engine = None
+
+    # ---- pools --------------------------------------------------------------------------------
+
+    def pool(self) -> ConnectionPool[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
+        pool = self._pool
+        if pool is not None:
+            return pool  # the hot path: no lock once the pool exists
+        with self._lock:
+            if self._pool is None:
+                self._probe()
+                self._pool = ConnectionPool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.max_connections,
+                    kwargs={"autocommit": True, **self.connect_kwargs()},
+                    max_idle=IDLE_SECONDS,
+                    open=True,
+                    name="pgslots",
+                )
+            return self._pool
+
+    async def apool(self) -> AsyncConnectionPool[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._given_apool is not None:
+            return self._given_apool
+        loop = asyncio.get_running_loop()
+        opening = self._apools.get(loop)
+        if opening is None:
+            # Stored before the first await: concurrent first calls share one pool.
+            opening = self._apools[loop] = loop.create_task(self._open_apool())
+        try:
+            return await asyncio.shield(opening) if not opening.done() else opening.result()
+        except BaseException:
+            if opening.done() and (opening.cancelled() or opening.exception() is not None):
+                self._apools.pop(loop, None)  # let a later call try again
+            raise
+
+    async def _open_apool(self) -> AsyncConnectionPool[Any]:
+        dsn = await self.adsn()
+        await self._aprobe()
+        apool = AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=self.max_connections,
+            kwargs={"autocommit": True, **self.connect_kwargs()},
+            max_idle=IDLE_SECONDS,
+            open=False,
+            name="pgslots-async",
+        )
+        await apool.open()
+        self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(apool), name="pgslots-pool-owner"))
+        return apool
+
+    @staticmethod
+    async def _own_apool(apool: AsyncConnectionPool[Any]) -> None:
+        """Lives as long as the event loop: when asyncio.run() ends and cancels every task, this one
+        closes the loop's connections, so none outlives its loop."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # The pool's own workers are being cancelled too, which stops AsyncConnectionPool.close()
+            # half-way; its idle connections are closed here first (libpq's finish is synchronous).
+            for conn in list(getattr(apool, "_pool", ())):
+                with contextlib.suppress(Exception):
+                    conn.pgconn.finish()
+            with contextlib.suppress(BaseException):
+                await apool.close(timeout=1)
+
+    # ---- the schema probe ---------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """One direct connection before a pool exists: a clear error for a wrong DSN or a missing
+        schema, instead of a pool that retries in the background until a timeout."""
+        if self._schema_checked:
+            return
+        with database_errors(), psycopg.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
+            row = conn.execute(q.SCHEMA_VERSION).fetchone()
+        self._check_version(row[0] if row else None)
+
+    async def _aprobe(self) -> None:
+        if self._schema_checked:
+            return
+        with database_errors():
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
+                row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
+        self._check_version(row[0] if row else None)
+
+    def _probe_kwargs(self) -> dict[str, Any]:
+        kwargs = self.connect_kwargs()
+        if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(self.dsn):
+            kwargs["connect_timeout"] = 10
+        return kwargs
+
+    def _check_version(self, version: int | None) -> None:
+        if version is None or version < LATEST_VERSION:
+            raise SchemaNotInstalledError(
+                f"The pgslots schema in this database is at version {version or 0}, this library needs "
+                f"{LATEST_VERSION}: {MIGRATE_HINT.replace('install', 'upgrade')}."
+            )
+        self._schema_checked = True
+
+    def schema_changed(self) -> None:
+        self._schema_checked = False
+
+    # ---- running statements -------------------------------------------------------------------
+
+    def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Runs one statement on a pooled connection."""
+        with database_errors(), self.pool().connection(timeout=timeout) as conn:
+            cur = conn.execute(query, _adapt(params))
+            return _dicts(cur, cur.fetchall() if cur.description else [])
+
+    async def acall(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        with database_errors():
+            apool = await self.apool()
+            async with apool.connection(timeout=timeout) as conn:
+                cur = await conn.execute(query, _adapt(params))
+                return _dicts(cur, await cur.fetchall() if cur.description else [])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection inside one transaction, for several calls that must see one state."""
+        with database_errors(), self.pool().connection() as conn, conn.transaction():
+            yield conn
+
+    @staticmethod
+    def call_on(conn: psycopg.Connection[Any], query: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Runs one statement on the caller's own connection (inside the caller's transaction)."""
+        with database_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, _adapt(params))
+            return cur.fetchall() if cur.description else []
+
+    # ---- closing ------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Closes this event loop's pool now (it is also closed when the loop ends)."""
+        loop = asyncio.get_running_loop()
+        opening = self._apools.pop(loop, None)
+        if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
+            await opening.result().close()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+        with self._lock:
+            if self._pool is not None and self._owns_pool:
+                self._pool.close()
+                self._pool = None
+
+    def describe(self) -> str:
+        if self._dsn is None:
+            return "Client(embedded server, not started yet)"
+        safe = psycopg.conninfo.conninfo_to_dict(self._dsn)
+        safe.pop("password", None)
+        return f"Client({safe!r})"
