@@ -573,9 +573,41 @@ def markdown(r: dict[str, Any]) -> str:
         f"| 1,000 waiting asyncio tasks | {r['waiters']['connections']} connections, "
         f"{r['waiters']['queries_per_s_idle']:.1f} queries/s idle, all served in {r['waiters']['drain_s']:.1f} s |",
     ]
-    if r.get("notes"):
-        lines += ["", *[f"- {n}" for n in r["notes"]]]
+    lines += ["", "## Findings of this run", "", *[f"- {n}" for n in findings(r)]]
+    if r.get("history"):
+        lines += ["", "## History of earlier runs (figures from those runs, not this one)", "", *r["history"]]
     return "\n".join(lines) + "\n"
+
+
+def findings(r: dict[str, Any]) -> list[str]:
+    """What this run's figures say, written from them: nothing here is fixed text about a number."""
+    out = []
+    for t in r["targets"]:
+        if t["met"] is None:
+            out.append(f"{t['metric']}: {t['value']:.3g} (reported, no target).")
+        else:
+            out.append(f"{t['metric']}: {t['value']:.3g} (target {t['target']}): {'met' if t['met'] else 'missed'}.")
+    solo, sql = r.get("uncontended", {}).get("sync"), r.get("server_side")
+    if solo and sql:
+        python_ms = 1000 / solo["cycles_per_s"] - 1000 / sql["pgslots_cycles_per_s"]
+        raw_python_ms = 1000 / solo["raw_semaphore_cycles_per_s"] - 1000 / sql["raw_semaphore_cycles_per_s"]
+        out.append(
+            f"Where the uncontended cycle goes: the SQL alone runs {sql['pgslots_cycles_per_s']:,.0f} cycles/s under pgbench "
+            f"({sql['ratio']:.2f}x of the two bare UPDATEs), so the Python client adds about {python_ms:.2f} ms a cycle, "
+            f"against {raw_python_ms:.2f} ms for the raw semaphore's client."
+        )
+    busy = r.get("contended_1ms")
+    if busy:
+        raw = r["ceiling"]["raw_semaphore_16_on_4_body_1ms_cycles_per_s"]
+        out.append(
+            f"Contended, 16 processes on 4 slots with a 1 ms body: {busy['cycles_per_s']:,.0f} cycles/s against "
+            f"{raw:,.0f} for the raw semaphore busy-retrying, utilisation {busy['utilisation']:.2f}, waits p50/p99 "
+            f"{busy['wait_p50_ms']}/{busy['wait_p99_ms']} ms."
+        )
+    hand = r.get("handoff")
+    if hand:
+        out.append(f"Hand-off from a release to a waiter in another process: p50 {hand['p50_ms']} ms, p99 {hand['p99_ms']} ms.")
+    return out
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -661,6 +693,7 @@ def main() -> None:
                 server.drop(db)
         server.close()
     if args.only:
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "partial.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"Wrote {args.out / 'partial.json'} (a partial run does not replace latest.*)")
         return
@@ -669,9 +702,11 @@ def main() -> None:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     report["targets"] = targets(report)
-    notes_path = HERE / "NOTES.md"
-    notes = notes_path.read_text().splitlines() if notes_path.exists() else []
-    report["notes"] = [line[2:].strip() for line in notes if line.startswith("- ")]
+    history = HERE / "HISTORY.md"
+    lines = history.read_text().splitlines() if history.exists() else []
+    # Its dated sections (## headings) and their notes, shown after this run's own findings.
+    report["history"] = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in lines if line.startswith(("## ", "- "))]
+    report.pop("notes", None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "latest.md").write_text(markdown(report))

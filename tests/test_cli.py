@@ -154,6 +154,27 @@ def test_migrate_reports_up_to_date(fresh_dsn: str, empty_dsn: str) -> None:
     assert run(empty_dsn, "ls").exit_code == 0
 
 
+def test_migrate_check_and_dry_run_change_nothing(empty_dsn: str) -> None:
+    """--check exits 1 naming what is pending, --dry-run prints the SQL; neither installs anything.
+    --dsn is taken after the command name as well as before it."""
+    cli_after = CliRunner().invoke(cli, ["migrate", "--check", "--dsn", empty_dsn], catch_exceptions=False)
+    message = one_line_error(cli_after)
+    assert "behind" in message and "0001_initial" in message and "pgslots migrate" in message
+    script = CliRunner().invoke(cli, ["migrate", "--dry-run", "--dsn", empty_dsn], catch_exceptions=False)
+    assert script.exit_code == 0
+    assert "CREATE TABLE pgslots.limits" in script.output and "CREATE FUNCTION pgslots.acquire" in script.output
+    assert "pgslots migrate" in one_line_error(run(empty_dsn, "ls"))  # still not installed
+    assert "Applied migrations" in CliRunner().invoke(cli, ["migrate", "--dsn", empty_dsn]).output
+    checked = CliRunner().invoke(cli, ["migrate", "--check", "--dsn", empty_dsn])
+    assert checked.exit_code == 0 and "up to date" in checked.output
+
+
+def test_dsn_after_any_command(fresh_dsn: str) -> None:
+    assert CliRunner().invoke(cli, ["create", "late", "-l", "2", "--dsn", fresh_dsn]).exit_code == 0
+    listed = CliRunner().invoke(cli, ["ls", "--dsn", fresh_dsn, "-o", "json"])
+    assert listed.exit_code == 0 and "late" in listed.output
+
+
 def test_unreachable_database() -> None:
     message = one_line_error(run("host=127.0.0.1 port=1 connect_timeout=2", "ls"))
     assert message.startswith("Cannot reach the database")

@@ -23,14 +23,40 @@ from .output import dumps, number, seconds, table
 
 
 @cli.command(short_help="Install or upgrade the schema.")
+@click.option("--dry-run", is_flag=True, help="Print the SQL a migration would run, and change nothing.")
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 when the database is behind this pgslots.")
 @pass_state
-def migrate(state: State) -> None:
-    """Install or upgrade the pgslots schema (safe to run again, and from several places at once)."""
+def migrate(state: State, dry_run: bool, check: bool) -> None:
+    """Install or upgrade the pgslots schema (safe to run again, and from several places at once).
+
+    Numbered migrations (tables, roles, data) run once each; the functions, views and privileges
+    are re-created whenever they differ from this version's, all in one transaction.
+    """
+    if dry_run and check:
+        fail("Use either --dry-run or --check, not both.")
+    todo = state.client.migration_plan()
+    if todo.up_to_date:
+        click.echo(f"The schema is up to date (version {pgslots.LATEST_VERSION}); nothing changed.")
+        return
+    if dry_run:
+        click.echo(todo.script(), nl=False)
+        return
+    if check:
+        fail(f"The schema is behind this pgslots: {_describe(todo)}. Run 'pgslots migrate' to bring it up to date.")
     applied = state.client.migrate()
     if applied:
         click.echo(f"Applied migrations {', '.join(map(str, applied))}: schema is at version {applied[-1]}.")
-    else:
-        click.echo(f"The schema is up to date (version {pgslots.LATEST_VERSION}); nothing changed.")
+    if todo.changed_code:
+        click.echo(f"Re-created the functions, views and privileges ({len(todo.changed_code)} file(s) changed).")
+
+
+def _describe(todo: pgslots.MigrationPlan) -> str:
+    parts = []
+    if todo.migrations:
+        parts.append("migrations " + ", ".join(f"{m.version:04d}_{m.name}" for m in todo.migrations) + " pending")
+    if todo.changed_code:
+        parts.append("changed functions in " + ", ".join(todo.changed_code))
+    return "; ".join(parts)
 
 
 # ---- limits ---------------------------------------------------------------------------------

@@ -108,28 +108,6 @@ AS $$ SELECT 'pgslots:' || client_id::text $$;
 -- Writes every path shares
 ---------------------------------------------------------------------------------------------------
 
--- Writes a lease's rows, one per limit; returns how many were new (a row that exists is kept).
-CREATE FUNCTION pgslots._write_lease(lease_id uuid, ids uuid[], slots integer, fencing_token bigint,
-                                     at timestamptz, expires_at timestamptz, host text, pid integer,
-                                     application_name text, holder jsonb)
-RETURNS integer
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    written integer;
-BEGIN
-    INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
-                                host, pid, application_name, holder)
-    SELECT _write_lease.lease_id, i, _write_lease.slots, cardinality(ids), _write_lease.fencing_token,
-           at, _write_lease.expires_at, _write_lease.host, _write_lease.pid,
-           _write_lease.application_name, _write_lease.holder
-    FROM unnest(ids) AS i
-    ON CONFLICT (id, limit_id) DO NOTHING;
-    GET DIAGNOSTICS written = ROW_COUNT;
-    RETURN written;
-END
-$$;
-
 -- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
 -- With a named lease, it leaves what a release needs to grant that lease directly.
 CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,

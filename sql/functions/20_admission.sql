@@ -10,9 +10,11 @@ CREATE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
     ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
-    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
+    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
+    OUT lease_limits uuid[])
 LANGUAGE plpgsql
 AS $$
+-- A grant of a new lease returns the limits it counts on in lease_limits: acquire writes its rows.
 DECLARE
     wanted text[] := names;
     cfg pgslots.settings;
@@ -133,9 +135,7 @@ BEGIN
             lease_id := coalesce(new_lease_id, gen_random_uuid());
             fencing_token := nextval('pgslots.fencing_tokens');
             expires_at := at + lease_for;
-            PERFORM pgslots._write_lease(lease_id, ids, slots, fencing_token, at, expires_at,
-                                         pgslots._holder_host(holder), pgslots._holder_pid(holder),
-                                         pgslots._application_name(), holder);
+            lease_limits := ids;
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots WHERE l.id = ANY (ids);
         END IF;
         IF ticket IS NOT NULL THEN
@@ -185,6 +185,7 @@ DECLARE
     at timestamptz;
     target uuid;
     lim record;
+    lease_limits uuid[];
 BEGIN
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
         SELECT * INTO cfg FROM pgslots.settings;
@@ -204,12 +205,8 @@ BEGIN
                 fencing_token := nextval('pgslots.fencing_tokens');
                 expires_at := at + make_interval(secs => lease_seconds);
                 missing := '{}';
-                PERFORM pgslots._write_lease(lease_id, ARRAY[target], slots, fencing_token, at, expires_at,
-                                             pgslots._holder_host(holder), pgslots._holder_pid(holder),
-                                             pgslots._application_name(), holder);
-                RETURN;
-            END IF;
-            IF queue_client IS NOT NULL THEN
+                lease_limits := ARRAY[target];
+            ELSIF queue_client IS NOT NULL THEN
                 SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l WHERE l.name = names[1];
                 IF FOUND AND lim.active AND slots <= lim."limit"
                    AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
@@ -248,10 +245,22 @@ BEGIN
             END IF;
         END IF;
     END IF;
-    SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by, a.waiter
-    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter
-    FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                        new_lease_id) AS a;
+    IF granted IS NULL THEN
+        SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by,
+               a.waiter, a.lease_limits
+        INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, lease_limits
+        FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                            new_lease_id) AS a;
+    END IF;
+    -- The one place a caller's lease is written: one row per limit it counts on, in the grant's transaction.
+    IF lease_limits IS NOT NULL THEN
+        INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
+                                    host, pid, application_name, holder)
+        SELECT lease_id, i, slots, cardinality(lease_limits), fencing_token,
+               expires_at - make_interval(secs => lease_seconds), expires_at,   -- acquired: the grant's time
+               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder
+        FROM unnest(lease_limits) AS i;
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS

@@ -102,8 +102,11 @@ BEGIN
         token := nextval('pgslots.fencing_tokens');
         run_for := least(w.lease_seconds, 2 * ttl);
         expiry := at + make_interval(secs => run_for);
-        IF pgslots._write_lease(w.lease_id, ARRAY[target], w.slots, token, at, expiry, w.host, w.pid,
-                                w.application_name, w.holder) > 0 THEN
+        INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
+                                    host, pid, application_name, holder)
+        VALUES (w.lease_id, target, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder)
+        ON CONFLICT (id, limit_id) DO NOTHING;
+        IF FOUND THEN
             given := given + w.slots;
             PERFORM pg_notify(pgslots._channel(w.client_id),
                               format('%s:%s:%s:%s', w.id, token, extract(epoch FROM expiry), run_for));

@@ -39,12 +39,13 @@ def _application_name() -> str:
     return f"pgslots:{prog}"[:63]
 
 
-def _dicts(cur: Any, rows: list[Any]) -> list[dict[str, Any]]:
-    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
-    if not rows:
+def _dicts(cur: Any) -> list[dict[str, Any]]:
+    """The rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
+    description = cur.description
+    if not description:
         return []
-    names = [column.name for column in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in rows]
+    names = [column.name for column in description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -238,15 +239,16 @@ class Session:
     def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection."""
         with database_errors(), self.pool().connection(timeout=timeout) as conn:
-            cur = conn.execute(query, _adapt(params))
-            return _dicts(cur, cur.fetchall() if cur.description else [])
+            return _dicts(conn.execute(query, _adapt(params)))
 
     async def acall(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         with database_errors():
             apool = await self.apool()
             async with apool.connection(timeout=timeout) as conn:
                 cur = await conn.execute(query, _adapt(params))
-                return _dicts(cur, await cur.fetchall() if cur.description else [])
+                rows = await cur.fetchall() if cur.description else []
+                names = [column.name for column in cur.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in rows]
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:

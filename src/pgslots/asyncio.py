@@ -52,22 +52,23 @@ async def run(session: Session, flow: Flow[T]) -> T:
 
 
 async def _perform(session: Session, command: flows.Command) -> Any:
+    # The commands of an uncontended acquire and release come first.
     if isinstance(command, Call):
         return await session.acall(command.query, command.params, timeout=command.timeout)
-    if isinstance(command, Wait):
-        return await _wait(session, command.ticket, command.seconds)
-    if isinstance(command, Sleep):
-        await asyncio.sleep(command.seconds)
-    elif isinstance(command, Connect):
+    if isinstance(command, Connect):
         await session.apool()
         engine = session.engine
         return Link(engine.client_id, engine.listening, engine.listen)
-    elif isinstance(command, Listen):
-        return await asyncio.to_thread(session.engine.ensure_listening, command.timeout)
-    elif isinstance(command, Hold):
+    if isinstance(command, Hold):
         session.engine.hold(command.lease, flows.on_lease_lost(command.raise_on_failure, _canceller()))
     elif isinstance(command, Drop):
         session.engine.drop(command.lease_id)
+    elif isinstance(command, Wait):
+        return await _wait(session, command.ticket, command.seconds)
+    elif isinstance(command, Sleep):
+        await asyncio.sleep(command.seconds)
+    elif isinstance(command, Listen):
+        return await asyncio.to_thread(session.engine.ensure_listening, command.timeout)
     elif isinstance(command, Later):
         session.engine.later(command.query, command.params)
     return None

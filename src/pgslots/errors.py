@@ -28,8 +28,7 @@ the library.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -158,13 +157,16 @@ def from_database(exc: psycopg.Error) -> PgSlotsError:
     return translate(exc) or DatabaseError(f"The database refused the request: {_first_line(exc)}")
 
 
-@contextmanager
-def database_errors() -> Iterator[None]:
-    """Raises driver errors from the block as pgslots errors, chained to the original."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise from_database(exc) from exc
+class database_errors:  # noqa: N801 - used like a function: `with database_errors(): ...`
+    """Raises driver errors from the block as pgslots errors, chained to the original. (A class, not
+    a generator: it wraps every statement on the hot path.)"""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(exc, psycopg.Error):
+            raise from_database(exc) from exc
 
 
 def _first_line(exc: BaseException) -> str:

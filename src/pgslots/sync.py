@@ -51,26 +51,27 @@ def run(session: Session, flow: Flow[T], connection: psycopg.Connection[Any] | N
 
 
 def _perform(session: Session, command: flows.Command, connection: psycopg.Connection[Any] | None) -> Any:
+    # The commands of an uncontended acquire and release come first.
     if isinstance(command, Call):
         if command.in_transaction:
             assert connection is not None
             return session.call_on(connection, command.query, command.params)
         return session.call(command.query, command.params, timeout=command.timeout)
-    if isinstance(command, Wait):
-        return _wait(session, command.ticket, command.seconds)
-    if isinstance(command, Sleep):
-        time.sleep(command.seconds)
-    elif isinstance(command, Connect):
+    if isinstance(command, Connect):
         session.pool()
         engine = session.engine
         return Link(engine.client_id, engine.listening, engine.listen)
-    elif isinstance(command, Listen):
-        return session.engine.ensure_listening(command.timeout)
-    elif isinstance(command, Hold):
+    if isinstance(command, Hold):
         lost = flows.on_lease_lost(command.raise_on_failure, interrupt_thread(threading.get_ident()))
         session.engine.hold(command.lease, lost)
     elif isinstance(command, Drop):
         session.engine.drop(command.lease_id)
+    elif isinstance(command, Wait):
+        return _wait(session, command.ticket, command.seconds)
+    elif isinstance(command, Sleep):
+        time.sleep(command.seconds)
+    elif isinstance(command, Listen):
+        return session.engine.ensure_listening(command.timeout)
     elif isinstance(command, Later):
         session.engine.later(command.query, command.params)
     return None
