@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 import pgslots
-from pgslots.errors import SchemaNotInstalledError, translate
+from pgslots._translate import translate
+from pgslots.errors import SchemaNotInstalledError
 from pgslots.migrate import LATEST_VERSION, migrations
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,8 @@ from psycopg import sql
 
 from . import _queries as q
 from ._flow import Grant, Lease
-from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError, translate
+from ._translate import translate
+from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError
 
 logger = logging.getLogger("pgslots")
 

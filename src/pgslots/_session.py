@@ -25,7 +25,8 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import _queries as q
 from ._config import configured_dsn, resolve_dsn
 from ._engine import Engine
-from .errors import MIGRATE_HINT, SchemaNotInstalledError, database_errors
+from ._translate import database_errors
+from .errors import MIGRATE_HINT, SchemaNotInstalledError
 from .migrate import LATEST_VERSION
 
 logger = logging.getLogger("pgslots")

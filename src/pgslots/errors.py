@@ -20,19 +20,12 @@
     │   └── RateLimitWithoutDecayError       rate limit on limits without decay
     └── AcquireConcurrencySlotTimeoutError (TimeoutError)
 
-SQL raises with pgslots' own SQLSTATE codes (class ``PS``). :func:`from_database` is the one place
-where a driver error becomes one of the classes above (chained, so the driver's error stays
-readable as ``__cause__``); :func:`database_errors` applies it around a block. Nothing else leaves
-the library.
+SQL raises with pgslots' own SQLSTATE codes (class ``PS``). ``_translate`` is the one place where a
+driver error becomes one of the classes above; nothing else leaves the library. This module imports
+no driver, so the pure flows can raise these classes without one.
 """
 
 from __future__ import annotations
-
-from types import TracebackType
-
-import psycopg
-from psycopg import errors as pg_errors
-from psycopg_pool import PoolTimeout
 
 MIGRATE_HINT = "run `pgslots migrate` (or pgslots.migrate() from Python) to install it"
 
@@ -116,59 +109,3 @@ class RateLimitWithoutDecayError(ConcurrencySlotAcquisitionError):
 
 class AcquireConcurrencySlotTimeoutError(PgSlotsError, TimeoutError):
     """Waiting for slots took longer than ``timeout_seconds``."""
-
-
-_BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
-    "PS001": InvalidLimitNameError,
-    "PS002": InvalidLimitValueError,
-    "PS003": LimitExistsError,
-    "PS004": LimitNotFoundError,
-    "PS005": InvalidArgumentError,
-    "PS006": SlotsExceedLimitError,
-    "PS007": InvalidArgumentError,
-    "PS008": MissingLimitsError,
-    "PS009": RateLimitWithoutDecayError,
-    "PS010": LeaseLostError,
-    "PS011": InvalidArgumentError,
-}
-
-
-def translate(exc: psycopg.Error) -> PgSlotsError | None:
-    """The pgslots error a database error stands for, or None when it is not one of ours."""
-    diag = exc.diag
-    state = getattr(exc, "sqlstate", None) or ""
-    cls = _BY_SQLSTATE.get(state)
-    if cls is not None:
-        return cls(diag.message_primary or str(exc))
-    if isinstance(exc, (pg_errors.InvalidSchemaName, pg_errors.UndefinedTable)) or (
-        isinstance(exc, pg_errors.UndefinedFunction) and "pgslots." in str(exc)
-    ):
-        return SchemaNotInstalledError(f"The pgslots schema is not installed in this database: {MIGRATE_HINT}.")
-    if isinstance(exc, psycopg.OperationalError):
-        return DatabaseUnavailableError(
-            f"Cannot reach the database ({_first_line(exc)}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running.",
-            pool_exhausted=isinstance(exc, PoolTimeout),
-        )
-    return None
-
-
-def from_database(exc: psycopg.Error) -> PgSlotsError:
-    """The pgslots error to raise for a driver error: its own class, or DatabaseError."""
-    return translate(exc) or DatabaseError(f"The database refused the request: {_first_line(exc)}")
-
-
-class database_errors:  # noqa: N801 - used like a function: `with database_errors(): ...`
-    """Raises driver errors from the block as pgslots errors, chained to the original. (A class, not
-    a generator: it wraps every statement on the hot path.)"""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if isinstance(exc, psycopg.Error):
-            raise from_database(exc) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -29,7 +29,8 @@ from typing import Any
 
 import psycopg
 
-from .errors import PgSlotsError, database_errors
+from ._translate import database_errors
+from .errors import PgSlotsError
 
 # Any fixed number works; all migrators of one database must agree on it.
 ADVISORY_LOCK_KEY = 7_048_297_117_401
