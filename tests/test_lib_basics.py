@@ -450,3 +450,41 @@ def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(clien
         state.record({"granted": False, "waiter": 7, "missing": [], "retry_after": 0.5, "blocked_by": ["x"]})
         assert state.failed(error) is error
         assert state.abandon() == [(q.LEAVE_QUEUE, {"ticket": 7}), (q.RELEASE, {"lease_id": params["new_lease_id"]})]
+
+
+def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_loop(
+    fresh_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing configured, making a client starts nothing; the first async use finds (and
+    would start) the embedded server in a worker thread, so the event loop keeps running."""
+    found: list[bool] = []
+
+    def slow_embedded(explicit: str | None) -> str:
+        found.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.5)  # as long as starting a server may take, and more
+        return fresh_dsn
+
+    monkeypatch.setattr("pgslots._session.configured_dsn", lambda explicit: None)
+    monkeypatch.setattr("pgslots._session.resolve_dsn", slow_embedded)
+    own = Client()
+    assert found == []
+
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        async with pa.concurrency("nowhere", client=own):  # no such limit: runs unthrottled
+            pass
+        ticker.cancel()
+        return ticks
+
+    ticks = asyncio.run(main())
+    own.close()
+    assert found == [False]  # resolved once, in a worker thread
+    assert ticks >= 10  # the loop ran while the server was being found
