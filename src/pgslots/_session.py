@@ -40,13 +40,10 @@ def _application_name() -> str:
     return f"pgslots:{prog}"[:63]
 
 
-def _dicts(cur: Any) -> list[dict[str, Any]]:
-    """The rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
-    description = cur.description
-    if not description:
-        return []
-    names = [column.name for column in description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+def _dicts(description: Any, rows: list[Any]) -> list[dict[str, Any]]:
+    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
+    names = [column.name for column in description or ()]
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -240,16 +237,15 @@ class Session:
     def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection."""
         with database_errors(), self.pool().connection(timeout=timeout) as conn:
-            return _dicts(conn.execute(query, _adapt(params)))
+            cur = conn.execute(query, _adapt(params))
+            return _dicts(cur.description, cur.fetchall() if cur.description else [])
 
     async def acall(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         with database_errors():
             apool = await self.apool()
             async with apool.connection(timeout=timeout) as conn:
                 cur = await conn.execute(query, _adapt(params))
-                rows = await cur.fetchall() if cur.description else []
-                names = [column.name for column in cur.description or ()]
-                return [dict(zip(names, row, strict=True)) for row in rows]
+                return _dicts(cur.description, await cur.fetchall() if cur.description else [])
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
