@@ -705,7 +705,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     history = HERE / "HISTORY.md"
     lines = history.read_text().splitlines() if history.exists() else []
     # Its dated sections (## headings) and their notes, shown after this run's own findings.
-    report["history"] = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in lines if line.startswith(("## ", "- "))]
+    dated = [line for line in lines if line.startswith(("## ", "- "))]
+    report["history"] = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in dated]
     report.pop("notes", None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

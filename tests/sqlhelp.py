@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 
@@ -66,3 +69,18 @@ def expect_error(conn: psycopg.Connection[Any], sqlstate: str, query: str, param
         assert snapshot(conn) == before
         return exc.diag.message_primary or ""
     raise AssertionError(f"no error from {query} {params}")
+
+
+def login_role(admin_dsn: str, group: str) -> Iterator[str]:
+    """A new login role in `group` (pgslots_user or pgslots_admin) for the length of a test: its DSN."""
+    name = f"pgslots_test_{group}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(pgsql.Identifier(name), pgsql.Identifier(group)))
+        dbname = conn.info.dbname
+        conn.execute(pgsql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(pgsql.Identifier(dbname), pgsql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(admin_dsn, user=name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP OWNED BY {}").format(pgsql.Identifier(name)))
+            conn.execute(pgsql.SQL("DROP ROLE {}").format(pgsql.Identifier(name)))

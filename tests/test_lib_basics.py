@@ -440,16 +440,20 @@ def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(clien
     call, or the database refusing that call), the clean-up names the lease a release could hand
     that ticket, as well as the ticket."""
     from pgslots import _queries as q
-    from pgslots._flow import Attempts, make_request, timeout_error
+    from pgslots._flow import BACKGROUND_WAIT_SECONDS, Attempts, make_request, timeout_error
 
     request = make_request("x", 1, None, None, 60, False, None, rate_limit=False)
     assert request is not None
     for error in (timeout_error(1), pgslots.PgSlotsError("the database said no")):
-        state = Attempts(request, uuid.uuid4(), listening=True)
+        client_id = uuid.uuid4()
+        state = Attempts(request, client_id, listening=True)
         _, params = state.query()
         state.record({"granted": False, "waiter": 7, "missing": [], "retry_after": 0.5, "blocked_by": ["x"]})
         assert state.failed(error) is error
-        assert state.abandon() == [(q.LEAVE_QUEUE, {"ticket": 7}), (q.RELEASE, {"lease_id": params["new_lease_id"]})]
+        assert state.abandon() == [
+            (q.LEAVE_QUEUE, {"ticket": 7, "queue_client": client_id}),
+            (q.RELEASE, {"lease_id": params["new_lease_id"], "wait_seconds": BACKGROUND_WAIT_SECONDS}),
+        ]
 
 
 def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_loop(

@@ -10,33 +10,19 @@ import psycopg
 import pytest
 from psycopg import sql as pgsql
 
-from sqlhelp import acquire, create, one, rows
+from sqlhelp import acquire, create, login_role, one, rows
 
 Conn = psycopg.Connection[Any]
 
 
-def _login_role(admin_dsn: str, group: str) -> Iterator[str]:
-    name = f"pgslots_test_{group}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(pgsql.Identifier(name), pgsql.Identifier(group)))
-        dbname = conn.info.dbname
-        conn.execute(pgsql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(pgsql.Identifier(dbname), pgsql.Identifier(name)))
-    try:
-        yield psycopg.conninfo.make_conninfo(admin_dsn, user=name)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("DROP OWNED BY {}").format(pgsql.Identifier(name)))
-            conn.execute(pgsql.SQL("DROP ROLE {}").format(pgsql.Identifier(name)))
-
-
 @pytest.fixture
 def user_dsn(fresh_dsn: str) -> Iterator[str]:
-    yield from _login_role(fresh_dsn, "pgslots_user")
+    yield from login_role(fresh_dsn, "pgslots_user")
 
 
 @pytest.fixture
 def admin_role_dsn(fresh_dsn: str) -> Iterator[str]:
-    yield from _login_role(fresh_dsn, "pgslots_admin")
+    yield from login_role(fresh_dsn, "pgslots_admin")
 
 
 def _denied(conn: Conn, query: str, params: Any = None) -> None:

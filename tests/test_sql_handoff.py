@@ -46,10 +46,10 @@ def test_release_hands_the_slot_to_the_head_of_the_queue(admin: Conn, fresh_dsn:
         assert one(admin, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])["r"] is True
         [note] = payloads(lis, 1)
         assert list(bystander.notifies(timeout=0.3)) == []  # each client hears only about its own waiters
-    # "<ticket>:<fencing token>:<expires epoch>:<seconds>": the lease is the waiter's, written by the release.
-    t, token, epoch, seconds = note.split(":")
+    # "<ticket>:<lease id>:<fencing token>:<expires epoch>:<seconds>": the lease is the waiter's, written by the release.
+    t, named, token, epoch, seconds = note.split(":")
     got = one(admin, "SELECT *, extract(epoch FROM expires_at) AS epoch FROM pgslots.leases WHERE id = %s", [lease])
-    assert int(t) == ticket and int(token) == got["fencing_token"] > held["fencing_token"]
+    assert int(t) == ticket and uuid.UUID(named) == lease and int(token) == got["fencing_token"] > held["fencing_token"]
     assert float(epoch) == pytest.approx(float(got["epoch"]), abs=1e-3)
     assert float(seconds) == 6  # 2 x waiter_ttl_seconds first; the waiter's client renews it
     assert (got["expires_at"] - got["acquired_at"]).total_seconds() == pytest.approx(6)

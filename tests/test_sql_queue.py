@@ -68,10 +68,11 @@ def test_heartbeat_keeps_the_place(sql: Conn) -> None:
 def test_leave_queue(sql: Conn) -> None:
     create(sql, "lq", 1)
     lease = acquire(sql, ["lq"], lease_seconds=60)["lease_id"]
-    ticket = acquire(sql, ["lq"], lease_seconds=60, queue_client=uuid.uuid4())["waiter"]
+    client = uuid.uuid4()
+    ticket = acquire(sql, ["lq"], lease_seconds=60, queue_client=client)["waiter"]
     one(sql, "SELECT pgslots.release(%s)", [lease])
-    one(sql, "SELECT pgslots.leave_queue(%s)", [ticket])
-    one(sql, "SELECT pgslots.leave_queue(%s)", [ticket])
+    assert one(sql, "SELECT pgslots.leave_queue(%s, %s) AS left", [ticket, client])["left"] is True
+    assert one(sql, "SELECT pgslots.leave_queue(%s, %s) AS left", [ticket, client])["left"] is False
     assert acquire(sql, ["lq"], lease_seconds=60)["granted"]
 
 

@@ -153,12 +153,13 @@ def test_room_appearing_while_queueing_means_ask_again(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as admin:
         create(admin, "gap", 1)
         held = acquire(admin, ["gap"], lease_seconds=60)["lease_id"]
-        ahead = acquire(admin, ["gap"], lease_seconds=60, queue_client=uuid.uuid4())["waiter"]  # names no lease
+        ahead_client = uuid.uuid4()
+        ahead = acquire(admin, ["gap"], lease_seconds=60, queue_client=ahead_client)["waiter"]  # names no lease
         one(admin, "SELECT pgslots.release(%s)", [held])  # the slot is free, kept for the waiter ahead
     b = psycopg.connect(fresh_dsn)
     a = psycopg.connect(fresh_dsn, autocommit=True)
     try:
-        one(b, "SELECT pgslots.leave_queue(%s)", [ahead])  # the waiter gives up; not committed yet
+        one(b, "SELECT pgslots.leave_queue(%s, %s)", [ahead, ahead_client])  # the waiter gives up; not committed yet
         result: dict[str, Any] = {}
         thread = threading.Thread(
             target=lambda: result.update(acquire(a, ["gap"], lease_seconds=60, queue_client=uuid.uuid4(), new_lease_id=uuid.uuid4()))

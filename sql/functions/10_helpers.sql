@@ -109,7 +109,8 @@ AS $$ SELECT 'pgslots:' || client_id::text $$;
 ---------------------------------------------------------------------------------------------------
 
 -- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
--- With a named lease, it leaves what a release needs to grant that lease directly.
+-- With a named lease, it leaves what a release needs to grant that lease directly. The ticket is
+-- always one this caller owns (see _own_ticket) or a new one: a place is never taken over.
 CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
                                  at timestamptz, ttl_seconds float8, lease_id uuid,
                                  lease_seconds float8, holder jsonb)
@@ -119,15 +120,46 @@ AS $$
 BEGIN
     INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
                                       parts, lease_id, lease_seconds, host, pid,
-                                      application_name, holder)
+                                      application_name, holder, owner)
     SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
            cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
            pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
-           pgslots._application_name(), _enqueue.holder
+           pgslots._application_name(), _enqueue.holder, session_user
     FROM unnest(ids) AS i
     ON CONFLICT (limit_id, id) DO UPDATE
     SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
-        lease_seconds = excluded.lease_seconds;
+        lease_seconds = excluded.lease_seconds, owner = excluded.owner
+    WHERE w.client_id = excluded.client_id AND coalesce(w.owner, excluded.owner) = excluded.owner;
+END
+$$;
+
+-- The ticket a caller passed back, if it is still queued and was issued to this client and login
+-- role; NULL otherwise, and the caller is then a new arrival. So no caller can take over, move or
+-- plant a place in the queue by passing a ticket number.
+CREATE FUNCTION pgslots._own_ticket(ticket bigint, queue_client uuid) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT min(w.id) FROM pgslots.waiters w
+    WHERE w.id = ticket AND w.client_id = queue_client AND coalesce(w.owner, session_user) = session_user
+$$;
+
+-- Bounds every lock wait of the calling function's transaction by wait_seconds (lock_timeout), so
+-- a call blocked behind another session's open transaction or advisory lock gives up in time,
+-- changing nothing. Returns the lock_timeout to put back before the function returns.
+CREATE FUNCTION pgslots._bound_waits(wait_seconds float8) RETURNS text
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    prior text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    IF NOT (wait_seconds >= 0 AND wait_seconds < 'Infinity'::float8) THEN
+        RAISE EXCEPTION 'wait_seconds must be a finite number >= 0 (or NULL: no bound), got %.', wait_seconds
+            USING ERRCODE = 'PS012', HINT = 'Pass how long the call may wait for locks, e.g. 5.';
+    END IF;
+    -- lock_timeout counts in whole milliseconds, and 0 would mean no bound at all.
+    PERFORM pg_catalog.set_config('lock_timeout',
+        least(2147483647, greatest(1, ceil(wait_seconds * 1000)))::bigint::text || 'ms', true);
+    RETURN prior;
 END
 $$;
 

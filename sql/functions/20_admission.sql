@@ -27,6 +27,7 @@ DECLARE
     blocked uuid[];
     short float8;
     attempt integer;
+    asked_again boolean;
 BEGIN
     SELECT * INTO cfg FROM pgslots.settings;
     IF NOT for_rate_limit THEN
@@ -34,8 +35,13 @@ BEGIN
         lease_for := make_interval(secs => lease_seconds);
     END IF;
     granted := false;
-    waiter := ticket;
     missing := '{}';
+    -- A ticket counts only for the client and role it was issued to; any other is a new arrival.
+    asked_again := ticket IS NOT NULL;
+    IF asked_again THEN
+        ticket := pgslots._own_ticket(ticket, queue_client);
+    END IF;
+    waiter := ticket;
 
     IF names IS NULL OR slots IS NULL OR slots <= 0
        OR EXISTS (SELECT 1 FROM unnest(names) AS n WHERE pgslots._bad_name(n)) THEN
@@ -64,15 +70,18 @@ BEGIN
     at := pgslots._clock(cfg.clock_offset);
 
     -- A queued waiter asking again may have been granted its named lease by a release meanwhile
-    -- (its notification lost or not read yet): that lease is the answer, renewed to full length.
-    IF ticket IS NOT NULL AND new_lease_id IS NOT NULL AND NOT for_rate_limit THEN
+    -- (its notification lost or not read yet; its ticket left the queue then): that lease is the
+    -- answer, renewed to full length. The lease id, known to its holder alone, is the proof.
+    IF asked_again AND new_lease_id IS NOT NULL AND NOT for_rate_limit THEN
         UPDATE pgslots.leases x SET expires_at = at + lease_for
         WHERE x.id = new_lease_id AND x.limit_id = ANY (ids)
         RETURNING x.fencing_token, x.expires_at INTO fencing_token, expires_at;
         IF FOUND THEN
             granted := true;
             lease_id := new_lease_id;
-            DELETE FROM pgslots.waiters w WHERE w.id = ticket;
+            IF ticket IS NOT NULL THEN
+                DELETE FROM pgslots.waiters w WHERE w.id = ticket;
+            END IF;
             RETURN;
         END IF;
     END IF;
@@ -168,6 +177,7 @@ CREATE FUNCTION pgslots.acquire(
     ticket bigint DEFAULT NULL,
     queue_client uuid DEFAULT NULL,
     new_lease_id uuid DEFAULT NULL,
+    wait_seconds float8 DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
 LANGUAGE plpgsql
@@ -186,7 +196,12 @@ DECLARE
     target uuid;
     lim record;
     lease_limits uuid[];
+    written integer;
+    prior_lock_timeout text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
         SELECT * INTO cfg FROM pgslots.settings;
         IF pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
@@ -220,10 +235,10 @@ BEGIN
                                 WHERE w.limit_id = l.id AND w.expires_at > at),
                                slots) AS short
                     INTO lim FROM pgslots.limits l WHERE l.id = lim.id;
+                    granted := false;
+                    missing := '{}';
                     IF FOUND AND lim.active AND NOT pgslots._fits(lim.short) THEN
                         PERFORM set_config('synchronous_commit', 'off', true);   -- as in _admit
-                        granted := false;
-                        missing := '{}';
                         blocked_by := ARRAY[lim.name];
                         retry_after := pgslots._retry_after(lim.short, lim."limit", lim.leased_slots, slots,
                                                             lim.slot_decay_per_second,
@@ -232,15 +247,12 @@ BEGIN
                         PERFORM pgslots._enqueue(waiter, ARRAY[lim.id], slots, queue_client, at,
                                                  cfg.waiter_ttl_seconds, new_lease_id, lease_seconds, holder);
                         PERFORM pgslots._count_refusal(ARRAY[lim.id], slots);
-                        RETURN;
+                    ELSE
+                        -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
+                        -- once. Not via _admit: its row locks must never be taken under the queue lock.
+                        retry_after := 0;
+                        blocked_by := '{}';
                     END IF;
-                    -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
-                    -- once. Not via _admit: its row locks must never be taken under the queue lock.
-                    granted := false;
-                    retry_after := 0;
-                    missing := '{}';
-                    blocked_by := '{}';
-                    RETURN;
                 END IF;
             END IF;
         END IF;
@@ -259,18 +271,31 @@ BEGIN
         SELECT lease_id, i, slots, cardinality(lease_limits), fencing_token,
                expires_at - make_interval(secs => lease_seconds), expires_at,   -- acquired: the grant's time
                pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder
-        FROM unnest(lease_limits) AS i;
+        FROM unnest(lease_limits) AS i
+        ON CONFLICT DO NOTHING;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        IF written < cardinality(lease_limits) THEN
+            RAISE EXCEPTION 'Lease id % is already in use: new_lease_id must name a new lease.', new_lease_id
+                USING ERRCODE = 'PS013',
+                      HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
+        END IF;
+    END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
     END IF;
 END
 $$;
-COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid) IS
+COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid, float8) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
 '(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
 'blocked_by. missing lists names with no limit (strict => error). With queue_client, a refused '
-'caller is queued and gets a waiter ticket to pass back; queued callers are served first-come. '
-'new_lease_id names the lease up front: the caller can release it after an interrupted call, and '
-'a queued caller waiting on one limit may be granted it by a release (the notification says so; '
-'asking again with the same ticket and new_lease_id returns it).';
+'caller is queued and gets a waiter ticket to pass back (with the same queue_client, from the same '
+'login role; any other ticket queues afresh at the back); queued callers are served first-come. '
+'new_lease_id names the lease up front (a fresh random UUID): the caller can release it after an '
+'interrupted call, and a queued caller waiting on one limit may be granted it by a release (the '
+'notification says so; asking again with the same ticket and new_lease_id returns it). '
+'wait_seconds bounds each wait for a lock held by another session (lock_timeout): past it the '
+'call fails with SQLSTATE 55P03 and changes nothing; NULL waits as the session''s lock_timeout says.';
 
 CREATE FUNCTION pgslots.rate_limit(
     names text[],
@@ -278,17 +303,27 @@ CREATE FUNCTION pgslots.rate_limit(
     strict boolean DEFAULT false,
     ticket bigint DEFAULT NULL,
     queue_client uuid DEFAULT NULL,
+    wait_seconds float8 DEFAULT NULL,
     OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
     OUT waiter bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+DECLARE
+    prior_lock_timeout text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
     INTO granted, retry_after, missing, blocked_by, waiter
     FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
 END
 $$;
-COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid) IS
+COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8) IS
 'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
-'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit.';
+'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit. '
+'ticket, queue_client and wait_seconds as for acquire.';

@@ -1,6 +1,7 @@
 -- Slots: release, renew and sweep, what a holder (or an operator) does with a lease.
 
-CREATE FUNCTION pgslots.release(lease_id uuid, durable boolean DEFAULT true) RETURNS boolean
+CREATE FUNCTION pgslots.release(lease_id uuid, durable boolean DEFAULT true,
+                                wait_seconds float8 DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
@@ -12,7 +13,11 @@ DECLARE
     commit_mode text := current_setting('synchronous_commit');
     target uuid;
     freed integer;
+    prior_lock_timeout text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
         -- keeps the slot taken until its lease expires: slower, never over-admitting.
@@ -30,14 +35,14 @@ BEGIN
     RETURNING l.id, x.slots INTO target, freed;
     IF FOUND THEN
         DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.limit_id = target;
-        IF NOT FOUND THEN
+        IF FOUND THEN
+            released := true;
+            PERFORM pgslots._lock_queue(target);
+            IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
+                handed := pgslots._hand_off(target, pgslots._now());
+            END IF;
+        ELSE
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + freed WHERE l.id = target;
-            RETURN false;
-        END IF;
-        released := true;
-        PERFORM pgslots._lock_queue(target);
-        IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
-            handed := pgslots._hand_off(target, pgslots._now());
         END IF;
     ELSE
         -- The limits of the lease, and of a queued request that named it: a release handing it
@@ -74,18 +79,23 @@ BEGIN
         -- Handing slots over grants a lease: that must survive a crash like any grant.
         PERFORM set_config('synchronous_commit', commit_mode, true);
     END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
     RETURN released;
 END
 $$;
-COMMENT ON FUNCTION pgslots.release(uuid, boolean) IS
+COMMENT ON FUNCTION pgslots.release(uuid, boolean, float8) IS
 'Releases a lease''s slots. Idempotent: an unknown or already released lease changes nothing '
 'and returns false; a queued request that named this lease (new_lease_id) leaves the queue. The '
 'freed slots go straight to the head of the queue when it named its lease (see acquire), else the '
 'queued waiters they can serve are notified. durable => false commits without waiting for the WAL '
 'flush (use it in its own transaction only) unless slots were handed over: a crash can then delay '
-'the slot until its lease expires, but never over-admit.';
+'the slot until its lease expires, but never over-admit. wait_seconds bounds each lock wait as '
+'in acquire.';
 
-CREATE FUNCTION pgslots.renew(lease_id uuid, lease_seconds float8 DEFAULT 300)
+CREATE FUNCTION pgslots.renew(lease_id uuid, lease_seconds float8 DEFAULT 300,
+                              wait_seconds float8 DEFAULT NULL)
 RETURNS timestamptz
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -96,7 +106,11 @@ DECLARE
     renewed integer;
     expected integer;
     new_expiry timestamptz;
+    prior_lock_timeout text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
     SELECT * INTO cfg FROM pgslots.settings;
     PERFORM pgslots._check_lease_seconds(lease_seconds, cfg);
     at := pgslots._clock(cfg.clock_offset);
@@ -113,12 +127,16 @@ BEGIN
             USING ERRCODE = 'PS010',
                   HINT = 'Stop the work that needed the slots and acquire them again.';
     END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
     RETURN new_expiry;
 END
 $$;
-COMMENT ON FUNCTION pgslots.renew(uuid, float8) IS
+COMMENT ON FUNCTION pgslots.renew(uuid, float8, float8) IS
 'Extends a live lease to now + lease_seconds and returns the new expiry. A lease that expired or '
-'was released is lost: renewing it raises SQLSTATE PS010 and changes nothing.';
+'was released is lost: renewing it raises SQLSTATE PS010 and changes nothing. wait_seconds bounds '
+'each lock wait as in acquire.';
 
 CREATE FUNCTION pgslots.sweep() RETURNS integer
 LANGUAGE plpgsql

@@ -2,9 +2,12 @@
 --
 -- Waiters of a limit are served in ticket order. Wake-ups go to each waiting client's own channel,
 -- "pgslots:<queue_client>". Payload, comma-separated entries:
---   <ticket>                                             look again: the freed slots may fit you now
---   <ticket>:<fencing_token>:<expires_epoch>:<seconds>   your named lease is granted; it expires at
---                                                        expires_epoch (<seconds> from now)
+--   <ticket>                             look again: the freed slots may fit you now
+--   <ticket>:<lease_id>:<fencing_token>:<expires_epoch>:<seconds>
+--                                        the lease you named is granted; it expires at
+--                                        expires_epoch (<seconds> from now)
+-- Anyone may NOTIFY any channel: a client believes a grant only when it names the lease the client
+-- itself chose (a random UUID nobody else has seen), and otherwise just asks again.
 
 -- The queued waiters of one limit that the slots free now can serve, head first. Slots of expired
 -- leases count as free: the waiter's own acquire will reclaim them.
@@ -102,14 +105,16 @@ BEGIN
         token := nextval('pgslots.fencing_tokens');
         run_for := least(w.lease_seconds, 2 * ttl);
         expiry := at + make_interval(secs => run_for);
+        -- A lease id already in use (the caller named it twice) is not granted again: no two leases
+        -- of one limit share an id.
         INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
                                     host, pid, application_name, holder)
         VALUES (w.lease_id, target, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder)
-        ON CONFLICT (id, limit_id) DO NOTHING;
+        ON CONFLICT DO NOTHING;
         IF FOUND THEN
             given := given + w.slots;
             PERFORM pg_notify(pgslots._channel(w.client_id),
-                              format('%s:%s:%s:%s', w.id, token, extract(epoch FROM expiry), run_for));
+                              format('%s:%s:%s:%s:%s', w.id, w.lease_id, token, extract(epoch FROM expiry), run_for));
         END IF;
         DELETE FROM pgslots.waiters x WHERE x.id = w.id;
         served := served + 1;
@@ -133,18 +138,24 @@ DECLARE
     mine bigint[];
 BEGIN
     -- Given the tickets it waits on, only those keep their place: a request abandoned in the middle
-    -- of its call (its ticket never known to the client) leaves the queue when its time is up.
+    -- of its call (its ticket never known to the client) leaves the queue when its time is up. Only
+    -- the caller's own places (its client id, its login role) are touched, and rows another session
+    -- has locked (it is removing them) are skipped: a heartbeat never waits.
     UPDATE pgslots.waiters w
     SET expires_at = at + make_interval(secs => s.waiter_ttl_seconds)
     FROM pgslots.settings s
-    WHERE w.client_id = queue_client AND (tickets IS NULL OR w.id = ANY (tickets));
+    WHERE (w.limit_id, w.id) IN (SELECT v.limit_id, v.id FROM pgslots.waiters v
+                                 WHERE v.client_id = queue_client AND coalesce(v.owner, session_user) = session_user
+                                   AND (tickets IS NULL OR v.id = ANY (tickets))
+                                 FOR UPDATE SKIP LOCKED);
     -- One walk of the queue per limit, not per waiter.
     SELECT array_agg(DISTINCT t ORDER BY t) INTO mine
     FROM (SELECT q.t FROM (SELECT DISTINCT w.limit_id FROM pgslots.waiters w
-                           WHERE w.client_id = queue_client) l,
+                           WHERE w.client_id = queue_client AND coalesce(w.owner, session_user) = session_user) l,
                           unnest(pgslots._wakeable(l.limit_id, at)) AS q(t)
           WHERE (tickets IS NULL OR q.t = ANY (tickets))
-            AND EXISTS (SELECT 1 FROM pgslots.waiters v WHERE v.id = q.t AND v.client_id = queue_client)
+            AND EXISTS (SELECT 1 FROM pgslots.waiters v
+                        WHERE v.id = q.t AND v.client_id = queue_client AND coalesce(v.owner, session_user) = session_user)
           UNION ALL
           -- Tickets no longer queued: handed their lease, or dropped. Asking again tells which.
           SELECT g.t FROM unnest(tickets) AS g(t)
@@ -153,30 +164,48 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgslots.heartbeat(uuid, bigint[]) IS
-'Keeps every queued waiter of one client in its place for another waiter_ttl_seconds, and returns '
-'the tickets that should ask again now: those among them that free slots could serve, and those '
-'of `tickets` (the ones the client waits on) that are no longer queued, e.g. because a release '
-'handed them their lease. A backstop for lost notifications. A client that stops calling it '
-'leaves the queue by itself.';
+'Keeps the queued waiters of one client (queued by the calling login role) in their place for '
+'another waiter_ttl_seconds, and returns the tickets that should ask again now: those among them '
+'that free slots could serve, and those of `tickets` (the ones the client waits on) that are no '
+'longer queued, e.g. because a release handed them their lease. A backstop for lost '
+'notifications; it never waits for a lock. A client that stops calling it leaves the queue by itself.';
 
-CREATE FUNCTION pgslots.leave_queue(ticket bigint) RETURNS void
+CREATE FUNCTION pgslots.leave_queue(ticket bigint, queue_client uuid, wait_seconds float8 DEFAULT NULL)
+RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
     at timestamptz;
     left_limit uuid;
+    was_queued boolean := false;
+    prior_lock_timeout text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
     -- Lock the ticket's limits first, as a release does: a release that is handing this ticket its
     -- lease right now finishes first, so the caller's release of that lease, next, finds it.
     PERFORM 1 FROM pgslots.limits l
-    WHERE l.id IN (SELECT w.limit_id FROM pgslots.waiters w WHERE w.id = leave_queue.ticket)
+    WHERE l.id IN (SELECT w.limit_id FROM pgslots.waiters w
+                   WHERE w.id = leave_queue.ticket AND w.client_id = leave_queue.queue_client
+                     AND coalesce(w.owner, session_user) = session_user)
     ORDER BY l.id FOR UPDATE;
     at := pgslots._now();
-    FOR left_limit IN DELETE FROM pgslots.waiters w WHERE w.id = leave_queue.ticket RETURNING w.limit_id LOOP
+    FOR left_limit IN DELETE FROM pgslots.waiters w
+                      WHERE w.id = leave_queue.ticket AND w.client_id = leave_queue.queue_client
+                        AND coalesce(w.owner, session_user) = session_user
+                      RETURNING w.limit_id LOOP
+        was_queued := true;
         PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now
     END LOOP;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
+    RETURN was_queued;
 END
 $$;
-COMMENT ON FUNCTION pgslots.leave_queue(bigint) IS
-'Takes a waiter ticket out of the queue (the caller gave up waiting). Idempotent.';
+COMMENT ON FUNCTION pgslots.leave_queue(bigint, uuid, float8) IS
+'Takes a waiter ticket out of the queue (the caller gave up waiting); true when it was queued. '
+'Only the client and login role the ticket was issued to can remove it; for anyone else it '
+'changes nothing. Idempotent. wait_seconds bounds each lock wait as in acquire.';

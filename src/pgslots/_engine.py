@@ -10,6 +10,7 @@ Being a thread, it keeps renewing while an event loop is blocked by CPU-bound co
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import heapq
@@ -19,6 +20,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +30,7 @@ import psycopg
 from psycopg import sql
 
 from . import _queries as q
-from ._flow import Grant, Lease
+from ._flow import BACKGROUND_WAIT_SECONDS, Grant, Lease, release_params
 from ._translate import translate
 from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError
 
@@ -38,23 +40,38 @@ HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by de
 RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
+EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    """A release that could not be done when its body ended (the database was away, or busy) is
+    retried in the background; before the interpreter exits, it gets a last bounded chance, so a
+    clean exit leaves no slot held."""
+    deadline = time.monotonic() + EXIT_SECONDS
+    for engine in list(_engines):
+        engine.finish(deadline)
 
 
 Waker = Callable[[Grant | None], None]
 
 
 def parse_notification(payload: str) -> list[tuple[int, Grant | None]]:
-    """``12,13:77:1700000000.5:6`` -> [(12, None), (13, Grant(77, ..., 6.0))]; see migration 0003."""
+    """``12,13:<lease uuid>:77:1700000000.5:6`` -> [(12, None), (13, Grant(<lease uuid>, 77, ..., 6.0))];
+    the format is described in sql/functions/40_queue.sql. Whether a grant is ours is decided by the
+    waiter, which alone knows the lease id it named."""
     woken: list[tuple[int, Grant | None]] = []
     for entry in payload.split(","):
         parts = entry.split(":")
         try:
-            if len(parts) == 4:
-                expires = datetime.fromtimestamp(float(parts[2]), UTC)
-                woken.append((int(parts[0]), Grant(int(parts[1]), expires, float(parts[3]))))
+            if len(parts) == 5:
+                expires = datetime.fromtimestamp(float(parts[3]), UTC)
+                woken.append((int(parts[0]), Grant(uuid.UUID(parts[1]), int(parts[2]), expires, float(parts[4]))))
             elif parts[0]:
                 woken.append((int(parts[0]), None))
-        except ValueError:
+        except (ValueError, OverflowError):
             logger.debug("pgslots: ignoring a notification entry it cannot read: %r", entry)
     return woken
 
@@ -98,6 +115,7 @@ class Engine:
         self._listening = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._next_heartbeat = 0.0
+        _engines.add(self)
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -157,7 +175,7 @@ class Engine:
 
     def release_later(self, lease_id: uuid.UUID) -> None:
         """Releases a lease in the background (after an interrupted call that may have granted it)."""
-        self.later(q.RELEASE, {"lease_id": lease_id})
+        self.later(q.RELEASE, release_params(lease_id))
 
     def later(self, query: Any, params: dict[str, Any]) -> None:
         """Runs a clean-up call in the background, retrying until the database answers."""
@@ -171,6 +189,22 @@ class Engine:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def finish(self, deadline: float) -> None:
+        """Waits (until the monotonic deadline) for the pending background calls to be done."""
+        pending = self.pending_cleanup()
+        if not pending:
+            return
+        logger.info("pgslots: finishing %d pending release(s) before exit.", pending)
+        self.start()
+        while self.pending_cleanup() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = self.pending_cleanup()
+        if left:
+            logger.warning(
+                "pgslots: %d release(s) could not be finished before exit; their slots come back when their leases expire.",
+                left,
+            )
 
     def pending_cleanup(self) -> int:
         with self._lock:
@@ -258,12 +292,18 @@ class Engine:
         return max(budget, 0.001)
 
     def _run_cleanup(self, conn: psycopg.Connection[Any]) -> None:
-        while True:
+        for _ in range(len(self._cleanup)):
             with self._lock:
                 if not self._cleanup:
                     return
                 query, params = self._cleanup[0]
-            conn.execute(query, params)  # a connection error leaves it queued for the next try
+            try:
+                conn.execute(query, params)  # a connection error leaves it queued for the next try
+            except psycopg.errors.LockNotAvailable:
+                # Another session holds a lock it needs: behind the rest, and back to renewals first.
+                with self._lock:
+                    self._cleanup.append(self._cleanup.pop(0))
+                return
             with self._lock:
                 self._cleanup.pop(0)
 
@@ -320,7 +360,10 @@ class Engine:
                     self._connect()
                     assert self._conn is not None
                     conn = self._conn
-                conn.execute(q.RENEW, {"lease_id": renewal.lease_id, "lease_seconds": renewal.lease_seconds})
+                conn.execute(
+                    q.RENEW,
+                    {"lease_id": renewal.lease_id, "lease_seconds": renewal.lease_seconds, "wait_seconds": BACKGROUND_WAIT_SECONDS},
+                )
                 return None
             except psycopg.Error as exc:
                 mapped: PgSlotsError | None = translate(exc)

@@ -30,6 +30,7 @@ from .errors import (
     ConcurrencySlotAcquisitionError,
     DatabaseUnavailableError,
     InvalidArgumentError,
+    LockWaitTimeoutError,
     PgSlotsError,
 )
 
@@ -40,6 +41,9 @@ LONGEST_WAIT_SECONDS = 60.0  # even a waiter that is never woken looks again thi
 POLL_SECONDS = 1.0  # without LISTEN, the longest pause between attempts
 RECONNECT_SECONDS = 30.0  # how long an attempt keeps retrying while the database is unreachable
 CLEAN_UP_SECONDS = 1.0  # a clean-up the caller waits for never takes longer; the rest goes to the background
+# Each SQL call bounds its waits for locks another session holds (an open transaction, say):
+RELEASE_WAIT_SECONDS = 2.0  # a release at the end of a body; past it, the release goes on in the background
+BACKGROUND_WAIT_SECONDS = 5.0  # a background call: past it, the engine turns to its other work and comes back
 
 
 # ---- what a flow asks its driver for ---------------------------------------------------------
@@ -121,8 +125,10 @@ Flow = Generator[Command, Any, T]
 
 @dataclass(frozen=True)
 class Grant:
-    """A lease a release handed to a queued waiter (the waiter named its id when it queued)."""
+    """A lease a release handed to a queued waiter (the waiter named its id when it queued). Only a
+    grant that names the waiter's own lease id counts: anyone can send a notification."""
 
+    lease_id: uuid.UUID
     fencing_token: int
     expires_at: datetime
     term_seconds: float  # how long it runs before its first renewal is due, from the database
@@ -256,6 +262,8 @@ class Attempts:
             "strict": r.strict,
             "ticket": self.ticket,
             "queue_client": self.queue_client,
+            # A lock held elsewhere may delay the call only as long as the caller would wait anyway.
+            "wait_seconds": self.remaining(),
         }
         if r.rate_limit:
             return q.RATE_LIMIT, params
@@ -310,8 +318,12 @@ class Attempts:
         remaining = self.remaining()
         return wait if remaining is None else min(wait, remaining)
 
-    def handed(self, grant: Grant) -> Lease:
-        """The lease a release granted to our queued ticket (named by pending_lease)."""
+    def handed(self, grant: Grant) -> Lease | None:
+        """The lease a release granted to our queued ticket, if the grant names the lease we named
+        (pending_lease); None for any other (a forged or misrouted notification): ask again."""
+        if self.pending_lease is None or grant.lease_id != self.pending_lease:
+            logger.debug("pgslots: ignoring a hand-off for lease %s: this waiter named %s", grant.lease_id, self.pending_lease)
+            return None
         r = self.request
         lease_id, self.pending_lease, self.ticket = self.pending_lease, None, None
         return Lease(lease_id, grant.fencing_token, grant.expires_at, r.names, r.slots, r.lease_seconds, self.missing, grant.term_seconds)
@@ -322,9 +334,9 @@ class Attempts:
         hand us the lease after we let it go)."""
         steps: list[tuple[Any, dict[str, Any]]] = []
         if self.ticket is not None and self.queue_client is not None:
-            steps.append((q.LEAVE_QUEUE, {"ticket": self.ticket}))
+            steps.append((q.LEAVE_QUEUE, {"ticket": self.ticket, "queue_client": self.queue_client}))
         if self.pending_lease is not None:
-            steps.append((q.RELEASE, {"lease_id": self.pending_lease}))
+            steps.append((q.RELEASE, release_params(self.pending_lease)))
         self.ticket = self.pending_lease = None
         return steps
 
@@ -339,12 +351,14 @@ class Attempts:
         if not isinstance(exc, DatabaseUnavailableError):
             if self.ticket is None:
                 self.pending_lease = None  # rolled back; while queued, a release may still hand it over
+            if isinstance(exc, LockWaitTimeoutError) and self.deadline is not None:
+                return timeout_error(self.request.timeout_seconds)  # blocked by another session up to the deadline
             return exc
         if exc.pool_exhausted and self.deadline is not None and time.monotonic() >= self.deadline:
             return timeout_error(self.request.timeout_seconds)  # the caller's timeout, not an outage
         if self.pending_lease is not None:
             lease, self.pending_lease = self.pending_lease, None
-            return Later(q.RELEASE, {"lease_id": lease})
+            return Later(q.RELEASE, release_params(lease))
         now = time.monotonic()
         if self.outage_since is None:
             self.outage_since = now
@@ -405,7 +419,9 @@ def acquire(request: Request) -> Flow[Lease]:
                 continue
             grant = yield Wait(state.ticket, outcome)
             if grant is not None:
-                return state.handed(grant)
+                handed = state.handed(grant)
+                if handed is not None:
+                    return handed
     except BaseException as exc:
         yield from clean_up(state.abandon(), now=isinstance(exc, Exception))
         raise
@@ -420,8 +436,10 @@ def acquire_in_transaction(request: Request) -> Flow[Lease]:
         yield Call(q.SAVEPOINT, in_transaction=True)
         try:
             outcome = state.record((yield Call(query, params, in_transaction=True))[0])
-        except BaseException:
+        except BaseException as exc:
             yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)
+            if isinstance(exc, LockWaitTimeoutError) and state.deadline is not None:
+                raise timeout_error(request.timeout_seconds) from exc
             raise
         if isinstance(outcome, Lease):
             yield Call(q.RELEASE_SAVEPOINT, in_transaction=True)
@@ -437,11 +455,11 @@ def clean_up(steps: list[tuple[Any, dict[str, Any]]], now: bool) -> Flow[None]:
     for query, params in steps:
         if now:
             try:
-                yield Call(query, params, CLEAN_UP_SECONDS)
+                yield Call(query, {**params, "wait_seconds": CLEAN_UP_SECONDS}, CLEAN_UP_SECONDS)
                 continue
             except PgSlotsError:
                 now = False
-        yield Later(query, params)
+        yield Later(query, {**params, "wait_seconds": BACKGROUND_WAIT_SECONDS})
 
 
 def release(lease: Lease, in_transaction: bool) -> Flow[None]:
@@ -452,16 +470,20 @@ def release(lease: Lease, in_transaction: bool) -> Flow[None]:
         return
     if in_transaction:
         with contextlib.suppress(PgSlotsError):  # the caller's transaction decides: a rollback takes the lease
-            yield Call(q.RELEASE, {"lease_id": lease.lease_id}, in_transaction=True)
+            yield Call(q.RELEASE, {"lease_id": lease.lease_id, "wait_seconds": None}, in_transaction=True)
         return
     yield Drop(lease.lease_id)
     try:
-        yield Call(q.RELEASE_FAST, {"lease_id": lease.lease_id})
+        yield Call(q.RELEASE_FAST, release_params(lease.lease_id, RELEASE_WAIT_SECONDS))
     except BaseException as error:
-        yield Later(q.RELEASE, {"lease_id": lease.lease_id})
+        yield Later(q.RELEASE, release_params(lease.lease_id))
         if not isinstance(error, PgSlotsError):
             raise
         logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+
+
+def release_params(lease_id: uuid.UUID, wait_seconds: float = BACKGROUND_WAIT_SECONDS) -> dict[str, Any]:
+    return {"lease_id": lease_id, "wait_seconds": wait_seconds}
 
 
 def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], None]) -> Callable[[BaseException], None]:

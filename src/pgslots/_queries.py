@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from typing import LiteralString
 
+# wait_seconds: how long each call may wait for a lock another session holds (None: no bound).
 ACQUIRE: LiteralString = (
     "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
-    " %(queue_client)s, %(new_lease_id)s)"
+    " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s)"
 )
-RATE_LIMIT: LiteralString = "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s)"
-RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s)"
+RATE_LIMIT: LiteralString = (
+    "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s)"
+)
+RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s, true, %(wait_seconds)s)"
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
-RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false)"
-RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s)"
+RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false, %(wait_seconds)s)"
+RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s, %(wait_seconds)s)"
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s, %(tickets)s)"
-LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s)"
+LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s, %(queue_client)s, %(wait_seconds)s)"
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
 CREATE_LIMIT: LiteralString = "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s)"
 UPDATE_LIMIT: LiteralString = (
@@ -29,6 +32,9 @@ GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"
 LOCK_FOR_APPLY: LiteralString = "SELECT pgslots.lock_for_apply()"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"
 SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
+# The first call of a client: the schema's version, and the port the server itself listens on (a
+# different port from the one connected to means a pooler such as PgBouncer sits in between).
+PROBE: LiteralString = "SELECT pgslots.schema_version(), current_setting('port')::integer"
 # Each client listens on its own channel, named after its queue_client id (see migration 0003).
 LISTEN: LiteralString = "LISTEN {}"
 # Only for acquires inside the caller's transaction: undo a refused attempt, keep a granted one.

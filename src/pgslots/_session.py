@@ -65,6 +65,7 @@ class Session:
         listen_dsn: str | None,
         listen: bool,
         max_connections: int,
+        prepared_statements: bool | None = None,
     ) -> None:
         if pool is not None and dsn is None and isinstance(pool.conninfo, str):
             dsn = pool.conninfo
@@ -84,6 +85,10 @@ class Session:
         self._schema_checked = False
         self._engine: Engine | None = None
         self._pid = os.getpid()
+        # Server-side prepared statements (psycopg prepares a statement run 5 times on a connection)
+        # break behind a pooler in transaction mode, where consecutive statements of one connection
+        # may reach different server connections. None: decided by the probe (see _check_version).
+        self._prepare = prepared_statements
 
     # ---- where the database is ----------------------------------------------------------------
 
@@ -103,6 +108,13 @@ class Session:
             return {}
         return {"application_name": _application_name()}
 
+    def _pooled_kwargs(self) -> dict[str, Any]:
+        """How the pools connect: autocommit, and no prepared statements behind a pooler."""
+        kwargs: dict[str, Any] = {"autocommit": True, **self.connect_kwargs()}
+        if self._prepare is False:
+            kwargs["prepare_threshold"] = None
+        return kwargs
+
     @property
     def engine(self) -> Engine:
         """The background worker (created on first use; its thread starts when needed)."""
@@ -112,7 +124,9 @@ class Session:
         if engine is None:
             with self._lock:
                 if self._engine is None:
-                    self._engine = Engine(self._listen_dsn or self.dsn, self.connect_kwargs(), listen=self.listen)
+                    kwargs = self.connect_kwargs() if self._listen_dsn else self._pooled_kwargs()
+                    kwargs.pop("autocommit", None)
+                    self._engine = Engine(self._listen_dsn or self.dsn, kwargs, listen=self.listen)
                 engine = self._engine
         return engine
 
@@ -141,7 +155,7 @@ class Session:
                     self.dsn,
                     min_size=1,
                     max_size=self.max_connections,
-                    kwargs={"autocommit": True, **self.connect_kwargs()},
+                    kwargs=self._pooled_kwargs(),
                     max_idle=IDLE_SECONDS,
                     open=True,
                     name="pgslots",
@@ -172,7 +186,7 @@ class Session:
             dsn,
             min_size=1,
             max_size=self.max_connections,
-            kwargs={"autocommit": True, **self.connect_kwargs()},
+            kwargs=self._pooled_kwargs(),
             max_idle=IDLE_SECONDS,
             open=False,
             name="pgslots-async",
@@ -204,16 +218,16 @@ class Session:
         if self._schema_checked:
             return
         with database_errors(), psycopg.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
-            row = conn.execute(q.SCHEMA_VERSION).fetchone()
-        self._check_version(row[0] if row else None)
+            row = conn.execute(q.PROBE).fetchone()
+            self._check_version(row, conn.info.port)
 
     async def _aprobe(self) -> None:
         if self._schema_checked:
             return
         with database_errors():
             async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._probe_kwargs()) as conn:
-                row = await (await conn.execute(q.SCHEMA_VERSION)).fetchone()
-        self._check_version(row[0] if row else None)
+                row = await (await conn.execute(q.PROBE)).fetchone()
+                self._check_version(row, conn.info.port)
 
     def _probe_kwargs(self) -> dict[str, Any]:
         kwargs = self.connect_kwargs()
@@ -221,7 +235,16 @@ class Session:
             kwargs["connect_timeout"] = 10
         return kwargs
 
-    def _check_version(self, version: int | None) -> None:
+    def _check_version(self, row: Any, connected_port: int) -> None:
+        version, server_port = row if row else (None, None)
+        if self._prepare is None and server_port is not None and server_port != connected_port:
+            self._prepare = False
+            logger.info(
+                "pgslots: the server listens on port %s, this client connected to %s: a pooler is in between, "
+                "so statements are not prepared on the server.",
+                server_port,
+                connected_port,
+            )
         if version is None or version < LATEST_VERSION:
             raise SchemaNotInstalledError(
                 f"The pgslots schema in this database is at version {version or 0}, this library needs "

@@ -23,6 +23,7 @@ from .errors import (
     LeaseLostError,
     LimitExistsError,
     LimitNotFoundError,
+    LockWaitTimeoutError,
     MissingLimitsError,
     PgSlotsError,
     RateLimitWithoutDecayError,
@@ -42,6 +43,8 @@ _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
     "PS009": RateLimitWithoutDecayError,
     "PS010": LeaseLostError,
     "PS011": InvalidArgumentError,
+    "PS012": InvalidArgumentError,
+    "PS013": InvalidArgumentError,
 }
 
 
@@ -56,6 +59,12 @@ def translate(exc: psycopg.Error) -> PgSlotsError | None:
         isinstance(exc, pg_errors.UndefinedFunction) and "pgslots." in str(exc)
     ):
         return SchemaNotInstalledError(f"The pgslots schema is not installed in this database: {MIGRATE_HINT}.")
+    if isinstance(exc, pg_errors.LockNotAvailable):
+        return LockWaitTimeoutError(
+            "Gave up waiting for a lock held by another database session (an open transaction or an advisory "
+            "lock on a pgslots limit); nothing was changed. Find the session in pg_stat_activity, and see "
+            "idle_in_transaction_session_timeout."
+        )
     if isinstance(exc, psycopg.OperationalError):
         return DatabaseUnavailableError(
             f"Cannot reach the database ({_first_line(exc)}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running.",

@@ -70,6 +70,12 @@ class Client:
 
     Nothing connects until first used. With no DSN given or configured, the embedded local server
     is used, and started on first use if it is not running (see ``pgslots embedded``).
+
+    Behind PgBouncer in transaction mode, give ``listen_dsn`` a direct connection string for
+    wake-ups (or ``listen=False`` to poll). ``prepared_statements``: None (the default) prepares
+    statements on the server unless the first connection shows a pooler in between (the server
+    listens on another port than the one connected to); False never does (a pooler on the same
+    port), True always does (PgBouncer 1.21+ with ``max_prepared_statements``).
     """
 
     def __init__(
@@ -80,8 +86,9 @@ class Client:
         listen_dsn: str | None = None,
         listen: bool = True,
         max_connections: int = DEFAULT_POOL_SIZE,
+        prepared_statements: bool | None = None,
     ) -> None:
-        self._session = Session(dsn, pool, listen_dsn, listen, max_connections)
+        self._session = Session(dsn, pool, listen_dsn, listen, max_connections, prepared_statements)
 
     @property
     def dsn(self) -> str:
@@ -182,7 +189,7 @@ class Client:
             parsed = lease_id if isinstance(lease_id, uuid.UUID) else uuid.UUID(str(lease_id))
         except ValueError:
             raise InvalidArgumentError(f"{lease_id!r} is not a lease id: lease ids are UUIDs.") from None
-        rows = self._call(q.RELEASE, {"lease_id": parsed})
+        rows = self._call(q.RELEASE, {"lease_id": parsed, "wait_seconds": None})
         return bool(rows and rows[0]["release"])
 
     def sweep(self) -> int:
@@ -207,11 +214,22 @@ def configure(
     listen_dsn: str | None = None,
     listen: bool = True,
     max_connections: int = DEFAULT_POOL_SIZE,
+    prepared_statements: bool | None = None,
 ) -> Client:
     """Sets the database the module-level functions use; returns the new default client."""
     global _default
     with _default_lock:
-        old, _default = _default, Client(dsn, pool=pool, listen_dsn=listen_dsn, listen=listen, max_connections=max_connections)
+        old, _default = (
+            _default,
+            Client(
+                dsn,
+                pool=pool,
+                listen_dsn=listen_dsn,
+                listen=listen,
+                max_connections=max_connections,
+                prepared_statements=prepared_statements,
+            ),
+        )
     if old is not None:
         old.close()
     return _default

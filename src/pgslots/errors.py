@@ -6,6 +6,7 @@
     ├── ConfigurationError                   no database configured or reachable
     │   └── DatabaseUnavailableError         the database cannot be reached now (retried where safe)
     ├── DatabaseError                        the database refused a request for a reason of its own
+    │   └── LockWaitTimeoutError             another session held a lock longer than the call may wait
     ├── SchemaNotInstalledError              schema missing or older than this library
     ├── InvalidArgumentError (ValueError)    bad slots, lease seconds or other argument
     │   ├── InvalidLimitNameError            a name breaks the naming rule
@@ -49,6 +50,11 @@ class DatabaseUnavailableError(ConfigurationError):
 
 class DatabaseError(PgSlotsError):
     """The database refused a request with an error that is not one of pgslots' own."""
+
+
+class LockWaitTimeoutError(DatabaseError):
+    """A call gave up waiting for a lock another session holds (an open transaction, an advisory
+    lock): its ``wait_seconds`` passed. Nothing was changed."""
 
 
 class SchemaNotInstalledError(PgSlotsError):
