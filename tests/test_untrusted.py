@@ -13,6 +13,8 @@ import logging
 import multiprocessing as mp
 import queue
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -316,6 +318,35 @@ def test_a_held_queue_lock_delays_a_limit_only_within_the_timeouts(roles: Roles,
     _blocked_calls_stay_within_bounds(roles, "advisory", block, unblock, caplog)
 
 
+REVOKE_ADVISORY_LOCKS = """
+REVOKE EXECUTE ON FUNCTION pg_advisory_lock(bigint), pg_advisory_lock(integer, integer),
+    pg_advisory_lock_shared(bigint), pg_advisory_lock_shared(integer, integer),
+    pg_advisory_xact_lock(bigint), pg_advisory_xact_lock(integer, integer),
+    pg_advisory_xact_lock_shared(bigint), pg_advisory_xact_lock_shared(integer, integer),
+    pg_try_advisory_lock(bigint), pg_try_advisory_lock(integer, integer) FROM PUBLIC
+"""
+
+
+def test_with_advisory_locks_revoked_as_security_md_says_pgslots_still_queues_and_hands_off(roles: Roles) -> None:
+    """The statement SECURITY.md gives operators: plain roles can no longer take a queue lock,
+    while pgslots' functions (running as the schema owner) queue, release and hand off as before."""
+    with _conn(roles.owner) as owner:
+        create(owner, "revoked", 1)
+        owner.execute(REVOKE_ADVISORY_LOCKS)
+    with _conn(roles.victim) as victim, _conn(roles.attacker) as attacker:
+        limit_id = one(attacker, "SELECT id FROM pgslots.status WHERE name = 'revoked'")["id"]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            attacker.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [QUEUE_LOCK_CLASS, str(limit_id)])
+        held = acquire(attacker, ["revoked"], lease_seconds=60)
+        client, named = uuid.uuid4(), uuid.uuid4()
+        queued = acquire(victim, ["revoked"], lease_seconds=60, queue_client=client, new_lease_id=named)
+        assert not queued["granted"] and queued["waiter"] is not None
+        assert one(attacker, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])["r"] is True
+        again = acquire(victim, ["revoked"], lease_seconds=60, ticket=queued["waiter"], queue_client=client, new_lease_id=named)
+        assert again["granted"] and again["lease_id"] == named  # handed over by the release
+    check(roles.owner)
+
+
 def test_wait_seconds_bounds_sql_calls_and_changes_nothing(roles: Roles) -> None:
     """The SQL API: every call that may wait for another session's lock takes wait_seconds; past it
     the call fails with SQLSTATE 55P03 and leaves everything as it was."""
@@ -459,3 +490,46 @@ def test_a_hostile_role_under_load_never_over_admits(roles: Roles) -> None:
     check(roles.owner)
     with _conn(roles.owner) as owner:
         assert _wait_until(lambda: status(owner, "shared")["leases"] == 0, 10)
+
+
+# A real interpreter (multiprocessing's children leave with os._exit, skipping what runs at exit).
+HOLD_THEN_EXIT = """
+import sys
+import pgslots
+from pgslots.sync import concurrency
+
+client = pgslots.Client(sys.argv[1])
+with concurrency("leaving", lease_duration=60, client=client):
+    print("holding", flush=True)
+    sys.stdin.readline()
+print("body done", flush=True)  # the release could not finish in time: it is pending in the background
+# ... and the interpreter exits here, without closing the client.
+"""
+
+
+def test_a_release_blocked_at_exit_is_finished_before_the_interpreter_exits(roles: Roles) -> None:
+    """The release at the end of the body gives up after 2 s (another session holds the limit's
+    row); the process then exits normally, and before it does, the background release goes
+    through once the lock is let go: a clean exit leaves no slot held."""
+    with _conn(roles.owner) as owner:
+        create(owner, "leaving", 1)
+    child = subprocess.Popen([sys.executable, "-c", HOLD_THEN_EXIT, roles.victim], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    attacker = psycopg.connect(roles.attacker)
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        refused = one(attacker, "SELECT * FROM pgslots.acquire('{leaving}', 1, 60)")  # locks the row, never commits
+        assert not refused["granted"]
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "body done"
+        time.sleep(1.0)
+        assert child.poll() is None  # still finishing its release
+        attacker.rollback()
+        assert child.wait(15) == 0
+        assert _leases_of(roles.owner, "leaving") == 0  # released before the process was gone
+    finally:
+        attacker.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)

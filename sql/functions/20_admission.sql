@@ -25,8 +25,6 @@ DECLARE
     found_names text[] := '{}';
     no_decay text[] := '{}';
     blocked uuid[];
-    short float8;
-    attempt integer;
     asked_again boolean;
 BEGIN
     SELECT * INTO cfg FROM pgslots.settings;

@@ -41,6 +41,7 @@ RENEW_TRIES = 3
 RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
 EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
+BLOCKED_RETRY_SECONDS = 1.0  # a background call that found its lock held is tried again after this
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -115,6 +116,7 @@ class Engine:
         self._listening = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._next_heartbeat = 0.0
+        self._cleanup_not_before = 0.0
         _engines.add(self)
 
     # ---- called from any thread -------------------------------------------------------------
@@ -184,11 +186,14 @@ class Engine:
         self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finishes pending cleanup, then stops the worker."""
-        self._stop.set()
+        """Finishes pending cleanup (for up to ``timeout`` seconds), then stops the worker."""
+        deadline = time.monotonic() + timeout
         thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            self.finish(deadline)
+        self._stop.set()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def finish(self, deadline: float) -> None:
         """Waits (until the monotonic deadline) for the pending background calls to be done."""
@@ -292,6 +297,8 @@ class Engine:
         return max(budget, 0.001)
 
     def _run_cleanup(self, conn: psycopg.Connection[Any]) -> None:
+        if time.monotonic() < self._cleanup_not_before:
+            return
         for _ in range(len(self._cleanup)):
             with self._lock:
                 if not self._cleanup:
@@ -300,9 +307,11 @@ class Engine:
             try:
                 conn.execute(query, params)  # a connection error leaves it queued for the next try
             except psycopg.errors.LockNotAvailable:
-                # Another session holds a lock it needs: behind the rest, and back to renewals first.
+                # Another session holds a lock it needs: behind the rest, back to renewals and
+                # heartbeats first, and again a little later.
                 with self._lock:
                     self._cleanup.append(self._cleanup.pop(0))
+                self._cleanup_not_before = time.monotonic() + BLOCKED_RETRY_SECONDS
                 return
             with self._lock:
                 self._cleanup.pop(0)

@@ -43,7 +43,7 @@ RECONNECT_SECONDS = 30.0  # how long an attempt keeps retrying while the databas
 CLEAN_UP_SECONDS = 1.0  # a clean-up the caller waits for never takes longer; the rest goes to the background
 # Each SQL call bounds its waits for locks another session holds (an open transaction, say):
 RELEASE_WAIT_SECONDS = 2.0  # a release at the end of a body; past it, the release goes on in the background
-BACKGROUND_WAIT_SECONDS = 5.0  # a background call: past it, the engine turns to its other work and comes back
+BACKGROUND_WAIT_SECONDS = 1.0  # a background call: past it, the engine turns to renewals and comes back later
 
 
 # ---- what a flow asks its driver for ---------------------------------------------------------
