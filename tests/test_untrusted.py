@@ -196,6 +196,7 @@ def test_a_lease_id_names_one_lease(roles: Roles) -> None:
                     "queue_client": None,
                     "new_lease_id": taken,
                     "wait_seconds": None,
+                    "session": None,
                 },
             )
     finally:

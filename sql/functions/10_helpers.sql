@@ -99,6 +99,31 @@ CREATE FUNCTION pgslots._lock_queue_shared(target uuid) RETURNS void
 LANGUAGE sql VOLATILE
 AS $$ SELECT pg_catalog.pg_advisory_xact_lock_shared(1885827953, pg_catalog.hashtext(target::text)) $$;
 
+-- Liveness. A lease taken for a session (a client process that calls keep_alive) is dead once the
+-- session has not been seen for liveness_seconds and the backend it last called from is gone: the
+-- process died, or was cut off for longer than it could hold on (its client gives the leases up
+-- before then). A session without a backend (kept alive through a pooler) is judged by time alone.
+-- A backend still there (a paused process) keeps its leases until they expire.
+CREATE FUNCTION pgslots._backend_alive(pid integer) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT pid IS NOT NULL AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(pid) a) $$;
+
+CREATE FUNCTION pgslots._session_dead(session uuid, at timestamptz, liveness_seconds float8) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pgslots.sessions s
+                   WHERE s.id = session AND s.seen_at <= at - make_interval(secs => liveness_seconds)
+                     AND NOT pgslots._backend_alive(s.backend_pid))
+$$;
+
+-- A lease row whose slots may be taken back: expired, or its session dead.
+CREATE FUNCTION pgslots._lease_gone(expires_at timestamptz, session uuid, at timestamptz,
+                                    liveness_seconds float8) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT expires_at <= at OR (session IS NOT NULL AND pgslots._session_dead(session, at, liveness_seconds))
+$$;
+
 -- Notifications go to each waiting client's own channel, so a release wakes only the process it serves.
 CREATE FUNCTION pgslots._channel(client_id uuid) RETURNS text
 LANGUAGE sql IMMUTABLE
@@ -113,18 +138,18 @@ AS $$ SELECT 'pgslots:' || client_id::text $$;
 -- always one this caller owns (see _own_ticket) or a new one: a place is never taken over.
 CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
                                  at timestamptz, ttl_seconds float8, lease_id uuid,
-                                 lease_seconds float8, holder jsonb)
+                                 lease_seconds float8, holder jsonb, session uuid)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
     INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
                                       parts, lease_id, lease_seconds, host, pid,
-                                      application_name, holder, owner)
+                                      application_name, holder, owner, session_id)
     SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
            cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
            pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
-           pgslots._application_name(), _enqueue.holder, session_user
+           pgslots._application_name(), _enqueue.holder, session_user, session
     FROM unnest(ids) AS i
     ON CONFLICT (limit_id, id) DO UPDATE
     SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
@@ -174,15 +199,18 @@ BEGIN
 END
 $$;
 
--- Deletes the expired lease rows of one limit (whose row lock the caller holds); returns the slots.
+-- Deletes the lease rows of one limit (whose row lock the caller holds) that expired or whose
+-- session died; returns the slots.
 CREATE FUNCTION pgslots._reclaim(target uuid, at timestamptz) RETURNS bigint
 LANGUAGE plpgsql
 AS $$
 DECLARE
     freed bigint;
+    liveness float8 := (SELECT s.liveness_seconds FROM pgslots.settings s);
 BEGIN
     WITH gone AS (
-        DELETE FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at
+        DELETE FROM pgslots.leases x
+        WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, at, liveness)
         RETURNING x.slots
     )
     SELECT coalesce(sum(gone.slots), 0) INTO freed FROM gone;

@@ -8,7 +8,7 @@
 
 CREATE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
-    ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid,
+    ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid, session uuid,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
     OUT lease_limits uuid[])
@@ -159,7 +159,7 @@ BEGIN
     IF queue_client IS NOT NULL THEN
         waiter := coalesce(ticket, nextval('pgslots.waiter_tickets'));
         PERFORM pgslots._enqueue(waiter, ids, slots, queue_client, at, cfg.waiter_ttl_seconds,
-                                 new_lease_id, lease_seconds, holder);
+                                 new_lease_id, lease_seconds, holder, session);
         DELETE FROM pgslots.waiters w
         WHERE w.limit_id = ANY (blocked) AND w.expires_at <= at;
     END IF;
@@ -176,6 +176,7 @@ CREATE FUNCTION pgslots.acquire(
     queue_client uuid DEFAULT NULL,
     new_lease_id uuid DEFAULT NULL,
     wait_seconds float8 DEFAULT NULL,
+    session uuid DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
 LANGUAGE plpgsql
@@ -223,7 +224,9 @@ BEGIN
                 SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l WHERE l.name = names[1];
                 IF FOUND AND lim.active AND slots <= lim."limit"
                    AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
-                                   WHERE x.limit_id = lim.id AND x.expires_at <= at) THEN
+                                   WHERE x.limit_id = lim.id
+                                     AND pgslots._lease_gone(x.expires_at, x.session_id, at,
+                                                             cfg.liveness_seconds)) THEN
                     PERFORM pgslots._lock_queue_shared(lim.id);
                     SELECT l.id, l.name, l.active, l."limit", l.leased_slots, l.slot_decay_per_second,
                            l.avg_slot_occupancy_seconds,
@@ -243,7 +246,8 @@ BEGIN
                                                             lim.avg_slot_occupancy_seconds);
                         waiter := nextval('pgslots.waiter_tickets');
                         PERFORM pgslots._enqueue(waiter, ARRAY[lim.id], slots, queue_client, at,
-                                                 cfg.waiter_ttl_seconds, new_lease_id, lease_seconds, holder);
+                                                 cfg.waiter_ttl_seconds, new_lease_id, lease_seconds, holder,
+                                                 session);
                         PERFORM pgslots._count_refusal(ARRAY[lim.id], slots);
                     ELSE
                         -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
@@ -260,15 +264,16 @@ BEGIN
                a.waiter, a.lease_limits
         INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, lease_limits
         FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                            new_lease_id) AS a;
+                            new_lease_id, session) AS a;
     END IF;
     -- The one place a caller's lease is written: one row per limit it counts on, in the grant's transaction.
     IF lease_limits IS NOT NULL THEN
         INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
-                                    host, pid, application_name, holder)
+                                    host, pid, application_name, holder, session_id)
         SELECT lease_id, i, slots, cardinality(lease_limits), fencing_token,
                expires_at - make_interval(secs => lease_seconds), expires_at,   -- acquired: the grant's time
-               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder
+               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder,
+               session
         FROM unnest(lease_limits) AS i
         ON CONFLICT DO NOTHING;
         GET DIAGNOSTICS written = ROW_COUNT;
@@ -283,7 +288,7 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid, float8) IS
+COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid, float8, uuid) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
 '(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
 'blocked_by. missing lists names with no limit (strict => error). With queue_client, a refused '
@@ -293,7 +298,10 @@ COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, big
 'interrupted call, and a queued caller waiting on one limit may be granted it by a release (the '
 'notification says so; asking again with the same ticket and new_lease_id returns it). '
 'wait_seconds bounds each wait for a lock held by another session (lock_timeout): past it the '
-'call fails with SQLSTATE 55P03 and changes nothing; NULL waits as the session''s lock_timeout says.';
+'call fails with SQLSTATE 55P03 and changes nothing; NULL waits as the session''s lock_timeout says. '
+'session (a UUID the caller keeps alive with keep_alive) binds the lease to it: once the session has '
+'not been seen for liveness_seconds and its backend is gone, the lease is dead and its slots are '
+'taken back by whoever needs them. Without it, a lease lasts until released or expired.';
 
 CREATE FUNCTION pgslots.rate_limit(
     names text[],
@@ -315,7 +323,7 @@ BEGIN
     END IF;
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
     INTO granted, retry_after, missing, blocked_by, waiter
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL) AS a;
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL) AS a;
     IF prior_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', prior_lock_timeout, true);
     END IF;

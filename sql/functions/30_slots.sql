@@ -144,23 +144,66 @@ SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
     at timestamptz := pgslots._now();
+    liveness float8 := (SELECT s.liveness_seconds FROM pgslots.settings s);
     targets uuid[];
     reclaimed integer;
 BEGIN
     targets := ARRAY(SELECT l.id FROM pgslots.limits l
-                     WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x WHERE x.expires_at <= at)
+                     WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x
+                                    WHERE pgslots._lease_gone(x.expires_at, x.session_id, at, liveness))
                      ORDER BY l.id FOR UPDATE);
     SELECT count(DISTINCT x.id) INTO reclaimed FROM pgslots.leases x
-    WHERE x.limit_id = ANY (targets) AND x.expires_at <= at;
+    WHERE x.limit_id = ANY (targets) AND pgslots._lease_gone(x.expires_at, x.session_id, at, liveness);
     PERFORM pgslots._reclaim(t, at) FROM unnest(targets) AS t;
     PERFORM pgslots._wake(t, at) FROM unnest(targets) AS t;
-    -- Lease rows of deleted limits, and waiters nobody heartbeats any more.
+    -- Lease rows of deleted limits, waiters nobody heartbeats any more, and sessions that are gone
+    -- and hold nothing.
     DELETE FROM pgslots.leases x WHERE x.expires_at <= at
         AND NOT EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.id = x.limit_id);
     DELETE FROM pgslots.waiters w WHERE w.expires_at <= at;
+    DELETE FROM pgslots.sessions s
+    WHERE s.seen_at <= at - make_interval(secs => liveness)
+      AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.session_id = s.id);
     RETURN reclaimed;
 END
 $$;
 COMMENT ON FUNCTION pgslots.sweep() IS
-'Reclaims the slots of every expired lease and drops dead waiters; returns how many leases it '
-'reclaimed. Not required for correctness (a full limit reclaims its own expired leases); for cron.';
+'Reclaims the slots of every expired lease and of every lease whose session died, drops dead '
+'waiters and sessions; returns how many leases it reclaimed. Not required for correctness (a full '
+'limit reclaims its own); for cron.';
+
+CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,
+                                   OUT liveness_seconds float8, OUT lost uuid[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz := pgslots._now();
+BEGIN
+    IF session IS NULL THEN
+        RAISE EXCEPTION 'session must be a UUID, not NULL.' USING ERRCODE = 'PS011',
+            HINT = 'Pass the random UUID you give acquire as session.';
+    END IF;
+    -- The first caller of a session id owns it; no other login role can keep it alive or move it.
+    INSERT INTO pgslots.sessions AS s (id, owner, backend_pid, seen_at)
+    VALUES (session, session_user, CASE WHEN bind THEN pg_backend_pid() END, at)
+    ON CONFLICT (id) DO UPDATE SET backend_pid = excluded.backend_pid, seen_at = excluded.seen_at
+    WHERE s.owner = excluded.owner;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Session % belongs to another role.', session USING ERRCODE = 'PS014',
+            HINT = 'Use a new random UUID for your session.';
+    END IF;
+    liveness_seconds := (SELECT s.liveness_seconds FROM pgslots.settings s);
+    -- Of the leases the caller believes it holds, those that are gone (reclaimed, released by an
+    -- operator, or never replicated to this server after a failover).
+    lost := ARRAY(SELECT g.id FROM unnest(leases) AS g(id)
+                  WHERE NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.id = g.id AND x.expires_at > at));
+END
+$$;
+COMMENT ON FUNCTION pgslots.keep_alive(uuid, uuid[], boolean) IS
+'Keeps a session alive: call it at least every second from a connection that stays open, and pass '
+'the same UUID as acquire''s session. Its leases then live while it does: once it has not been '
+'seen for liveness_seconds (returned) and the backend it last called from is gone, they are dead '
+'and their slots go to whoever needs them. Give up the leases yourself if you cannot call it for '
+'liveness_seconds - 1. Returns, of `leases`, those that are gone. bind => false (a connection through '
+'a transaction pooler): judge the session by time alone.';

@@ -24,8 +24,10 @@ BEGIN
         RETURN woken;
     END IF;
     SELECT l."limit", l.active,
-           l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x
-                             WHERE x.limit_id = target AND x.expires_at <= at) AS live_leased,
+           l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x, pgslots.settings s
+                             WHERE x.limit_id = target
+                               AND pgslots._lease_gone(x.expires_at, x.session_id, at, s.liveness_seconds))
+               AS live_leased,
            pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     FOR w IN SELECT x.id, x.slots FROM pgslots.waiters x
@@ -82,7 +84,8 @@ DECLARE
     expiry timestamptz;
     wake_rest boolean := false;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at) THEN
+    IF EXISTS (SELECT 1 FROM pgslots.leases x, pgslots.settings s
+               WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, at, s.liveness_seconds)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active, l.leased_slots,
@@ -93,7 +96,7 @@ BEGIN
         RETURN 0;
     END IF;
     FOR w IN SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                    x.application_name, x.holder, x.client_id
+                    x.application_name, x.holder, x.client_id, x.session_id
              FROM pgslots.waiters x
              WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
         -- Nobody behind a waiter that does not fit may overtake it.
@@ -108,8 +111,9 @@ BEGIN
         -- A lease id already in use (the caller named it twice) is not granted again: no two leases
         -- of one limit share an id.
         INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
-                                    host, pid, application_name, holder)
-        VALUES (w.lease_id, target, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder)
+                                    host, pid, application_name, holder, session_id)
+        VALUES (w.lease_id, target, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder,
+                w.session_id)
         ON CONFLICT DO NOTHING;
         IF FOUND THEN
             given := given + w.slots;

@@ -42,6 +42,11 @@ RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
 EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
 BLOCKED_RETRY_SECONDS = 1.0  # a background call that found its lock held is tried again after this
+KEEP_ALIVE_SECONDS = 0.5  # how often the session of a process holding leases says it is alive
+SILENCE_MARGIN_SECONDS = 1.0  # leases are given up this long before the database may take them back
+WATCHDOG_SECONDS = 0.2  # how often the watchdog looks at the time since the last keep-alive
+# The worker's connection gives up on a server that does not answer, unless the DSN says otherwise.
+CONNECTION_TIMEOUTS = {"connect_timeout": 5, "tcp_user_timeout": 5000}
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -98,10 +103,13 @@ def interrupt_thread(thread_id: int) -> Callable[[BaseException], None]:
 
 
 class Engine:
-    def __init__(self, dsn: str, connect_kwargs: dict[str, Any], listen: bool = True) -> None:
+    def __init__(self, dsn: str, connect_kwargs: dict[str, Any], listen: bool = True, bind_session: bool = True) -> None:
         self.dsn = dsn
         self.connect_kwargs = connect_kwargs
         self.listen = listen
+        # False when this connection reaches the server through a pooler: its backend says nothing
+        # about this process, so the session is judged by time alone.
+        self.bind_session = bind_session
         self.client_id = uuid.uuid4()
         self._lock = threading.Lock()
         self._wakers: dict[int, Waker] = {}
@@ -112,11 +120,17 @@ class Engine:
         self._cleanup: list[tuple[Any, dict[str, Any]]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._next_heartbeat = 0.0
         self._cleanup_not_before = 0.0
+        # Session liveness: when the last keep-alive that the database answered was sent, and the
+        # liveness_seconds it answered with (None until the first answer).
+        self._alive_sent_ok: float | None = None
+        self._liveness: float | None = None
+        self._next_keep_alive = 0.0
         _engines.add(self)
 
     # ---- called from any thread -------------------------------------------------------------
@@ -130,6 +144,15 @@ class Engine:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="pgslots-engine", daemon=True)
                 self._thread.start()
+                if self._watchdog is None or not self._watchdog.is_alive():
+                    self._watchdog = threading.Thread(target=self._watch, name="pgslots-watchdog", daemon=True)
+                    self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Apart from the worker, which a black-holed network can hold up in a call for minutes:
+        gives up this process's leases in time when the database has not heard from it."""
+        while not self._stop.wait(WATCHDOG_SECONDS):
+            self._check_silence()
 
     def ensure_listening(self, timeout: float = 10.0) -> bool:
         """Starts the worker and waits until it LISTENs; False when listening is off or failed."""
@@ -230,13 +253,16 @@ class Engine:
                 self._disconnect()
                 if self._stop.is_set():
                     return  # stopping with the database away: leases left behind expire by themselves
+                self._check_silence()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     def _connect(self) -> None:
         if self._conn is not None and not self._conn.closed:
             return
-        self._conn = psycopg.connect(self.dsn, autocommit=True, **self.connect_kwargs)
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        timeouts = {k: v for k, v in CONNECTION_TIMEOUTS.items() if k not in given}
+        self._conn = psycopg.connect(self.dsn, autocommit=True, **{**timeouts, **self.connect_kwargs})
         if self.listen:
             self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.client_id}")))
             reconnected = self._listening.is_set()
@@ -281,6 +307,7 @@ class Engine:
                 return
             self._run_renewals(conn)
             self._run_heartbeat(conn)
+            self._run_keep_alive(conn)
             timeout = self._sleep_budget()
             if self.listen:
                 for note in conn.notifies(timeout=timeout):
@@ -294,7 +321,54 @@ class Engine:
         budget = IDLE_POLL_SECONDS
         if due is not None:
             budget = min(budget, max(0.0, due - time.monotonic()))
+        if self._by_lease:
+            budget = min(budget, max(0.0, self._next_keep_alive - time.monotonic()))
         return max(budget, 0.001)
+
+    def _run_keep_alive(self, conn: psycopg.Connection[Any]) -> None:
+        """While it holds leases, tells the database this process is alive (so its leases live on),
+        and hears which of them are gone (reclaimed, released by an operator, or missing on a
+        server that took over): those are given up at once, even by short bodies."""
+        now = time.monotonic()
+        with self._lock:
+            held = list(self._by_lease)
+        if not held or now < self._next_keep_alive:
+            if not held:
+                self._next_keep_alive = 0.0  # the next lease is announced at once
+            return
+        self._next_keep_alive = now + KEEP_ALIVE_SECONDS
+        row = conn.execute(q.KEEP_ALIVE, {"session": self.client_id, "leases": held, "bind": self.bind_session}).fetchone()
+        assert row is not None
+        self._alive_sent_ok, self._liveness = now, float(row[0])
+        for lease_id in row[1] or ():
+            message = f"Lease {lease_id} was lost: the database no longer has it, so its slots may be held by others now."
+            self._lose(lease_id, LeaseLostError(message))
+
+    def _check_silence(self) -> None:
+        """Cut off from the database: before it may take this session's leases back (liveness_seconds
+        after the last keep-alive it answered), give them up as lost."""
+        sent, liveness = self._alive_sent_ok, self._liveness
+        if sent is None or liveness is None:
+            return
+        silent = time.monotonic() - sent
+        if silent < liveness - SILENCE_MARGIN_SECONDS:
+            return
+        with self._lock:
+            held = list(self._by_lease)
+        error = LeaseRenewalFailedError(
+            f"The database could not be reached for {silent:.1f} s: after {liveness:g} s (liveness_seconds) it may "
+            "give this process's slots to others, so its leases are treated as lost."
+        )
+        for lease_id in held:
+            self._lose(lease_id, error)
+
+    def _lose(self, lease_id: uuid.UUID, error: BaseException) -> None:
+        with self._lock:
+            renewal = self._by_lease.pop(lease_id, None)
+            if renewal is None or renewal.cancelled:
+                return
+            renewal.cancelled = True
+        renewal.on_lost(error)
 
     def _run_cleanup(self, conn: psycopg.Connection[Any]) -> None:
         if time.monotonic() < self._cleanup_not_before:

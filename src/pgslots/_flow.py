@@ -271,7 +271,9 @@ class Attempts:
             # Named up front, and kept while queued: a release may grant it to us directly.
             self.pending_lease = uuid.uuid4()
         holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
-        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease)
+        # The lease lives as long as this process's session (its engine keeps it alive), or until it
+        # expires; in the caller's own transaction (no queue_client) only until it expires.
+        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease, session=self.queue_client)
         return q.ACQUIRE, params
 
     def record(self, row: dict[str, Any]) -> Lease | float:
@@ -474,7 +476,7 @@ def release(lease: Lease, in_transaction: bool) -> Flow[None]:
         return
     yield Drop(lease.lease_id)
     try:
-        yield Call(q.RELEASE_FAST, release_params(lease.lease_id, RELEASE_WAIT_SECONDS))
+        yield Call(q.RELEASE_FAST, release_params(lease.lease_id, RELEASE_WAIT_SECONDS), RELEASE_WAIT_SECONDS)
     except BaseException as error:
         yield Later(q.RELEASE, release_params(lease.lease_id))
         if not isinstance(error, PgSlotsError):

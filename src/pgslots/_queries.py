@@ -10,7 +10,7 @@ from typing import LiteralString
 # wait_seconds: how long each call may wait for a lock another session holds (None: no bound).
 ACQUIRE: LiteralString = (
     "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
-    " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s)"
+    " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s, %(session)s)"
 )
 RATE_LIMIT: LiteralString = (
     "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s)"
@@ -19,6 +19,8 @@ RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s, true, %(wait_seco
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
 RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false, %(wait_seconds)s)"
 RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s, %(wait_seconds)s)"
+# The engine, about twice a second while it holds leases: keeps its session alive, names lost leases.
+KEEP_ALIVE: LiteralString = "SELECT * FROM pgslots.keep_alive(%(session)s, %(leases)s, %(bind)s)"
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s, %(tickets)s)"
 LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s, %(queue_client)s, %(wait_seconds)s)"
 SWEEP: LiteralString = "SELECT pgslots.sweep()"

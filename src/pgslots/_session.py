@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
 from ._config import configured_dsn, resolve_dsn
-from ._engine import Engine
+from ._engine import CONNECTION_TIMEOUTS, Engine
 from ._translate import database_errors
 from .errors import MIGRATE_HINT, SchemaNotInstalledError
 from .migrate import LATEST_VERSION
@@ -109,8 +109,11 @@ class Session:
         return {"application_name": _application_name()}
 
     def _pooled_kwargs(self) -> dict[str, Any]:
-        """How the pools connect: autocommit, and no prepared statements behind a pooler."""
-        kwargs: dict[str, Any] = {"autocommit": True, **self.connect_kwargs()}
+        """How the pools connect: autocommit, bounded waits for a server that does not answer (a
+        black-holed network must not hold a body's exit), no prepared statements behind a pooler."""
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        timeouts = {k: v for k, v in CONNECTION_TIMEOUTS.items() if k not in given}
+        kwargs: dict[str, Any] = {"autocommit": True, **timeouts, **self.connect_kwargs()}
         if self._prepare is False:
             kwargs["prepare_threshold"] = None
         return kwargs
@@ -126,7 +129,9 @@ class Session:
                 if self._engine is None:
                     kwargs = self.connect_kwargs() if self._listen_dsn else self._pooled_kwargs()
                     kwargs.pop("autocommit", None)
-                    self._engine = Engine(self._listen_dsn or self.dsn, kwargs, listen=self.listen)
+                    # Through a pooler, the engine's backend is not this process's: liveness by time alone.
+                    direct = bool(self._listen_dsn) or self._prepare is not False
+                    self._engine = Engine(self._listen_dsn or self.dsn, kwargs, listen=self.listen, bind_session=direct)
                 engine = self._engine
         return engine
 
