@@ -368,6 +368,70 @@ def handoff(dsn: str, rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "p50_ms": ms(pct(lat, 0.5)), "p99_ms": ms(pct(lat, 0.99)), "max_ms": ms(max(lat))}
 
 
+def _library_holder(dsn: str, holding: Any) -> None:
+    from pgslots.sync import concurrency
+
+    with concurrency("mortal", lease_duration=300, client=Client(dsn)):
+        holding.set()
+        time.sleep(3600)
+
+
+def _sql_holder(dsn: str, holding: Any, lease_seconds: float) -> None:
+    """A holder from plain SQL (no session): only its lease's expiry gives its slot back."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT * FROM pgslots.acquire('{mortal}', 1, %s)", [lease_seconds])
+        holding.set()
+        time.sleep(3600)
+
+
+def _kill_and_wait(dsn: str, settle: float, target: Callable[..., None], *args: Any) -> float:
+    """Seconds from SIGKILL of a holder (in its own process, `settle` + 0.5 s after its grant) to a
+    waiter in another process holding its slot."""
+    holding = CTX.Event()
+    holder = CTX.Process(target=target, args=(dsn, holding, *args))
+    holder.start()
+    holding.wait(30)
+    time.sleep(settle)
+    got: Any = CTX.Queue()
+    waiter = CTX.Process(target=_recovery_waiter, args=(dsn, got))
+    waiter.start()
+    time.sleep(0.5)  # queued
+    killed = time.time()
+    os.kill(holder.pid, signal.SIGKILL)
+    waited = float(got.get(timeout=120)) - killed
+    holder.join(10)
+    waiter.join(10)
+    return waited
+
+
+def _recovery_waiter(dsn: str, got: Any) -> None:
+    from pgslots.sync import concurrency
+
+    client = Client(dsn)
+    with concurrency("mortal", timeout_seconds=100, client=client):
+        got.put(time.time())
+    client.close()
+
+
+def recovery(server: Server) -> dict[str, Any]:
+    """Time from SIGKILL of a holder to a waiter in another process holding its slot: library
+    holders (session liveness) at the default liveness_seconds and at 2, next to a holder whose
+    lease only expires (plain SQL, a 5 s lease: the shortest the settings allow here)."""
+    result: dict[str, Any] = {}
+    for key, liveness, settle, target, args in (
+        ("liveness_10s", 10.0, 1.0, _library_holder, ()),
+        ("liveness_2s", 2.0, 1.0, _library_holder, ()),
+        ("lease_expiry_5s", 10.0, 0.0, _sql_holder, (5.0,)),
+    ):
+        dsn = fresh(server, "bench_recovery")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE pgslots.settings SET liveness_seconds = %s, min_lease_seconds = 1", [liveness])
+            conn.execute("SELECT pgslots.create_limit('mortal', 1)")
+        result[key] = _kill_and_wait(dsn, settle, target, *args)
+        server.drop("bench_recovery")
+    return result
+
+
 def _rater(dsn: str, stop_at: float, out: Any) -> None:
     from pgslots.sync import rate_limit
 
@@ -527,6 +591,9 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("scale: acquire p50 with 10k limits, 100k leases vs empty", r["scale"]["ratio"], "<= 1.2", lambda v: v <= 1.2),
         ("waiters: connections for 1,000 waiting tasks", r["waiters"]["connections"], "<= 2", lambda v: v <= 2),
         ("waiters: queries/s while idle", r["waiters"]["queries_per_s_idle"], "<= 20", lambda v: v <= 20),
+        ("SIGKILLed holder to waiter holding (s), liveness_seconds 10", r["recovery"]["liveness_10s"], "<= 11", lambda v: v <= 11),
+        ("SIGKILLed holder to waiter holding (s), liveness_seconds 2", r["recovery"]["liveness_2s"], "<= 3", lambda v: v <= 3),
+        ("SIGKILLed holder to waiter holding (s), no session, 5 s lease", r["recovery"]["lease_expiry_5s"], "(reported)", None),
     ]
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
 
@@ -572,6 +639,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"vs {r['scale']['acquire_p50_empty_ms']} ms empty |",
         f"| 1,000 waiting asyncio tasks | {r['waiters']['connections']} connections, "
         f"{r['waiters']['queries_per_s_idle']:.1f} queries/s idle, all served in {r['waiters']['drain_s']:.1f} s |",
+        f"| SIGKILL of a holder to a waiter in another process holding | {r['recovery']['liveness_10s']:.2f} s "
+        f"(liveness_seconds 10), {r['recovery']['liveness_2s']:.2f} s (liveness_seconds 2); a holder without a "
+        f"session, lease 5 s, killed 0.5 s after its grant: {r['recovery']['lease_expiry_5s']:.2f} s |",
     ]
     lines += ["", "## Findings of this run", "", *[f"- {n}" for n in findings(r)]]
     if r.get("history"):
@@ -677,6 +747,7 @@ def main() -> None:
         ("rate", lambda: rate_accuracy(fresh(server, "bench_rate"), 2 * s)),
         ("scale", lambda: scale(server, s)),
         ("waiters", lambda: waiters(fresh(server, "bench_waiters"))),
+        ("recovery", lambda: recovery(server)),
     ]
     if args.only:
         wanted = {"ceiling", *args.only.split(",")}
@@ -688,7 +759,7 @@ def main() -> None:
             report[name] = step()
             print(f"   {json.dumps(report[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
     finally:
-        for db in ("bench_solo", "bench_sql", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters"):
+        for db in ("bench_solo", "bench_sql", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters", "bench_recovery"):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)
         server.close()

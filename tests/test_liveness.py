@@ -106,6 +106,24 @@ def test_a_session_kept_alive_keeps_its_lease_and_hears_of_lost_ones(fresh_dsn: 
         check(admin)
 
 
+def test_a_new_lease_of_a_session_long_silent_is_not_dead_at_once(fresh_dsn: str, user_dsns: tuple[str, str]) -> None:
+    """A process idle between two leases does not keep its session alive; its next lease still
+    lives liveness_seconds from its grant, by which time its keep-alive has resumed."""
+    holder_dsn, other_dsn = user_dsns
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin, psycopg.connect(other_dsn, autocommit=True) as other:
+        create(admin, "idle", 1)
+        session = uuid.uuid4()
+        with psycopg.connect(holder_dsn, autocommit=True) as keeper:
+            one(keeper, "SELECT * FROM pgslots.keep_alive(%s, bind => false)", [session])
+        advance_clock(admin, 60)  # silent for a minute, its backend long gone
+        with psycopg.connect(holder_dsn, autocommit=True) as holder:
+            got = acquire(holder, ["idle"], lease_seconds=300, session=session)
+            assert got["granted"] and got["liveness_seconds"] == 10
+        assert not acquire(other, ["idle"], lease_seconds=60)["granted"]
+        advance_clock(admin, 10)
+        assert acquire(other, ["idle"], lease_seconds=60)["granted"]  # and no keep-alive came: dead now
+
+
 def test_a_session_belongs_to_the_role_that_first_kept_it_alive(fresh_dsn: str, user_dsns: tuple[str, str]) -> None:
     victim_dsn, attacker_dsn = user_dsns
     session = uuid.uuid4()
@@ -360,3 +378,72 @@ def _wait_for_slot_named(dsn: str, name: str, got: Any, started: Any) -> None:
             got.put(time.time())
     finally:
         client.close()
+
+
+def _hold_for(dsn: str, holding: Any, index: int, seconds: float, out: Any) -> None:
+    client = pgslots.Client(dsn)
+    try:
+        with concurrency("restart5", lease_duration=300, raise_on_lease_renewal_failure=True, timeout_seconds=60, client=client):
+            with holding.get_lock():
+                holding[index] = 1
+            end = time.time() + seconds
+            while time.time() < end:
+                time.sleep(0.05)
+            with holding.get_lock():
+                holding[index] = 0
+        out.put("held")
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        with holding.get_lock():
+            holding[index] = 0
+        out.put(f"{type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+
+
+def test_an_immediate_restart_under_5_holders_loses_nothing_and_over_admits_nothing(
+    fresh_dsn: str, pg_server: dict[str, Any]
+) -> None:
+    """5 holders fill a limit of 5 (300 s leases, bodies interrupted if a lease is lost), 3 waiters
+    queue behind them, and the server restarts with -m immediate: every holder keeps its lease
+    through the restart (back well within liveness_seconds), nobody is over-admitted (an
+    independent count), every waiter is served afterwards."""
+    if pg_server["cluster"] is None:
+        pytest.skip("needs the local test cluster to restart it")
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        create(admin, "restart5", 5)
+    holding = CTX.Array("i", 8)
+    out: Any = CTX.Queue()
+    holders = [CTX.Process(target=_hold_for, args=(fresh_dsn, holding, i, 5.0, out)) for i in range(5)]
+    for p in holders:
+        p.start()
+    deadline = time.monotonic() + 15
+    while sum(holding[:5]) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    waiters = [CTX.Process(target=_hold_for, args=(fresh_dsn, holding, i, 0.3, out)) for i in range(5, 8)]
+    for p in waiters:
+        p.start()
+    peak = 0
+    watching = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not watching.is_set():
+            peak = max(peak, sum(holding[:]))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(1.0)
+    pg_server["cluster"].restart(mode="immediate")
+    results = [out.get(timeout=60) for _ in range(8)]
+    watching.set()
+    watcher.join()
+    for p in holders + waiters:
+        p.join(10)
+    print(f"\nrestart -m immediate under 5 holders: {results.count('held')}/8 held, peak {peak}/5")
+    assert results == ["held"] * 8, results
+    assert peak <= 5
+    check(fresh_dsn)
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        assert status(admin, "restart5")["leases"] == 0

@@ -116,12 +116,15 @@ AS $$
                      AND NOT pgslots._backend_alive(s.backend_pid))
 $$;
 
--- A lease row whose slots may be taken back: expired, or its session dead.
-CREATE FUNCTION pgslots._lease_gone(expires_at timestamptz, session uuid, at timestamptz,
-                                    liveness_seconds float8) RETURNS boolean
+-- A lease row whose slots may be taken back: expired, or its session dead (and the lease older than
+-- liveness_seconds: a session silent for a while, e.g. idle between two leases, does not doom a new one).
+CREATE FUNCTION pgslots._lease_gone(expires_at timestamptz, session uuid, acquired_at timestamptz,
+                                    at timestamptz, liveness_seconds float8) RETURNS boolean
 LANGUAGE sql STABLE
 AS $$
-    SELECT expires_at <= at OR (session IS NOT NULL AND pgslots._session_dead(session, at, liveness_seconds))
+    SELECT expires_at <= at
+        OR (session IS NOT NULL AND acquired_at <= at - make_interval(secs => liveness_seconds)
+            AND pgslots._session_dead(session, at, liveness_seconds))
 $$;
 
 -- Notifications go to each waiting client's own channel, so a release wakes only the process it serves.
@@ -210,7 +213,7 @@ DECLARE
 BEGIN
     WITH gone AS (
         DELETE FROM pgslots.leases x
-        WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, at, liveness)
+        WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, liveness)
         RETURNING x.slots
     )
     SELECT coalesce(sum(gone.slots), 0) INTO freed FROM gone;

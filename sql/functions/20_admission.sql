@@ -178,7 +178,8 @@ CREATE FUNCTION pgslots.acquire(
     wait_seconds float8 DEFAULT NULL,
     session uuid DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
-    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint)
+    OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
+    OUT liveness_seconds float8)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
@@ -225,7 +226,7 @@ BEGIN
                 IF FOUND AND lim.active AND slots <= lim."limit"
                    AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
                                    WHERE x.limit_id = lim.id
-                                     AND pgslots._lease_gone(x.expires_at, x.session_id, at,
+                                     AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at,
                                                              cfg.liveness_seconds)) THEN
                     PERFORM pgslots._lock_queue_shared(lim.id);
                     SELECT l.id, l.name, l.active, l."limit", l.leased_slots, l.slot_decay_per_second,
@@ -283,6 +284,10 @@ BEGIN
                       HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
         END IF;
     END IF;
+    IF session IS NOT NULL THEN
+        -- How long the holder may go unheard before its leases are dead: it must give them up sooner.
+        liveness_seconds := coalesce(cfg.liveness_seconds, (SELECT s.liveness_seconds FROM pgslots.settings s));
+    END IF;
     IF prior_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', prior_lock_timeout, true);
     END IF;
@@ -301,7 +306,8 @@ COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, big
 'call fails with SQLSTATE 55P03 and changes nothing; NULL waits as the session''s lock_timeout says. '
 'session (a UUID the caller keeps alive with keep_alive) binds the lease to it: once the session has '
 'not been seen for liveness_seconds and its backend is gone, the lease is dead and its slots are '
-'taken back by whoever needs them. Without it, a lease lasts until released or expired.';
+'taken back by whoever needs them (liveness_seconds is returned). Without it, a lease lasts until '
+'released or expired.';
 
 CREATE FUNCTION pgslots.rate_limit(
     names text[],

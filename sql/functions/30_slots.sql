@@ -150,10 +150,10 @@ DECLARE
 BEGIN
     targets := ARRAY(SELECT l.id FROM pgslots.limits l
                      WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x
-                                    WHERE pgslots._lease_gone(x.expires_at, x.session_id, at, liveness))
+                                    WHERE pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, liveness))
                      ORDER BY l.id FOR UPDATE);
     SELECT count(DISTINCT x.id) INTO reclaimed FROM pgslots.leases x
-    WHERE x.limit_id = ANY (targets) AND pgslots._lease_gone(x.expires_at, x.session_id, at, liveness);
+    WHERE x.limit_id = ANY (targets) AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, liveness);
     PERFORM pgslots._reclaim(t, at) FROM unnest(targets) AS t;
     PERFORM pgslots._wake(t, at) FROM unnest(targets) AS t;
     -- Lease rows of deleted limits, waiters nobody heartbeats any more, and sessions that are gone

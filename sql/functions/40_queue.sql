@@ -26,7 +26,7 @@ BEGIN
     SELECT l."limit", l.active,
            l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x, pgslots.settings s
                              WHERE x.limit_id = target
-                               AND pgslots._lease_gone(x.expires_at, x.session_id, at, s.liveness_seconds))
+                               AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
                AS live_leased,
            pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
@@ -85,7 +85,7 @@ DECLARE
     wake_rest boolean := false;
 BEGIN
     IF EXISTS (SELECT 1 FROM pgslots.leases x, pgslots.settings s
-               WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, at, s.liveness_seconds)) THEN
+               WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active, l.leased_slots,

@@ -91,6 +91,8 @@ class _Renewal:
     on_lost: Callable[[BaseException], None] = field(compare=False)
     valid_until: float = field(default=0.0, compare=False)
     cancelled: bool = field(default=False, compare=False)
+    liveness: float | None = field(default=None, compare=False)  # see Lease.liveness_seconds
+    held_at: float = field(default=0.0, compare=False)  # monotonic, just after the grant
 
 
 def interrupt_thread(thread_id: int) -> Callable[[BaseException], None]:
@@ -129,7 +131,6 @@ class Engine:
         # Session liveness: when the last keep-alive that the database answered was sent, and the
         # liveness_seconds it answered with (None until the first answer).
         self._alive_sent_ok: float | None = None
-        self._liveness: float | None = None
         self._next_keep_alive = 0.0
         _engines.add(self)
 
@@ -186,7 +187,9 @@ class Engine:
         lease_id, lease_seconds, first_term = lease.lease_id, lease.lease_seconds, lease.first_term
         now = time.monotonic()
         term = lease_seconds if first_term is None else min(first_term, lease_seconds)
-        renewal = _Renewal(now + 0.75 * term, next(self._seq), lease_id, lease_seconds, on_lost, now + term)
+        renewal = _Renewal(
+            now + 0.75 * term, next(self._seq), lease_id, lease_seconds, on_lost, now + term, liveness=lease.liveness_seconds, held_at=now
+        )
         with self._lock:
             heapq.heappush(self._renewals, renewal)
             self._by_lease[lease_id] = renewal
@@ -339,27 +342,31 @@ class Engine:
         self._next_keep_alive = now + KEEP_ALIVE_SECONDS
         row = conn.execute(q.KEEP_ALIVE, {"session": self.client_id, "leases": held, "bind": self.bind_session}).fetchone()
         assert row is not None
-        self._alive_sent_ok, self._liveness = now, float(row[0])
+        self._alive_sent_ok = now
+        with self._lock:
+            for renewal in self._by_lease.values():
+                if renewal.liveness is not None:
+                    renewal.liveness = float(row[0])  # the setting as it is now
         for lease_id in row[1] or ():
             message = f"Lease {lease_id} was lost: the database no longer has it, so its slots may be held by others now."
             self._lose(lease_id, LeaseLostError(message))
 
     def _check_silence(self) -> None:
-        """Cut off from the database: before it may take this session's leases back (liveness_seconds
-        after the last keep-alive it answered), give them up as lost."""
-        sent, liveness = self._alive_sent_ok, self._liveness
-        if sent is None or liveness is None:
-            return
-        silent = time.monotonic() - sent
-        if silent < liveness - SILENCE_MARGIN_SECONDS:
-            return
+        """Cut off from the database: before it may take a lease back (liveness_seconds after it last
+        heard from this process, or after the grant), give the lease up as lost."""
+        now = time.monotonic()
+        sent = self._alive_sent_ok or 0.0
         with self._lock:
-            held = list(self._by_lease)
-        error = LeaseRenewalFailedError(
-            f"The database could not be reached for {silent:.1f} s: after {liveness:g} s (liveness_seconds) it may "
-            "give this process's slots to others, so its leases are treated as lost."
-        )
-        for lease_id in held:
+            late = [
+                (r.lease_id, now - max(sent, r.held_at), r.liveness)
+                for r in self._by_lease.values()
+                if r.liveness is not None and now - max(sent, r.held_at) >= r.liveness - SILENCE_MARGIN_SECONDS
+            ]
+        for lease_id, silent, liveness in late:
+            error = LeaseRenewalFailedError(
+                f"The database has not heard from this process for {silent:.1f} s: after {liveness:g} s (liveness_seconds) "
+                "it may give its slots to others, so the lease is treated as lost."
+            )
             self._lose(lease_id, error)
 
     def _lose(self, lease_id: uuid.UUID, error: BaseException) -> None:

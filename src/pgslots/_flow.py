@@ -146,6 +146,9 @@ class Lease:
     lease_seconds: float
     missing: tuple[str, ...] = ()
     first_term: float | None = field(default=None, repr=False, compare=False)  # when handed over: shorter
+    # Bound to this process's session: the database may take it back once it has not heard from the
+    # process for this long, so the process gives it up before then. None: it lives until it expires.
+    liveness_seconds: float | None = field(default=None, repr=False, compare=False)
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -237,6 +240,7 @@ class Attempts:
     outage_since: float | None = None
     outage_retries: int = 0
     missing: tuple[str, ...] = ()
+    liveness_seconds: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -285,6 +289,7 @@ class Attempts:
             logger.warning("Concurrency limits %s do not exist - skipping acquisition.", list_literal(row["missing"]))
         self.ticket = row["waiter"]
         self.missing = tuple(row["missing"] or ())
+        self.liveness_seconds = row.get("liveness_seconds")
         if row["granted"]:
             self.ticket = None
             self.pending_lease = None
@@ -296,6 +301,7 @@ class Attempts:
                 slots=r.slots,
                 lease_seconds=r.lease_seconds,
                 missing=self.missing,
+                liveness_seconds=self.liveness_seconds,
             )
         if self.ticket is None:
             self.pending_lease = None  # not queued: nothing can grant it
@@ -328,7 +334,17 @@ class Attempts:
             return None
         r = self.request
         lease_id, self.pending_lease, self.ticket = self.pending_lease, None, None
-        return Lease(lease_id, grant.fencing_token, grant.expires_at, r.names, r.slots, r.lease_seconds, self.missing, grant.term_seconds)
+        return Lease(
+            lease_id,
+            grant.fencing_token,
+            grant.expires_at,
+            r.names,
+            r.slots,
+            r.lease_seconds,
+            self.missing,
+            grant.term_seconds,
+            self.liveness_seconds,
+        )
 
     def abandon(self) -> list[tuple[Any, dict[str, Any]]]:
         """After a timeout or an interruption, the calls that undo what is in flight: leave the queue,
