@@ -124,6 +124,39 @@ def test_a_new_lease_of_a_session_long_silent_is_not_dead_at_once(fresh_dsn: str
         assert acquire(other, ["idle"], lease_seconds=60)["granted"]  # and no keep-alive came: dead now
 
 
+def test_keep_alive_names_the_orphans_of_its_session(fresh_dsn: str) -> None:
+    """A lease of the session that the caller no longer names (its release was lost) is reported as
+    an orphan once it is older than liveness_seconds, so the client releases it instead of keeping
+    it alive until it expires; the Python client does so."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        create(admin, "orphan", 2)
+        session = uuid.uuid4()
+        with psycopg.connect(fresh_dsn, autocommit=True) as holder:
+            one(holder, "SELECT * FROM pgslots.keep_alive(%s)", [session])
+            kept = acquire(holder, ["orphan"], lease_seconds=300, session=session)["lease_id"]
+            forgotten = acquire(holder, ["orphan"], lease_seconds=300, session=session)["lease_id"]
+            assert one(holder, "SELECT * FROM pgslots.keep_alive(%s, %s)", [session, [kept]])["orphans"] == []  # too young
+            advance_clock(admin, 11)
+            row = one(holder, "SELECT * FROM pgslots.keep_alive(%s, %s)", [session, [kept]])
+            assert row["lost"] == [] and row["orphans"] == [forgotten]
+            assert one(holder, "SELECT * FROM pgslots.keep_alive(%s)", [session])["orphans"] is None  # no list, no orphans
+    _set_liveness(fresh_dsn, 1.0)
+    client = pgslots.Client(fresh_dsn)
+    try:
+        with concurrency("orphan", lease_duration=300, client=client) as lease:
+            engine = client._session.engine
+            with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+                # A lease of this process's session it does not hold (as if its release had been lost).
+                stray = acquire(admin, ["orphan"], lease_seconds=300, session=engine.client_id)["lease_id"]
+                deadline = time.monotonic() + 10
+                while one(admin, "SELECT count(*) AS n FROM pgslots.leases WHERE id = %s", [stray])["n"]:
+                    assert time.monotonic() < deadline, "the orphan was never released"
+                    time.sleep(0.1)
+                assert one(admin, "SELECT count(*) AS n FROM pgslots.leases WHERE id = %s", [lease.lease_id])["n"] == 1
+    finally:
+        client.close()
+
+
 def test_a_session_belongs_to_the_role_that_first_kept_it_alive(fresh_dsn: str, user_dsns: tuple[str, str]) -> None:
     victim_dsn, attacker_dsn = user_dsns
     session = uuid.uuid4()
@@ -400,9 +433,7 @@ def _hold_for(dsn: str, holding: Any, index: int, seconds: float, out: Any) -> N
         client.close()
 
 
-def test_an_immediate_restart_under_5_holders_loses_nothing_and_over_admits_nothing(
-    fresh_dsn: str, pg_server: dict[str, Any]
-) -> None:
+def test_an_immediate_restart_under_5_holders_loses_nothing_and_over_admits_nothing(fresh_dsn: str, pg_server: dict[str, Any]) -> None:
     """5 holders fill a limit of 5 (300 s leases, bodies interrupted if a lease is lost), 3 waiters
     queue behind them, and the server restarts with -m immediate: every holder keeps its lease
     through the restart (back well within liveness_seconds), nobody is over-admitted (an

@@ -173,7 +173,7 @@ COMMENT ON FUNCTION pgslots.sweep() IS
 'limit reclaims its own); for cron.';
 
 CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,
-                                   OUT liveness_seconds float8, OUT lost uuid[])
+                                   OUT liveness_seconds float8, OUT lost uuid[], OUT orphans uuid[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
@@ -198,6 +198,14 @@ BEGIN
     -- operator, or never replicated to this server after a failover).
     lost := ARRAY(SELECT g.id FROM unnest(leases) AS g(id)
                   WHERE NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.id = g.id AND x.expires_at > at));
+    -- Leases of this session the caller no longer holds (a release lost in a failover, a lease it
+    -- gave up): kept alive by the session, they would wait for their expiry. Only those older than
+    -- liveness_seconds, so none that is being granted right now.
+    IF leases IS NOT NULL THEN
+        orphans := ARRAY(SELECT DISTINCT x.id FROM pgslots.leases x
+                         WHERE x.session_id = keep_alive.session AND x.id <> ALL (leases)
+                           AND x.acquired_at <= at - make_interval(secs => liveness_seconds));
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION pgslots.keep_alive(uuid, uuid[], boolean) IS
@@ -205,5 +213,6 @@ COMMENT ON FUNCTION pgslots.keep_alive(uuid, uuid[], boolean) IS
 'the same UUID as acquire''s session. Its leases then live while it does: once it has not been '
 'seen for liveness_seconds (returned) and the backend it last called from is gone, they are dead '
 'and their slots go to whoever needs them. Give up the leases yourself if you cannot call it for '
-'liveness_seconds - 1. Returns, of `leases`, those that are gone. bind => false (a connection through '
-'a transaction pooler): judge the session by time alone.';
+'liveness_seconds - 1. Returns, of `leases` (all the leases the caller holds), those that are gone, '
+'and the orphans: leases of the session older than liveness_seconds that are not in `leases` (release '
+'them). bind => false (a connection through a transaction pooler): judge the session by time alone.';

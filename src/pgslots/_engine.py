@@ -42,8 +42,11 @@ RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
 EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
 BLOCKED_RETRY_SECONDS = 1.0  # a background call that found its lock held is tried again after this
-KEEP_ALIVE_SECONDS = 0.5  # how often the session of a process holding leases says it is alive
-SILENCE_MARGIN_SECONDS = 1.0  # leases are given up this long before the database may take them back
+# How often the session of a process holding leases says it is alive, and how long before the
+# database may take a lease back the process gives it up: at most these, less for a short
+# liveness_seconds (a fifth and a third of it).
+KEEP_ALIVE_SECONDS = 0.5
+SILENCE_MARGIN_SECONDS = 1.0
 WATCHDOG_SECONDS = 0.2  # how often the watchdog looks at the time since the last keep-alive
 # The worker's connection gives up on a server that does not answer, unless the DSN says otherwise.
 CONNECTION_TIMEOUTS = {"connect_timeout": 5, "tcp_user_timeout": 5000}
@@ -335,11 +338,13 @@ class Engine:
         now = time.monotonic()
         with self._lock:
             held = list(self._by_lease)
+            shortest = min((r.liveness for r in self._by_lease.values() if r.liveness is not None), default=None)
         if not held or now < self._next_keep_alive:
             if not held:
                 self._next_keep_alive = 0.0  # the next lease is announced at once
             return
-        self._next_keep_alive = now + KEEP_ALIVE_SECONDS
+        interval = KEEP_ALIVE_SECONDS if shortest is None else min(KEEP_ALIVE_SECONDS, shortest / 5)
+        self._next_keep_alive = now + interval
         row = conn.execute(q.KEEP_ALIVE, {"session": self.client_id, "leases": held, "bind": self.bind_session}).fetchone()
         assert row is not None
         self._alive_sent_ok = now
@@ -350,6 +355,9 @@ class Engine:
         for lease_id in row[1] or ():
             message = f"Lease {lease_id} was lost: the database no longer has it, so its slots may be held by others now."
             self._lose(lease_id, LeaseLostError(message))
+        for lease_id in row[2] or ():  # e.g. a release lost in a failover: given back now, not at its expiry
+            logger.info("pgslots: releasing lease %s, which this process no longer holds.", lease_id)
+            self.release_later(lease_id)
 
     def _check_silence(self) -> None:
         """Cut off from the database: before it may take a lease back (liveness_seconds after it last
@@ -360,7 +368,7 @@ class Engine:
             late = [
                 (r.lease_id, now - max(sent, r.held_at), r.liveness)
                 for r in self._by_lease.values()
-                if r.liveness is not None and now - max(sent, r.held_at) >= r.liveness - SILENCE_MARGIN_SECONDS
+                if r.liveness is not None and now - max(sent, r.held_at) >= r.liveness - min(SILENCE_MARGIN_SECONDS, r.liveness / 3)
             ]
         for lease_id, silent, liveness in late:
             error = LeaseRenewalFailedError(

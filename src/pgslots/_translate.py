@@ -45,6 +45,7 @@ _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
     "PS011": InvalidArgumentError,
     "PS012": InvalidArgumentError,
     "PS013": InvalidArgumentError,
+    "PS014": InvalidArgumentError,
 }
 
 
