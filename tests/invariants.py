@@ -4,6 +4,9 @@ exceed the limit."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -38,3 +41,33 @@ def check(dsn_or_conn: str | psycopg.Connection[Any], lowered: tuple[str, ...] =
     else:
         found = problems(dsn_or_conn, lowered)
     assert not found, found
+
+
+class PeakWatcher:
+    """Samples a count of running bodies, kept outside the database (shared memory), every 2 ms in a
+    thread while the block runs: ``peak`` is the most seen at once, ``over`` the seconds spent above
+    ``limit``."""
+
+    def __init__(self, count: Callable[[], int], limit: int) -> None:
+        self.count, self.limit = count, limit
+        self.peak, self.over = 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            now, seen = time.monotonic(), self.count()
+            self.peak = max(self.peak, seen)
+            if seen > self.limit:
+                self.over += now - last
+            last = now
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

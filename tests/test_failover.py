@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from invariants import check
+from invariants import PeakWatcher, check
 
 import pgslots
 from pgslots._cluster import LocalCluster, find_bindir, server_user
@@ -161,35 +160,20 @@ def _run(pair: Pair, body: float, seconds: float, before_failover: Any) -> tuple
     procs = [CTX.Process(target=_worker, args=(pair.dsn, body, stop_at, holding, peak, counts, told)) for _ in range(WORKERS)]
     for p in procs:
         p.start()
-    over: list[float] = []
-    watching = threading.Event()
-
-    def watch() -> None:
-        last = time.time()
-        while not watching.is_set():
-            now = time.time()
-            if holding.value > LIMIT:
-                over.append(now - last)
-            last = now
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    time.sleep(2.0)
-    before_failover()
-    time.sleep(0.5)
-    failed_over_at = time.time()
-    pair.fail_over()
-    promoted_at = time.time()
-    for p in procs:
-        p.join(seconds + 90)
-    watching.set()
-    watcher.join()
+    with PeakWatcher(lambda: int(holding.value), LIMIT) as bodies:
+        time.sleep(2.0)
+        before_failover()
+        time.sleep(0.5)
+        failed_over_at = time.time()
+        pair.fail_over()
+        promoted_at = time.time()
+        for p in procs:
+            p.join(seconds + 90)
     told_at = []
     while not told.empty():
         told_at.append(told.get())
     assert [p.exitcode for p in procs] == [0] * WORKERS
-    return peak.value, list(counts), sum(over), failed_over_at, promoted_at, told_at
+    return max(peak.value, bodies.peak), list(counts), bodies.over, failed_over_at, promoted_at, told_at
 
 
 def _no_leak(dsn: str, seconds: float) -> None:

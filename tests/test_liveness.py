@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from invariants import check
+from invariants import PeakWatcher, check
 
 import pgslots
 from pgslots._flow import RELEASE_WAIT_SECONDS
@@ -454,27 +454,15 @@ def test_an_immediate_restart_under_5_holders_loses_nothing_and_over_admits_noth
     waiters = [CTX.Process(target=_hold_for, args=(fresh_dsn, holding, i, 0.3, out)) for i in range(5, 8)]
     for p in waiters:
         p.start()
-    peak = 0
-    watching = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        while not watching.is_set():
-            peak = max(peak, sum(holding[:]))
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    time.sleep(1.0)
-    pg_server["cluster"].restart(mode="immediate")
-    results = [out.get(timeout=60) for _ in range(8)]
-    watching.set()
-    watcher.join()
+    with PeakWatcher(lambda: sum(holding[:]), 5) as bodies:
+        time.sleep(1.0)
+        pg_server["cluster"].restart(mode="immediate")
+        results = [out.get(timeout=60) for _ in range(8)]
     for p in holders + waiters:
         p.join(10)
-    print(f"\nrestart -m immediate under 5 holders: {results.count('held')}/8 held, peak {peak}/5")
+    print(f"\nrestart -m immediate under 5 holders: {results.count('held')}/8 held, peak {bodies.peak}/5")
     assert results == ["held"] * 8, results
-    assert peak <= 5
+    assert bodies.peak <= 5
     check(fresh_dsn)
     with psycopg.connect(fresh_dsn, autocommit=True) as admin:
         assert status(admin, "restart5")["leases"] == 0

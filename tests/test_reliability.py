@@ -9,7 +9,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import threading
 import time
 from typing import Any
 
@@ -136,24 +135,13 @@ def test_restart_while_holders_hold_and_waiters_wait(client: Client, fresh_dsn: 
     waiters = [CTX.Process(target=_holder, args=(fresh_dsn, holding, i, 0.3, out)) for i in range(2, 5)]
     for p in waiters:
         p.start()
-    peak = 0
-    stop_watch = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        while not stop_watch.is_set():
-            peak = max(peak, sum(holding[i] for i in range(5)))
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    time.sleep(1.0)
-    cluster.restart(mode=mode)
-    time.sleep(1.5)
-    cluster.restart(mode=mode)
-    results = [out.get(timeout=60) for _ in range(5)]
-    stop_watch.set()
-    watcher.join()
+    with invariants.PeakWatcher(lambda: sum(holding[i] for i in range(5)), 2) as bodies:
+        time.sleep(1.0)
+        cluster.restart(mode=mode)
+        time.sleep(1.5)
+        cluster.restart(mode=mode)
+        results = [out.get(timeout=60) for _ in range(5)]
+    peak = bodies.peak
     for p in procs + waiters:
         p.join(10)
     print(f"\nrestart ({mode}) x2: {results}, peak {peak}/2 holders")
