@@ -284,12 +284,13 @@ def release(state: State, lease_id: str) -> None:
         click.echo(f"Lease '{lease_id}' is not held (released already, or reclaimed after expiry); nothing changed.")
 
 
-@cli.command(short_help="Reclaim expired leases now.")
+@cli.command(short_help="Reclaim expired and dead leases now.")
 @pass_state
 def sweep(state: State) -> None:
-    """Reclaim the slots of every expired lease now (full limits also do this by themselves)."""
+    """Reclaim the slots of every expired lease, and of every lease whose holder's session died, now
+    (full limits also do this by themselves); forget dead waiters and sessions."""
     count = state.client.sweep()
-    click.echo(f"Reclaimed {count} expired lease{'s' if count != 1 else ''}.")
+    click.echo(f"Reclaimed {count} expired or dead lease{'s' if count != 1 else ''}.")
 
 
 # ---- helpers --------------------------------------------------------------------------------
