@@ -1,5 +1,5 @@
-"""PgBouncer in transaction mode, in front of the test server: several processes of a plain
-pgslots_user role wait on one limit through it, waking by LISTEN on a direct connection or by
+"""PgBouncer in transaction mode, in front of the test server: several processes of two plain
+pgslots_user roles wait on one limit through it, waking by LISTEN on a direct connection or by
 polling through the bouncer. No error, no leak, never more bodies than the limit.
 
 Needs the `pgbouncer` binary (Debian's package; .ci/run installs it). Under CI its absence fails
@@ -52,14 +52,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def bouncer(fresh_dsn: str) -> Iterator[dict[str, str]]:
-    """{'bounced': DSN through PgBouncer, 'direct': the same role straight to the server, 'version': ...}."""
+    """{'bounced': DSN through PgBouncer, 'direct': the same role straight to the server, and the
+    same two for a second role ('bounced2', 'direct2'), 'version': ...}."""
     binary = _binary()
-    roles = login_role(fresh_dsn, "pgslots_user")
-    direct = next(roles)
+    roles = [login_role(fresh_dsn, "pgslots_user"), login_role(fresh_dsn, "pgslots_user")]
+    direct, direct2 = (next(r) for r in roles)
     server = psycopg.conninfo.conninfo_to_dict(direct)
     home = Path(tempfile.mkdtemp(prefix="pgslots-bouncer-"))
     port = _free_port()
-    (home / "users.txt").write_text(f'"{server["user"]}" ""\n')
+    users = [psycopg.conninfo.conninfo_to_dict(d)["user"] for d in (direct, direct2)]
+    (home / "users.txt").write_text("".join(f'"{u}" ""\n' for u in users))
     (home / "pgbouncer.ini").write_text(
         "[databases]\n"
         f"* = host={server.get('host', '127.0.0.1')} port={server.get('port', 5432)}\n"
@@ -79,6 +81,7 @@ def bouncer(fresh_dsn: str) -> Iterator[dict[str, str]]:
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split("\n")[0]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     bounced = psycopg.conninfo.make_conninfo(direct, host="127.0.0.1", port=str(port))
+    bounced2 = psycopg.conninfo.make_conninfo(direct2, host="127.0.0.1", port=str(port))
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -91,7 +94,7 @@ def bouncer(fresh_dsn: str) -> Iterator[dict[str, str]]:
                     log = (home / "pgbouncer.log").read_text() if (home / "pgbouncer.log").exists() else ""
                     pytest.fail(f"PgBouncer did not start: {proc.stderr.read().decode() if proc.stderr else ''} {log}")
                 time.sleep(0.1)
-        yield {"bounced": bounced, "direct": direct, "version": version}
+        yield {"bounced": bounced, "direct": direct, "bounced2": bounced2, "direct2": direct2, "version": version}
     finally:
         proc.terminate()
         try:
@@ -100,7 +103,8 @@ def bouncer(fresh_dsn: str) -> Iterator[dict[str, str]]:
             proc.kill()
             proc.wait(5)
         shutil.rmtree(home, ignore_errors=True)
-        next(roles, None)
+        for r in roles:
+            next(r, None)
 
 
 def _worker(bounced: str, direct: str, listen: bool, holding: Any, peak: Any, errors: Any, done: Any) -> None:
@@ -132,9 +136,11 @@ def test_processes_through_pgbouncer_in_transaction_mode(fresh_dsn: str, bouncer
         create(owner, "bounce", LIMIT)
     ctx = mp.get_context("fork")
     holding, peak, errors, done = (ctx.Value("i", 0) for _ in range(4))
+    # Half the processes log in as one role, half as the other.
     procs = [
-        ctx.Process(target=_worker, args=(bouncer["bounced"], bouncer["direct"], listen, holding, peak, errors, done))
-        for _ in range(PROCESSES)
+        ctx.Process(target=_worker, args=(bouncer[f"bounced{suffix}"], bouncer[f"direct{suffix}"], listen, holding, peak, errors, done))
+        for suffix in ("", "2")
+        for _ in range(PROCESSES // 2)
     ]
     started = time.monotonic()
     for p in procs:
