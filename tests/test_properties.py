@@ -63,6 +63,34 @@ def test_sql_functions_survive_anything(sql: Conn, name: str, limit: int, decay:
 
 
 @SETTINGS
+@given(name=names, slots=ints, ticket=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), wait=st.one_of(st.none(), floats))
+def test_queue_sessions_and_waits_survive_anything(sql: Conn, name: str, slots: int, ticket: int | None, wait: float | None) -> None:
+    """The arguments of part two (tickets, queue clients, sessions, wait bounds) at their worst."""
+    with sql.transaction(force_rollback=True):
+        _call(sql, "SELECT pgslots.create_limit('q', 1)", [])
+        client, session, lease = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        _call(sql, "SELECT * FROM pgslots.acquire('{q}', 1, 300)", [])
+        _call(
+            sql,
+            "SELECT * FROM pgslots.acquire(%s, %s, 300, ticket => %s, queue_client => %s, new_lease_id => %s,"
+            " wait_seconds => %s, session => %s)",
+            [[name, "q"], slots, ticket, client, lease, wait, session],
+        )
+        _call(
+            sql,
+            "SELECT * FROM pgslots.rate_limit(%s, %s, ticket => %s, queue_client => %s, wait_seconds => %s)",
+            [[name], slots, ticket, client, wait],
+        )
+        _call(sql, "SELECT pgslots.leave_queue(%s, %s, %s)", [ticket, client, wait])
+        _call(sql, "SELECT pgslots.heartbeat(%s, %s)", [client, [ticket] if ticket is not None else None])
+        _call(sql, "SELECT * FROM pgslots.keep_alive(%s, %s)", [session, [lease, uuid.uuid4()]])
+        _call(sql, "SELECT pgslots.release(%s, true, %s)", [lease, wait])
+        _call(sql, "SELECT pgslots.renew(%s, 300, %s)", [lease, wait])
+        assert sql.execute("SELECT current_setting('lock_timeout')").fetchone() == ("0",)
+        invariants.check(sql)
+
+
+@SETTINGS
 @given(lease_id=st.one_of(st.text(max_size=50), st.just(None)))
 def test_malformed_lease_ids(sql: Conn, lease_id: str | None) -> None:
     with sql.transaction(force_rollback=True):

@@ -157,9 +157,15 @@ BEGIN
     ON CONFLICT (limit_id, id) DO UPDATE
     SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
         lease_seconds = excluded.lease_seconds, owner = excluded.owner
-    WHERE w.client_id = excluded.client_id AND coalesce(w.owner, excluded.owner) = excluded.owner;
+    WHERE w.client_id = excluded.client_id AND pgslots._by_caller(w.owner);
 END
 $$;
+
+-- A queue place taken by the calling login role (those queued before places had owners count as
+-- anyone's: their random client id is their proof).
+CREATE FUNCTION pgslots._by_caller(owner name) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT coalesce(owner, session_user) = session_user $$;
 
 -- The ticket a caller passed back, if it is still queued and was issued to this client and login
 -- role; NULL otherwise, and the caller is then a new arrival. So no caller can take over, move or
@@ -168,7 +174,7 @@ CREATE FUNCTION pgslots._own_ticket(ticket bigint, queue_client uuid) RETURNS bi
 LANGUAGE sql STABLE
 AS $$
     SELECT min(w.id) FROM pgslots.waiters w
-    WHERE w.id = ticket AND w.client_id = queue_client AND coalesce(w.owner, session_user) = session_user
+    WHERE w.id = ticket AND w.client_id = queue_client AND pgslots._by_caller(w.owner)
 $$;
 
 -- Bounds every lock wait of the calling function's transaction by wait_seconds (lock_timeout), so

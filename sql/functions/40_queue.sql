@@ -149,17 +149,17 @@ BEGIN
     SET expires_at = at + make_interval(secs => s.waiter_ttl_seconds)
     FROM pgslots.settings s
     WHERE (w.limit_id, w.id) IN (SELECT v.limit_id, v.id FROM pgslots.waiters v
-                                 WHERE v.client_id = queue_client AND coalesce(v.owner, session_user) = session_user
+                                 WHERE v.client_id = queue_client AND pgslots._by_caller(v.owner)
                                    AND (tickets IS NULL OR v.id = ANY (tickets))
                                  FOR UPDATE SKIP LOCKED);
     -- One walk of the queue per limit, not per waiter.
     SELECT array_agg(DISTINCT t ORDER BY t) INTO mine
     FROM (SELECT q.t FROM (SELECT DISTINCT w.limit_id FROM pgslots.waiters w
-                           WHERE w.client_id = queue_client AND coalesce(w.owner, session_user) = session_user) l,
+                           WHERE w.client_id = queue_client AND pgslots._by_caller(w.owner)) l,
                           unnest(pgslots._wakeable(l.limit_id, at)) AS q(t)
           WHERE (tickets IS NULL OR q.t = ANY (tickets))
             AND EXISTS (SELECT 1 FROM pgslots.waiters v
-                        WHERE v.id = q.t AND v.client_id = queue_client AND coalesce(v.owner, session_user) = session_user)
+                        WHERE v.id = q.t AND v.client_id = queue_client AND pgslots._by_caller(v.owner))
           UNION ALL
           -- Tickets no longer queued: handed their lease, or dropped. Asking again tells which.
           SELECT g.t FROM unnest(tickets) AS g(t)
@@ -193,12 +193,12 @@ BEGIN
     PERFORM 1 FROM pgslots.limits l
     WHERE l.id IN (SELECT w.limit_id FROM pgslots.waiters w
                    WHERE w.id = leave_queue.ticket AND w.client_id = leave_queue.queue_client
-                     AND coalesce(w.owner, session_user) = session_user)
+                     AND pgslots._by_caller(w.owner))
     ORDER BY l.id FOR UPDATE;
     at := pgslots._now();
     FOR left_limit IN DELETE FROM pgslots.waiters w
                       WHERE w.id = leave_queue.ticket AND w.client_id = leave_queue.queue_client
-                        AND coalesce(w.owner, session_user) = session_user
+                        AND pgslots._by_caller(w.owner)
                       RETURNING w.limit_id LOOP
         was_queued := true;
         PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now

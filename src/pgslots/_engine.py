@@ -51,6 +51,13 @@ WATCHDOG_SECONDS = 0.2  # how often the watchdog looks at the time since the las
 # The worker's connection gives up on a server that does not answer, unless the DSN says otherwise.
 CONNECTION_TIMEOUTS = {"connect_timeout": 5, "tcp_user_timeout": 5000}
 
+
+def connection_timeouts(dsn: str) -> dict[str, int]:
+    """The CONNECTION_TIMEOUTS a DSN does not set itself."""
+    given = psycopg.conninfo.conninfo_to_dict(dsn)
+    return {k: v for k, v in CONNECTION_TIMEOUTS.items() if k not in given}
+
+
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -266,9 +273,7 @@ class Engine:
     def _connect(self) -> None:
         if self._conn is not None and not self._conn.closed:
             return
-        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        timeouts = {k: v for k, v in CONNECTION_TIMEOUTS.items() if k not in given}
-        self._conn = psycopg.connect(self.dsn, autocommit=True, **{**timeouts, **self.connect_kwargs})
+        self._conn = psycopg.connect(self.dsn, autocommit=True, **{**connection_timeouts(self.dsn), **self.connect_kwargs})
         if self.listen:
             self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.client_id}")))
             reconnected = self._listening.is_set()

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
 from ._config import configured_dsn, resolve_dsn
-from ._engine import CONNECTION_TIMEOUTS, Engine
+from ._engine import Engine, connection_timeouts
 from ._translate import database_errors
 from .errors import MIGRATE_HINT, SchemaNotInstalledError
 from .migrate import LATEST_VERSION
@@ -111,9 +111,7 @@ class Session:
     def _pooled_kwargs(self) -> dict[str, Any]:
         """How the pools connect: autocommit, bounded waits for a server that does not answer (a
         black-holed network must not hold a body's exit), no prepared statements behind a pooler."""
-        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        timeouts = {k: v for k, v in CONNECTION_TIMEOUTS.items() if k not in given}
-        kwargs: dict[str, Any] = {"autocommit": True, **timeouts, **self.connect_kwargs()}
+        kwargs: dict[str, Any] = {"autocommit": True, **connection_timeouts(self.dsn), **self.connect_kwargs()}
         if self._prepare is False:
             kwargs["prepare_threshold"] = None
         return kwargs
