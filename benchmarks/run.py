@@ -99,19 +99,21 @@ class Server:
 # ---- 1. ceilings --------------------------------------------------------------------------------
 
 
-def pgbench(server: Server, dsn: str, script: str, clients: int, seconds: float) -> float:
+def pgbench(server: Server, dsn: str, script: str, clients: int, seconds: float, transactions: int = 0) -> float:
+    """Runs `script` for `seconds` (or `transactions` per client); returns transactions per second."""
     assert server.pgbench, "pgbench not found"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
         path = f.name
     os.chmod(path, 0o644)
     params = psycopg.conninfo.conninfo_to_dict(dsn)
-    args = [server.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(int(seconds)), "-f", path]
+    length = ["-t", str(transactions)] if transactions else ["-T", str(int(seconds))]
+    args = [server.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), *length, "-f", path]
     for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user")):
         if params.get(key):
             args += [flag, str(params[key])]
     args.append(str(params.get("dbname", "postgres")))
-    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=(seconds or 600) + 60)
     os.unlink(path)
     match = re.search(r"tps = ([0-9.]+)", done.stdout)
     if not match:
@@ -292,15 +294,22 @@ def server_side(server: Server, seconds: float) -> dict[str, Any]:
     return {"raw_semaphore_cycles_per_s": raw_tps, "pgslots_cycles_per_s": cycle_tps, "ratio": cycle_tps / raw_tps}
 
 
-def _contender(dsn: str, seconds: float, body: float, out: Any) -> None:
+def _contender(dsn: str, seconds: float, body: float, fair: bool, out: Any) -> None:
+    """One of the contending processes; `fair`: each call with a random priority (-1, 0 or 1) and
+    one of 4 tenants' fairness keys, so the queue is ordered by priority and round-robin."""
+    import random
+
     from pgslots.sync import concurrency
 
     configure(dsn)
+    rng = random.Random(os.getpid())
+    tenant = f"tenant-{os.getpid() % 4}"
     waits, held, cycles = [], 0.0, 0
     stop = time.perf_counter() + seconds
     while time.perf_counter() < stop:
         t0 = time.perf_counter()
-        with concurrency("shared", timeout_seconds=60):
+        queue_args: dict[str, Any] = {"priority": rng.choice((-1, 0, 1)), "fairness_key": tenant} if fair else {}
+        with concurrency("shared", timeout_seconds=60, **queue_args):
             t1 = time.perf_counter()
             time.sleep(body)
             held += time.perf_counter() - t1
@@ -309,12 +318,12 @@ def _contender(dsn: str, seconds: float, body: float, out: Any) -> None:
     out.put((cycles, held, waits))
 
 
-def contended(dsn: str, seconds: float, body: float, processes: int = 16, limit: int = 4) -> dict[str, Any]:
+def contended(dsn: str, seconds: float, body: float, processes: int = 16, limit: int = 4, fair: bool = False) -> dict[str, Any]:
     client = Client(dsn)
     client.delete_limit("shared") if client.read_limits(["shared"]) else None
     client.create_limit("shared", limit)
     client.close()
-    results = run_processes(_contender, processes, dsn, seconds, body)
+    results = run_processes(_contender, processes, dsn, seconds, body, fair)
     cycles = sum(r[0] for r in results)
     held = sum(r[1] for r in results)
     waits = [w for r in results for w in r[2]]
@@ -554,6 +563,97 @@ def waiters(dsn: str, tasks: int = 1000, idle_seconds: float = 10.0) -> dict[str
     return result
 
 
+def _cycle(client: Client, name: str) -> float:
+    """One acquire + release through the library; returns the acquire's seconds."""
+    from pgslots.sync import concurrency
+
+    cm = concurrency(name, client=client)
+    t0 = time.perf_counter()
+    cm.__enter__()
+    t1 = time.perf_counter()
+    cm.__exit__(None, None, None)
+    return t1 - t0
+
+
+def keys(server: Server, seconds: float, used_once: int = 100_000) -> dict[str, Any]:
+    """A template's key against a plain limit (alternating rounds in one process), the first use of
+    new keys, and `used_once` distinct keys used once each (pgbench, 2 clients) then swept."""
+    dsn = fresh(server, "bench_keys")
+    client = Client(dsn)
+    client.create_limit("plain", 1_000_000)
+    client.create_limit("tenant:*", 1_000_000)
+    client.create_limit("user:*", 1)
+    for _ in range(50):
+        _cycle(client, "plain")
+        _cycle(client, "tenant:hot")
+    plain, key, first, plain_vs_first = [], [], [], []
+    counter = 0
+    rounds = max(2, round(seconds))
+    for _ in range(rounds):
+        for into, name in ((plain, "plain"), (key, "tenant:hot")):
+            stop = time.perf_counter() + seconds / rounds / 2
+            while time.perf_counter() < stop:
+                into.append(_cycle(client, name))
+        for _ in range(200):
+            counter += 1
+            first.append(_cycle(client, f"tenant:new-{counter}"))
+            plain_vs_first.append(_cycle(client, "plain"))
+    client.close()
+    script = (
+        "\\set k random(1, 1000000000000)\n"
+        "SELECT lease_id AS l FROM pgslots.acquire(ARRAY['user:' || :k], 1, 300) \\gset\n"
+        "SELECT pgslots.release(:l, false);\n"
+    )
+    started = time.perf_counter()
+    tps = pgbench(server, dsn, script, 2, 0, transactions=used_once // 2)
+    elapsed = time.perf_counter() - started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        count = "SELECT count(*) FROM pgslots.limits WHERE template_id IS NOT NULL"
+        size = "SELECT pg_total_relation_size('pgslots.limits')"
+        before = conn.execute(count).fetchone()[0]  # type: ignore[index]
+        size_before = conn.execute(size).fetchone()[0]  # type: ignore[index]
+        conn.execute("SELECT pgslots.sweep()")
+        after = conn.execute(count).fetchone()[0]  # type: ignore[index]
+        conn.execute("VACUUM pgslots.limits")
+        size_after = conn.execute(size).fetchone()[0]  # type: ignore[index]
+    server.drop("bench_keys")
+    return {
+        "plain_acquire_p50_ms": ms(pct(plain, 0.5)),
+        "key_acquire_p50_ms": ms(pct(key, 0.5)),
+        "key_vs_plain": pct(key, 0.5) / pct(plain, 0.5),
+        "key_cycles_vs_plain": len(key) / len(plain),
+        "first_use_acquire_p50_ms": ms(pct(first, 0.5)),
+        "first_use_vs_plain": pct(first, 0.5) / pct(plain_vs_first, 0.5),
+        "used_once": used_once,
+        "used_once_per_s": tps,
+        "used_once_seconds": elapsed,
+        "instances_before_sweep": before,
+        "instances_after_sweep": after,
+        "limits_table_bytes_before_sweep": size_before,
+        "limits_table_bytes_after_sweep_and_vacuum": size_after,
+    }
+
+
+def fairness(server: Server, seconds: float) -> dict[str, Any]:
+    """16 processes on 4 slots, 1 ms body: plain first-come-first-served against the same load with
+    priorities and 4 tenants' fairness keys, in alternating rounds."""
+    plain, fair = [], []
+    for _ in range(2):
+        plain.append(contended(fresh(server, "bench_fair"), seconds / 2, 0.001))
+        server.drop("bench_fair")
+        fair.append(contended(fresh(server, "bench_fair"), seconds / 2, 0.001, fair=True))
+        server.drop("bench_fair")
+    plain_cps = sum(r["cycles_per_s"] for r in plain) / len(plain)
+    fair_cps = sum(r["cycles_per_s"] for r in fair) / len(fair)
+    return {
+        "fifo_cycles_per_s": plain_cps,
+        "fair_cycles_per_s": fair_cps,
+        "ratio": fair_cps / plain_cps,
+        "fifo_wait_p99_ms": max(r["wait_p99_ms"] for r in plain),
+        "fair_wait_p99_ms": max(r["wait_p99_ms"] for r in fair),
+    }
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -594,6 +694,25 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("SIGKILLed holder to waiter holding (s), liveness_seconds 10", r["recovery"]["liveness_10s"], "<= 11", lambda v: v <= 11),
         ("SIGKILLed holder to waiter holding (s), liveness_seconds 2", r["recovery"]["liveness_2s"], "<= 3", lambda v: v <= 3),
         ("SIGKILLed holder to waiter holding (s), no session, 5 s lease", r["recovery"]["lease_expiry_5s"], "(reported)", None),
+        (
+            "keys: acquire p50 on a template's key vs a plain limit (alternating rounds)",
+            r["keys"]["key_vs_plain"],
+            "<= 1.2",
+            lambda v: v <= 1.2,
+        ),
+        ("keys: acquire p50 of a key's first use (creates it) vs a plain limit", r["keys"]["first_use_vs_plain"], "(reported)", None),
+        (
+            f"keys: {r['keys']['used_once']:,} keys used once, then swept: keys left",
+            r["keys"]["instances_after_sweep"],
+            "0",
+            lambda v: v == 0,
+        ),
+        (
+            "fair queue (priorities, 4 tenants) 16 on 4, 1 ms body: cycles/s vs first-come-first-served",
+            r["fairness"]["ratio"],
+            ">= 0.9",
+            lambda v: v >= 0.9,
+        ),
     ]
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
 
@@ -642,6 +761,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"| SIGKILL of a holder to a waiter in another process holding | {r['recovery']['liveness_10s']:.2f} s "
         f"(liveness_seconds 10), {r['recovery']['liveness_2s']:.2f} s (liveness_seconds 2); a holder without a "
         f"session, lease 5 s, killed 0.5 s after its grant: {r['recovery']['lease_expiry_5s']:.2f} s |",
+        f"| a template's key vs a plain limit | acquire p50 {r['keys']['key_acquire_p50_ms']} ms vs "
+        f"{r['keys']['plain_acquire_p50_ms']} ms; a key's first use {r['keys']['first_use_acquire_p50_ms']} ms |",
+        f"| {r['keys']['used_once']:,} keys used once (pgbench, 2 clients) | {r['keys']['used_once_per_s']:,.0f}/s; "
+        f"{r['keys']['instances_before_sweep']:,} keys left before sweep "
+        f"({r['keys']['limits_table_bytes_before_sweep'] / 1e6:.1f} MB), {r['keys']['instances_after_sweep']} after "
+        f"({r['keys']['limits_table_bytes_after_sweep_and_vacuum'] / 1e6:.1f} MB after VACUUM) |",
+        f"| 16 processes on 4 slots, 1 ms body, priorities and 4 tenants | {r['fairness']['fair_cycles_per_s']:,.0f} "
+        f"cycles/s vs {r['fairness']['fifo_cycles_per_s']:,.0f} first-come-first-served (alternating rounds); wait p99 "
+        f"{r['fairness']['fair_wait_p99_ms']} ms vs {r['fairness']['fifo_wait_p99_ms']} ms |",
     ]
     lines += ["", "## Findings of this run", "", *[f"- {n}" for n in findings(r)]]
     if r.get("history"):
@@ -748,6 +876,8 @@ def main() -> None:
         ("scale", lambda: scale(server, s)),
         ("waiters", lambda: waiters(fresh(server, "bench_waiters"))),
         ("recovery", lambda: recovery(server)),
+        ("keys", lambda: keys(server, s)),
+        ("fairness", lambda: fairness(server, 2 * s)),
     ]
     if args.only:
         wanted = {"ceiling", *args.only.split(",")}
@@ -759,7 +889,18 @@ def main() -> None:
             report[name] = step()
             print(f"   {json.dumps(report[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
     finally:
-        for db in ("bench_solo", "bench_sql", "bench_c1", "bench_c20", "bench_handoff", "bench_rate", "bench_waiters", "bench_recovery"):
+        for db in (
+            "bench_solo",
+            "bench_sql",
+            "bench_c1",
+            "bench_c20",
+            "bench_handoff",
+            "bench_rate",
+            "bench_waiters",
+            "bench_recovery",
+            "bench_keys",
+            "bench_fair",
+        ):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)
         server.close()

@@ -15,7 +15,8 @@
 DO $$
 DECLARE
     user_functions text[] := ARRAY['acquire', 'rate_limit', 'release', 'renew', 'heartbeat',
-                                   'leave_queue', 'keep_alive', 'get_limits', 'schema_version'];
+                                   'leave_queue', 'keep_alive', 'get_limits', 'get_instances',
+                                   'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',
                                     'list_leases', 'lock_for_apply'];
     view_helpers text[] := ARRAY['_clock', '_decayed'];

@@ -312,3 +312,50 @@ def test_watch_ends_cleanly_on_ctrl_c(fresh_dsn: str) -> None:
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "pgslots watch" in out
+
+
+def test_templates_in_create_ls_inspect_watch_and_apply(fresh_dsn: str, tmp_path: Path) -> None:
+    created = run(fresh_dsn, "create", "tenant:*", "-l", "2")
+    assert created.exit_code == 0 and created.output.startswith("Created template 'tenant:*'"), created.output
+    assert "'tenant:example' gets 2 slot(s)" in created.output
+    assert "needs a prefix" in one_line_error(run(fresh_dsn, "create", "*", "-l", "1"))
+    client = Client(fresh_dsn)
+    try:
+        with concurrency("tenant:acme", client=client), concurrency("tenant:beta", occupy=2, client=client):
+            listed = run(fresh_dsn, "ls").output
+            header, row = listed.splitlines()[0], next(line for line in listed.splitlines() if line.startswith("tenant:*"))
+            assert "INSTANCES" in header and row.split()[-2] == "2", listed
+            assert "tenant:acme" not in listed, "ls lists templates, not every key"
+            keys = run(fresh_dsn, "ls", "tenant:*").output
+            assert "tenant:acme" in keys and "tenant:beta" in keys and "tenant:*" not in keys
+            as_json = json.loads(run(fresh_dsn, "ls", "tenant:*", "-o", "json").output)
+            assert [(k["name"], k["template"], k["active_slots"]) for k in as_json] == [
+                ("tenant:acme", "tenant:*", 1),
+                ("tenant:beta", "tenant:*", 2),
+            ]
+            shown = json.loads(run(fresh_dsn, "inspect", "tenant:*", "-o", "json").output)
+            assert shown["is_template"] is True and shown["instances"] == 2
+            frame = run(fresh_dsn, "watch", "--once").output
+            assert "template: 2 per key, 2 key(s) in use" in frame
+            assert frame.index("tenant:beta") < frame.index("tenant:acme"), "busiest key first"
+            assert "is not a template" in one_line_error(run(fresh_dsn, "ls", "tenant:acme"))
+            key_update = one_line_error(run(fresh_dsn, "update", "tenant:acme", "-l", "5"))
+            assert "follows the template" in key_update
+            override = run(fresh_dsn, "create", "tenant:acme", "-l", "5")
+            assert "now has a limit of its own (an override)" in override.output, override.output
+    finally:
+        client.close()
+    spec = tmp_path / "limits.toml"
+    spec.write_text('["tenant:*"]\nlimit = 3\n\n["tenant:acme"]\nlimit = 5\n\n["user:*"]\nlimit = 1\n')
+    applied = run(fresh_dsn, "apply", str(spec), "--prune")
+    assert applied.exit_code == 0, applied.output
+    assert "change 'tenant:*': limit 2 -> 3" in applied.output and "create 'user:*'" in applied.output
+    assert "0 deleted" in applied.output and "delete '" not in applied.output, "keys are never pruned"
+    again = run(fresh_dsn, "apply", str(spec), "--prune")
+    assert "Nothing to do" in again.output, again.output
+    check = Client(fresh_dsn)
+    try:
+        assert check.read_limit("tenant:beta").limit == 3, "the key followed the template's change"
+        assert check.read_limit("tenant:acme").template is None
+    finally:
+        check.close()

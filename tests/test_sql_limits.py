@@ -49,10 +49,10 @@ def test_null_limit_rejected(sql: Conn) -> None:
     expect_error(sql, "PS002", "SELECT pgslots.create_limit('x', NULL)")
 
 
-@pytest.mark.parametrize("decay", ["NaN", "Infinity", "-Infinity", "-0.5"])
+@pytest.mark.parametrize("decay", ["NaN", "Infinity", "-Infinity", "-0.5", "5e-324"])
 def test_bad_decay_rejected(sql: Conn, decay: str) -> None:
     message = expect_error(sql, "PS002", "SELECT pgslots.create_limit('x', 1, %s::float8)", [decay])
-    assert "finite number >= 0" in message
+    assert "0 (no decay) or a finite number from 1e-9 up" in message
     create(sql, "y", 1)
     expect_error(sql, "PS002", "SELECT pgslots.update_limit('y', slot_decay_per_second => %s::float8)", [decay])
 

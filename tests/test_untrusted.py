@@ -197,6 +197,8 @@ def test_a_lease_id_names_one_lease(roles: Roles) -> None:
                     "new_lease_id": taken,
                     "wait_seconds": None,
                     "session": None,
+                    "priority": 0,
+                    "fairness_key": None,
                 },
             )
     finally:

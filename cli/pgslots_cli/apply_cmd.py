@@ -29,6 +29,13 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
         limit = 2
         slot_decay_per_second = 0.5
         active = false
+        ["tenant:*"]
+        limit = 5
+        ["tenant:acme"]
+        limit = 20
+
+    A table whose name ends in * is a template (every key tenant:... gets its own 5 slots); a plain
+    limit named like a key is an override. Keys in use are never pruned.
     """
     desired = declarative.load(file)
     plan = declarative.apply(state.client, desired, prune=prune, dry_run=dry_run)

@@ -79,12 +79,15 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "oldest_waiter_seconds": info.oldest_waiter_seconds,
         "created": info.created,
         "updated": info.updated,
+        "template": info.template,
+        "is_template": info.is_template,
+        "instances": info.instances,
     }
 
 
-@cli.command()
+@cli.command(short_help="Create a limit, or a template (NAME ending in *).")
 @click.argument("name")
-@click.option("-l", "--limit", type=click.IntRange(min=0), required=True, help="Number of slots (>= 0).")
+@click.option("-l", "--limit", type=click.IntRange(min=0), required=True, help="Number of slots (>= 0); per key for a template.")
 @click.option(
     "--slot-decay-per-second",
     type=click.FloatRange(min=0),
@@ -96,44 +99,65 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
 @click.option("--disable", is_flag=True, help="Create the limit inactive: it enforces nothing until enabled.")
 @pass_state
 def create(state: State, name: str, limit: int, slot_decay_per_second: float, active_slots: int, disable: bool) -> None:
-    """Create the limit NAME with LIMIT slots."""
+    """Create the limit NAME with LIMIT slots.
+
+    A NAME ending in * creates a template: 'tenant:*' gives every name that starts with 'tenant:'
+    (tenant:acme, tenant:beta, ...) a limit of its own with these values on first use. A plain
+    limit named like a key ('tenant:acme') overrides the template for that key.
+    """
     _finite(slot_decay_per_second, "--slot-decay-per-second")
+    key_of = next((i.template for i in state.client.read_limits([name]) if i.template), None)
     try:
         info = state.client.create_limit(
             name, limit, slot_decay_per_second=slot_decay_per_second, active=not disable, active_slots=active_slots
         )
     except pgslots.LimitExistsError:
         fail(f"Global concurrency limit {name!r} already exists.")
-    click.echo(f"Created global concurrency limit with name {name!r} and ID '{info.id}'.")
+    if info.is_template:
+        click.echo(f"Created template {name!r} and ID '{info.id}': each key such as {name[:-1] + 'example'!r} gets {limit} slot(s).")
+        click.echo(f"Run 'pgslots ls {_quote(name)}' to list its keys in use.")
+        return
+    if key_of is not None:
+        click.echo(f"Key {name!r} of template {key_of!r} now has a limit of its own (an override) with ID '{info.id}'.")
+    else:
+        click.echo(f"Created global concurrency limit with name {name!r} and ID '{info.id}'.")
     click.echo(f"Run 'pgslots inspect {_quote(name)}' to view details.")
 
 
-@cli.command("ls", short_help="List limits.")
+@cli.command("ls", short_help="List limits and templates, or a template's keys.")
+@click.argument("template", required=False)
 @output_options
 @pass_state
-def ls(state: State, output: str | None) -> None:
-    """List every limit: slots in use after decay, decay, waiters."""
+def ls(state: State, template: str | None, output: str | None) -> None:
+    """List every limit and template (with its number of keys in use): slots in use after decay,
+    decay, waiters. With TEMPLATE (e.g. 'tenant:*'), list that template's keys instead."""
     as_json = check_output(output)
-    limits = state.client.read_limits()
+    if template is not None:
+        if not _read(state, template).is_template:
+            fail(f"{template!r} is not a template (a template's name ends in *). Run 'pgslots ls' to see them.")
+        limits = state.client.read_instances(template)
+    else:
+        limits = state.client.read_limits(instances=False)
     if as_json:
         click.echo(dumps([limit_json(i) for i in limits]))
         return
     if not limits:
-        click.echo("No global concurrency limits found.")
+        click.echo(f"Template {template!r} has no keys in use." if template else "No global concurrency limits found.")
         return
     rows = [
         [
             i.name,
             str(i.limit),
-            number(round(i.active_slots, 2)),
+            "-" if i.is_template else number(round(i.active_slots, 2)),
             number(i.slot_decay_per_second),
             "yes" if i.active else "no",
-            str(i.waiters),
+            "-" if i.is_template else str(i.waiters),
+            str(i.instances) if i.is_template else "-",
             str(i.id),
         ]
         for i in limits
     ]
-    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "DECAY/S", "ACTIVE", "WAITERS", "ID"], rows))
+    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "DECAY/S", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=7))
 
 
 @cli.command()

@@ -7,33 +7,36 @@ from datetime import UTC, datetime
 
 import click
 
-from pgslots.client import Client
+from pgslots.client import Client, LimitInfo
 
 from .app import State, cli, pass_state
 from .output import bar, number, seconds
 
 HOLDERS_SHOWN = 5
+KEYS_SHOWN = 3  # a template's busiest keys
 
 
 def frame(client: Client, names: tuple[str, ...] = ()) -> str:
-    """One screenful: per limit a bar of occupied/limit, its holders and its queue."""
-    limits = client.read_limits(list(names) if names else None)
+    """One screenful: per limit a bar of occupied/limit, its holders and its queue; per template its
+    busiest keys."""
+    limits = client.read_limits(list(names) if names else None, instances=bool(names))
     leases = client.list_leases()
     now = datetime.now(UTC)
     lines = [f"pgslots watch - {now.astimezone().strftime('%Y-%m-%d %H:%M:%S')} - {len(limits)} limit(s)", ""]
     if not limits:
         lines.append("No global concurrency limits found.")
-    width = max([len(i.name) for i in limits] + [4])
+    busiest = {i.name: client.read_instances(i.name, busiest=KEYS_SHOWN) for i in limits if i.is_template}
+    width = max([len(i.name) for i in limits] + [len(k.name) + 2 for keys in busiest.values() for k in keys] + [4])
     for info in limits:
-        state = "" if info.active else "  (disabled: not enforced)"
-        decay = f"  decay {number(info.slot_decay_per_second)}/s" if info.slot_decay_per_second else ""
-        waiting = f"  waiters {info.waiters}"
-        if info.waiters and info.oldest_waiter_seconds is not None:
-            waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"
-        lines.append(
-            f"{info.name.ljust(width)}  {bar(info.active_slots, info.limit)} "
-            f"{number(round(info.active_slots, 2))}/{info.limit}{decay}{waiting}{state}"
-        )
+        if info.is_template:
+            keys = busiest[info.name]
+            lines.append(f"{info.name.ljust(width)}  template: {info.limit} per key, {info.instances} key(s) in use{_state(info)}")
+            for key in keys:
+                lines.append(_limit_line(key, width, indent="  "))
+            if (info.instances or 0) > len(keys):
+                lines.append(f"{'':{width}}    ... and {(info.instances or 0) - len(keys)} more key(s): pgslots ls {info.name!r}")
+            continue
+        lines.append(_limit_line(info, width))
         held = [lease for lease in leases if info.name in lease.limit_names]
         for lease in held[:HOLDERS_SHOWN]:
             age = seconds((now - lease.acquired_at).total_seconds())
@@ -45,13 +48,29 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+def _state(info: LimitInfo) -> str:
+    return "" if info.active else "  (disabled: not enforced)"
+
+
+def _limit_line(info: LimitInfo, width: int, indent: str = "") -> str:
+    decay = f"  decay {number(info.slot_decay_per_second)}/s" if info.slot_decay_per_second else ""
+    waiting = f"  waiters {info.waiters}"
+    if info.waiters and info.oldest_waiter_seconds is not None:
+        waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"
+    return (
+        f"{(indent + info.name).ljust(width)}  {bar(info.active_slots, info.limit)} "
+        f"{number(round(info.active_slots, 2))}/{info.limit}{decay}{waiting}{_state(info)}"
+    )
+
+
 @cli.command(short_help="Live view of limits, holders, waiters.")
 @click.argument("names", nargs=-1)
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
 @click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between refreshes.")
 @pass_state
 def watch(state: State, names: tuple[str, ...], once: bool, interval: float) -> None:
-    """Live view of limits (all, or NAMES): occupied slots, holders, waiters. Ctrl-C to stop."""
+    """Live view of limits (all, or NAMES): occupied slots, holders, waiters; for each template its
+    busiest keys. Ctrl-C to stop."""
     if once:
         click.echo(frame(state.client, names))
         return

@@ -138,21 +138,24 @@ AS $$ SELECT 'pgslots:' || client_id::text $$;
 
 -- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
 -- With a named lease, it leaves what a release needs to grant that lease directly. The ticket is
--- always one this caller owns (see _own_ticket) or a new one: a place is never taken over.
+-- always one this caller owns (see _own_ticket) or a new one: a place is never taken over, and a
+-- place keeps the priority and fairness key it was queued with.
 CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
                                  at timestamptz, ttl_seconds float8, lease_id uuid,
-                                 lease_seconds float8, holder jsonb, session uuid)
+                                 lease_seconds float8, holder jsonb, session uuid,
+                                 priority integer, fairness_key text)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
     INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
                                       parts, lease_id, lease_seconds, host, pid,
-                                      application_name, holder, owner, session_id)
+                                      application_name, holder, owner, session_id, priority, fairness_key)
     SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
            cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
            pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
-           pgslots._application_name(), _enqueue.holder, session_user, session
+           pgslots._application_name(), _enqueue.holder, session_user, session,
+           coalesce(_enqueue.priority, 0), _enqueue.fairness_key
     FROM unnest(ids) AS i
     ON CONFLICT (limit_id, id) DO UPDATE
     SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
@@ -232,6 +235,154 @@ END
 $$;
 
 ---------------------------------------------------------------------------------------------------
+-- The order of a queue: priorities, aging, round-robin across fairness keys
+---------------------------------------------------------------------------------------------------
+
+-- The live waiters of one limit in the order they are served, `place` 1 first: higher priority level
+-- first (a waiter's priority plus one level per priority_aging_seconds it has waited); within a
+-- level, round-robin across fairness keys (a key's first waiter is in round 1, its second in round
+-- 2...; within a round, the key served least recently first, then the key with the oldest waiter);
+-- within a key, by ticket. Waiters without a key form one group. A caller not queued on this limit
+-- yet (the ticket is not queued here) is placed where it would join now, as id `ticket` or, without
+-- one, as the largest id, with 0 slots; pass priority NULL to leave it out.
+CREATE FUNCTION pgslots._queue(target uuid, at timestamptz, aging float8, ticket bigint,
+                               priority integer, fairness_key text)
+RETURNS TABLE (id bigint, slots integer, place bigint)
+LANGUAGE sql STABLE
+AS $$
+    WITH q AS (
+        SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k,
+               w.priority + CASE WHEN aging > 0
+                   THEN floor(greatest(0, pg_catalog.date_part('epoch', at - w.enqueued_at)) / aging)
+                   ELSE 0 END AS level
+        FROM pgslots.waiters w
+        WHERE w.limit_id = target AND (w.expires_at > at OR w.id = ticket)
+        UNION ALL
+        SELECT coalesce(ticket, 9223372036854775807), 0, coalesce(fairness_key, ''), priority
+        WHERE priority IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)
+    ), r AS (
+        SELECT q.id, q.slots, q.k, q.level,
+               pg_catalog.row_number() OVER (PARTITION BY q.level, q.k ORDER BY q.id) AS round,
+               min(q.id) OVER (PARTITION BY q.level, q.k) AS first
+        FROM q
+    )
+    SELECT r.id, r.slots,
+           pg_catalog.row_number() OVER (ORDER BY r.level DESC, r.round,
+                                         coalesce(s.served_at, '-infinity'), r.first, r.id)
+    FROM r LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = r.k
+$$;
+
+-- The slots of the live waiters of one limit that are served before the caller (queued as `ticket`,
+-- or arriving now with `priority` and `fairness_key`): a request fits only after them. When no
+-- waiter of the limit and not the caller uses a priority or a key, the order is the ticket order.
+CREATE FUNCTION pgslots._ahead(target uuid, at timestamptz, aging float8, ticket bigint,
+                               priority integer, fairness_key text)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF coalesce(priority, 0) = 0 AND fairness_key IS NULL
+       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                       WHERE w.limit_id = target AND (w.priority <> 0 OR w.fairness_key IS NOT NULL)) THEN
+        RETURN (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                WHERE w.limit_id = target AND w.expires_at > at AND (ticket IS NULL OR w.id < ticket));
+    END IF;
+    RETURN (WITH o AS (SELECT * FROM pgslots._queue(target, at, aging, ticket, coalesce(priority, 0),
+                                                    fairness_key))
+            SELECT coalesce(sum(o.slots), 0) FROM o
+            WHERE o.place < (SELECT m.place FROM o m WHERE m.id = coalesce(ticket, 9223372036854775807)));
+END
+$$;
+
+-- Remembers that `fairness_key` was served on these limits now, when others wait there: the next
+-- round of their round-robin then starts with another key.
+CREATE FUNCTION pgslots._served(ids uuid[], fairness_key text, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pgslots.served_keys AS s (limit_id, fairness_key, served_at)
+    SELECT i, coalesce(_served.fairness_key, ''), at FROM unnest(ids) AS i
+    WHERE EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = i)
+    ON CONFLICT ON CONSTRAINT served_keys_pkey DO UPDATE SET served_at = excluded.served_at;
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- Templates and their instances
+---------------------------------------------------------------------------------------------------
+
+-- The template whose prefix is the longest that `name` starts with (names ending in `*` are never
+-- keys, and a key is longer than the prefix); NULL when none.
+CREATE FUNCTION pgslots._template_for(name text) RETURNS uuid
+LANGUAGE sql STABLE
+AS $$
+    SELECT t.id FROM pgslots.limits t
+    WHERE t.is_template AND pg_catalog.right(_template_for.name, 1) <> '*'
+      AND pg_catalog.char_length(_template_for.name) >= pg_catalog.char_length(t.name)
+      AND pg_catalog.starts_with(_template_for.name, pg_catalog.left(t.name, -1))
+    ORDER BY pg_catalog.char_length(t.name) DESC
+    LIMIT 1
+$$;
+
+-- Creates the instances of the names that have no limit row and match a template, with the
+-- template's values; returns how many it created. Race-free: two callers creating one name get one
+-- row (the second waits for the first's insert, then finds it). Names are inserted in name order,
+-- the one order every creator uses, so two callers creating the same names never deadlock.
+CREATE FUNCTION pgslots._create_instances(names text[], at timestamptz) RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    created integer;
+BEGIN
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, active, decayed_at, created,
+                                     updated, template_id)
+    SELECT n.name, t."limit", t.slot_decay_per_second, t.active, at, at, at, t.id
+    FROM (SELECT u.name, pgslots._template_for(u.name) AS template
+          FROM unnest(names) AS u(name)
+          WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
+    JOIN pgslots.limits t ON t.id = n.template
+    ORDER BY n.name
+    ON CONFLICT (name) DO NOTHING;
+    GET DIAGNOSTICS created = ROW_COUNT;
+    RETURN created;
+END
+$$;
+
+-- An instance (or a retiring one) nobody uses: no lease, no waiter, no rate slot left after decay.
+CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT (l.template_id IS NOT NULL OR l.retiring) AND l.leased_slots = 0
+       AND pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9
+       AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
+       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id)
+$$;
+
+-- Deletes up to `most` idle instances of one template (NULL: of every template, and retiring ones),
+-- skipping rows another transaction has locked (someone is using them): it never waits. Returns how
+-- many it deleted.
+CREATE FUNCTION pgslots._drop_idle(template uuid, at timestamptz, most integer) RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    gone uuid[];
+BEGIN
+    gone := ARRAY(SELECT l.id FROM pgslots.limits l
+                  WHERE (l.template_id = template OR (template IS NULL AND (l.template_id IS NOT NULL OR l.retiring)))
+                    AND pgslots._idle(l, at)
+                  LIMIT most
+                  FOR UPDATE SKIP LOCKED);
+    IF cardinality(gone) > 0 THEN
+        DELETE FROM pgslots.limits l WHERE l.id = ANY (gone) AND pgslots._idle(l, at);
+        DELETE FROM pgslots.refusals r WHERE r.limit_id = ANY (gone);
+        DELETE FROM pgslots.served_keys s WHERE s.limit_id = ANY (gone);
+    END IF;
+    RETURN cardinality(gone);
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
 -- Argument checks (they raise pgslots' own errors)
 ---------------------------------------------------------------------------------------------------
 
@@ -296,9 +447,12 @@ BEGIN
         RAISE EXCEPTION 'limit must be 0 or more, got %.', "limit"
             USING ERRCODE = 'PS002', HINT = 'Pass a whole number of slots >= 0.';
     END IF;
+    -- Below 1e-9 (one slot in 30 years), decay arithmetic would underflow.
     IF slot_decay_per_second IS NOT NULL AND NOT (
-            slot_decay_per_second >= 0 AND slot_decay_per_second < 'Infinity'::float8) THEN
-        RAISE EXCEPTION 'slot_decay_per_second must be a finite number >= 0, got %.', slot_decay_per_second
+            slot_decay_per_second = 0
+            OR (slot_decay_per_second >= 1e-9 AND slot_decay_per_second < 'Infinity'::float8)) THEN
+        RAISE EXCEPTION 'slot_decay_per_second must be 0 (no decay) or a finite number from 1e-9 up, got %.',
+            slot_decay_per_second
             USING ERRCODE = 'PS002', HINT = 'Use 0 for no decay, or the number of slots freed per second.';
     END IF;
 END
@@ -348,5 +502,51 @@ AS $$
 BEGIN
     RAISE EXCEPTION 'Global concurrency limit % already exists.', quote_literal(name)
         USING ERRCODE = 'PS003', HINT = 'Pick another name, or change the existing limit with update_limit.';
+END
+$$;
+
+-- Priorities are -100..100; a fairness key is NULL (no key) or a text of 1 to 255 characters.
+CREATE FUNCTION pgslots._check_queue_args(priority integer, fairness_key text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF priority IS NULL OR priority < -100 OR priority > 100 THEN
+        RAISE EXCEPTION 'priority must be a whole number from -100 to 100 (higher is served first), got %.',
+            coalesce(priority::text, 'NULL')
+            USING ERRCODE = 'PS015', HINT = 'Use 0 for normal work, e.g. 10 for urgent and -10 for batch work.';
+    END IF;
+    IF fairness_key = '' OR pg_catalog.char_length(fairness_key) > 255 THEN
+        RAISE EXCEPTION 'fairness_key must be NULL (no key) or a text of 1 to 255 characters, got % characters.',
+            pg_catalog.char_length(fairness_key)
+            USING ERRCODE = 'PS015', HINT = 'Use a short identifier such as a tenant or user id.';
+    END IF;
+END
+$$;
+
+-- A template name is its prefix followed by one `*`; the prefix may not be empty or end in `*`.
+CREATE FUNCTION pgslots._check_template_name(name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF name = '*' THEN
+        RAISE EXCEPTION 'A template needs a prefix before its *: a bare * would match every name.'
+            USING ERRCODE = 'PS016', HINT = 'Name the template after the keys it limits, e.g. ''tenant:*''.';
+    END IF;
+    IF name LIKE '%**' THEN
+        RAISE EXCEPTION 'Template % ends in more than one *: its prefix % would itself be a template''s name, so which template a key belongs to would be ambiguous.',
+            quote_literal(left(name, 80)), quote_literal(left(name, -1))
+            USING ERRCODE = 'PS016', HINT = 'End the template''s name in a single *, e.g. ''tenant:*''.';
+    END IF;
+END
+$$;
+
+-- Acquiring a template's own name: it has no slots of its own.
+CREATE FUNCTION pgslots._template_not_acquirable(name text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION '% is a template: acquire one of its keys instead, e.g. %.',
+        quote_literal(name), quote_literal(left(name, -1) || 'example')
+        USING ERRCODE = 'PS016', HINT = 'Each key that starts with the template''s prefix gets its own limit on first use.';
 END
 $$;

@@ -2,13 +2,16 @@
 --
 -- Every decision is made under the row lock of the limits involved, with the database clock.
 -- Rows of pgslots.limits are always locked in id order, by every function that locks more than one,
--- so multi-limit acquires and releases never deadlock. A refused caller that passes queue_client is
--- queued: waiters of a limit are served first-come (by ticket), and a request never overtakes the
--- slots queued ahead of it.
+-- so multi-limit acquires and releases never deadlock. A name with no limit that matches a template
+-- gets its instance first (see _create_instances), before any row lock is taken. A refused caller
+-- that passes queue_client is queued: waiters of a limit are served in the order of _queue (priority,
+-- then round-robin across fairness keys, then first-come), and a request never overtakes the slots
+-- of the waiters served before it.
 
 CREATE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
     ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid, session uuid,
+    priority integer, fairness_key text,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
     OUT lease_limits uuid[])
@@ -26,6 +29,8 @@ DECLARE
     no_decay text[] := '{}';
     blocked uuid[];
     asked_again boolean;
+    created integer := 0;
+    vanished text[];
 BEGIN
     SELECT * INTO cfg FROM pgslots.settings;
     IF NOT for_rate_limit THEN
@@ -49,9 +54,18 @@ BEGIN
     IF cardinality(wanted) > 1 THEN
         wanted := pgslots._check_names(wanted);  -- drops repeats
     END IF;
+    -- Keys of templates get their instances, before any row lock is taken (see _create_instances).
+    IF (SELECT count(*) FROM pgslots.limits l WHERE l.name = ANY (wanted) AND NOT l.retiring)
+       < cardinality(wanted) THEN
+        created := pgslots._create_instances(wanted, pgslots._clock(cfg.clock_offset));
+    END IF;
     -- Lock the named limits in id order, the one order every locker uses, and look at each once.
-    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second
-               FROM pgslots.limits l WHERE l.name = ANY (wanted) ORDER BY l.id FOR UPDATE LOOP
+    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second, l.is_template
+               FROM pgslots.limits l WHERE l.name = ANY (wanted) AND NOT l.retiring
+               ORDER BY l.id FOR UPDATE LOOP
+        IF lim.is_template THEN
+            PERFORM pgslots._template_not_acquirable(lim.name);
+        END IF;
         found_names := found_names || lim.name;
         CONTINUE WHEN NOT lim.active;
         IF slots > lim."limit" THEN
@@ -86,6 +100,15 @@ BEGIN
 
     IF cardinality(found_names) < cardinality(wanted) THEN
         missing := ARRAY(SELECT n FROM unnest(wanted) AS n WHERE n <> ALL (found_names));
+        -- An idle instance deleted (by sweep) between its lookup and its lock: ask again at once,
+        -- and it is created afresh. Not here: no instance is created under row locks.
+        vanished := ARRAY(SELECT n FROM unnest(missing) AS n WHERE pgslots._template_for(n) IS NOT NULL);
+        IF cardinality(vanished) > 0 THEN
+            missing := '{}';
+            retry_after := 0;
+            blocked_by := vanished;
+            RETURN;
+        END IF;
         IF strict THEN
             RAISE EXCEPTION 'Concurrency limits % must be created before acquiring slots',
                 pgslots._list_literal(missing)
@@ -111,9 +134,8 @@ BEGIN
                           l.avg_slot_occupancy_seconds,
                           pgslots._shortfall(l."limit", l.leased_slots,
                               pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-                              (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
-                               WHERE w.limit_id = l.id AND w.expires_at > at
-                                 AND (ticket IS NULL OR w.id < ticket)),
+                              pgslots._ahead(l.id, at, cfg.priority_aging_seconds, ticket, priority,
+                                             fairness_key),
                               slots) AS short
                    FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
             IF NOT pgslots._fits(lim.short) THEN
@@ -148,6 +170,13 @@ BEGIN
         IF ticket IS NOT NULL THEN
             DELETE FROM pgslots.waiters w WHERE w.id = ticket;
         END IF;
+        PERFORM pgslots._served(ids, fairness_key, at);
+        IF created > 0 THEN
+            -- New keys come and go: each new instance takes a few idle ones of its template away.
+            PERFORM pgslots._drop_idle(t.template_id, at, 4)
+            FROM (SELECT DISTINCT l.template_id FROM pgslots.limits l
+                  WHERE l.id = ANY (ids) AND l.template_id IS NOT NULL) t;
+        END IF;
         RETURN;
     END IF;
 
@@ -159,7 +188,7 @@ BEGIN
     IF queue_client IS NOT NULL THEN
         waiter := coalesce(ticket, nextval('pgslots.waiter_tickets'));
         PERFORM pgslots._enqueue(waiter, ids, slots, queue_client, at, cfg.waiter_ttl_seconds,
-                                 new_lease_id, lease_seconds, holder, session);
+                                 new_lease_id, lease_seconds, holder, session, priority, fairness_key);
         DELETE FROM pgslots.waiters w
         WHERE w.limit_id = ANY (blocked) AND w.expires_at <= at;
     END IF;
@@ -177,6 +206,8 @@ CREATE FUNCTION pgslots.acquire(
     new_lease_id uuid DEFAULT NULL,
     wait_seconds float8 DEFAULT NULL,
     session uuid DEFAULT NULL,
+    priority integer DEFAULT 0,
+    fairness_key text DEFAULT NULL,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
     OUT liveness_seconds float8)
@@ -202,19 +233,26 @@ BEGIN
     IF wait_seconds IS NOT NULL THEN
         prior_lock_timeout := pgslots._bound_waits(wait_seconds);
     END IF;
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
+    END IF;
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
         SELECT * INTO cfg FROM pgslots.settings;
         IF pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
             at := pgslots._clock(cfg.clock_offset);
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
-            WHERE l.name = names[1] AND l.active
+            WHERE l.name = names[1] AND l.active AND NOT l.is_template AND NOT l.retiring
               AND pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
                       pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-                      (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
-                       WHERE w.limit_id = l.id AND w.expires_at > at),
+                      CASE WHEN NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id) THEN 0
+                           ELSE pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority, fairness_key)
+                      END,
                       slots))
             RETURNING l.id INTO target;
             IF FOUND THEN
+                IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
+                    PERFORM pgslots._served(ARRAY[target], fairness_key, at);
+                END IF;
                 granted := true;
                 lease_id := coalesce(new_lease_id, gen_random_uuid());
                 fencing_token := nextval('pgslots.fencing_tokens');
@@ -222,7 +260,8 @@ BEGIN
                 missing := '{}';
                 lease_limits := ARRAY[target];
             ELSIF queue_client IS NOT NULL THEN
-                SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l WHERE l.name = names[1];
+                SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l
+                WHERE l.name = names[1] AND NOT l.is_template AND NOT l.retiring;
                 IF FOUND AND lim.active AND slots <= lim."limit"
                    AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
                                    WHERE x.limit_id = lim.id
@@ -233,8 +272,7 @@ BEGIN
                            l.avg_slot_occupancy_seconds,
                            pgslots._shortfall(l."limit", l.leased_slots,
                                pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-                               (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
-                                WHERE w.limit_id = l.id AND w.expires_at > at),
+                               pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority, fairness_key),
                                slots) AS short
                     INTO lim FROM pgslots.limits l WHERE l.id = lim.id;
                     granted := false;
@@ -248,7 +286,7 @@ BEGIN
                         waiter := nextval('pgslots.waiter_tickets');
                         PERFORM pgslots._enqueue(waiter, ARRAY[lim.id], slots, queue_client, at,
                                                  cfg.waiter_ttl_seconds, new_lease_id, lease_seconds, holder,
-                                                 session);
+                                                 session, priority, fairness_key);
                         PERFORM pgslots._count_refusal(ARRAY[lim.id], slots);
                     ELSE
                         -- Room appeared (or the limit changed) since the UPDATE looked: ask again at
@@ -265,7 +303,7 @@ BEGIN
                a.waiter, a.lease_limits
         INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, lease_limits
         FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                            new_lease_id, session) AS a;
+                            new_lease_id, session, coalesce(priority, 0), fairness_key) AS a;
     END IF;
     -- The one place a caller's lease is written: one row per limit it counts on, in the grant's transaction.
     IF lease_limits IS NOT NULL THEN
@@ -293,7 +331,7 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid, float8, uuid) IS
+COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, bigint, uuid, uuid, float8, uuid, integer, text) IS
 'Non-blocking, all-or-nothing acquire of `slots` on every active limit in `names`. Granted: a lease '
 '(lease_id, fencing_token, expires_at) to release or renew. Refused: retry_after seconds and '
 'blocked_by. missing lists names with no limit (strict => error). With queue_client, a refused '
@@ -307,7 +345,10 @@ COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, big
 'session (a UUID the caller keeps alive with keep_alive) binds the lease to it: once the session has '
 'not been seen for liveness_seconds and its backend is gone, the lease is dead and its slots are '
 'taken back by whoever needs them (liveness_seconds is returned). Without it, a lease lasts until '
-'released or expired.';
+'released or expired. A name with no limit that starts with a template''s prefix (tenant:acme for '
+'tenant:*) uses that key''s own limit, created on first use with the template''s values. priority '
+'(-100..100, higher first) and fairness_key (round-robin across keys within a priority, first-come '
+'within a key) order the queue; a caller that does not queue never overtakes a waiter served before it.';
 
 CREATE FUNCTION pgslots.rate_limit(
     names text[],
@@ -316,6 +357,8 @@ CREATE FUNCTION pgslots.rate_limit(
     ticket bigint DEFAULT NULL,
     queue_client uuid DEFAULT NULL,
     wait_seconds float8 DEFAULT NULL,
+    priority integer DEFAULT 0,
+    fairness_key text DEFAULT NULL,
     OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
     OUT waiter bigint)
 LANGUAGE plpgsql
@@ -327,15 +370,19 @@ BEGIN
     IF wait_seconds IS NOT NULL THEN
         prior_lock_timeout := pgslots._bound_waits(wait_seconds);
     END IF;
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
+    END IF;
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
     INTO granted, retry_after, missing, blocked_by, waiter
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL) AS a;
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
+                        coalesce(priority, 0), fairness_key) AS a;
     IF prior_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', prior_lock_timeout, true);
     END IF;
 END
 $$;
-COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8) IS
+COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
 'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
 'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit. '
-'ticket, queue_client and wait_seconds as for acquire.';
+'Template keys, ticket, queue_client, wait_seconds, priority and fairness_key as for acquire.';

@@ -161,6 +161,10 @@ BEGIN
     DELETE FROM pgslots.leases x WHERE x.expires_at <= at
         AND NOT EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.id = x.limit_id);
     DELETE FROM pgslots.waiters w WHERE w.expires_at <= at;
+    -- Instances nobody uses (and retiring ones), and round-robin history of queues now empty.
+    PERFORM pgslots._drop_idle(NULL, at, NULL);
+    DELETE FROM pgslots.served_keys k
+    WHERE NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = k.limit_id);
     DELETE FROM pgslots.sessions s
     WHERE s.seen_at <= at - make_interval(secs => liveness)
       AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.session_id = s.id);
@@ -169,7 +173,8 @@ END
 $$;
 COMMENT ON FUNCTION pgslots.sweep() IS
 'Reclaims the slots of every expired lease and of every lease whose session died, drops dead '
-'waiters and sessions; returns how many leases it reclaimed. Not required for correctness (a full '
+'waiters and sessions, and deletes the instances of templates nobody uses (no lease, no waiter, no '
+'rate slot left); returns how many leases it reclaimed. Not required for correctness (a full '
 'limit reclaims its own); for cron.';
 
 CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,

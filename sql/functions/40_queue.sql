@@ -1,6 +1,7 @@
 -- The queue: who is woken or handed slots when some are freed, and the upkeep of waiting clients.
 --
--- Waiters of a limit are served in ticket order. Wake-ups go to each waiting client's own channel,
+-- Waiters of a limit are served in the order of _queue: priority (with aging), then round-robin
+-- across fairness keys, then ticket order. Wake-ups go to each waiting client's own channel,
 -- "pgslots:<queue_client>". Payload, comma-separated entries:
 --   <ticket>                             look again: the freed slots may fit you now
 --   <ticket>:<lease_id>:<fencing_token>:<expires_epoch>:<seconds>
@@ -23,15 +24,17 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgslots.waiters x WHERE x.limit_id = target) THEN
         RETURN woken;
     END IF;
-    SELECT l."limit", l.active,
+    SELECT l."limit", l.active AND NOT l.retiring AS active,   -- retiring: its name is missing now
            l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x, pgslots.settings s
                              WHERE x.limit_id = target
                                AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
                AS live_leased,
            pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
-    FOR w IN SELECT x.id, x.slots FROM pgslots.waiters x
-             WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
+    FOR w IN SELECT q.id, q.slots
+             FROM pgslots._queue(target, at, (SELECT s.priority_aging_seconds FROM pgslots.settings s),
+                                 NULL, NULL, NULL) q
+             ORDER BY q.place LOOP
         -- Deleted or disabled: every waiter must look again.
         EXIT WHEN lim.active AND NOT pgslots._fits(
             pgslots._shortfall(lim."limit", lim.live_leased::integer, lim.unleased, taken, w.slots));
@@ -64,7 +67,7 @@ END
 $$;
 
 -- Grants the freed slots of one limit (whose row lock and queue lock the caller holds) to the head
--- of its queue: each waiter in ticket order that named its lease, waits on this limit alone and
+-- of its queue: each waiter in queue order (_queue) that named its lease, waits on this limit alone and
 -- fits. Writes the leases, removes the waiters, notifies them. A waiter it cannot serve this way
 -- (queued on several limits, or for a rate limit) stops it; if the free slots fit that one, it and
 -- those behind it that fit are notified to ask again. Returns how many waiters it served.
@@ -76,6 +79,7 @@ AS $$
 DECLARE
     lim record;
     ttl float8 := (SELECT s.waiter_ttl_seconds FROM pgslots.settings s);
+    aging float8 := (SELECT s.priority_aging_seconds FROM pgslots.settings s);
     w record;
     given integer := 0;
     served integer := 0;
@@ -88,7 +92,7 @@ BEGIN
                WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
-    SELECT l."limit", l.active, l.leased_slots,
+    SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots,
            pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF NOT FOUND OR NOT lim.active THEN
@@ -96,9 +100,10 @@ BEGIN
         RETURN 0;
     END IF;
     FOR w IN SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                    x.application_name, x.holder, x.client_id, x.session_id
-             FROM pgslots.waiters x
-             WHERE x.limit_id = target AND x.expires_at > at ORDER BY x.id LOOP
+                    x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
+             FROM pgslots._queue(target, at, aging, NULL, NULL, NULL) q
+             JOIN pgslots.waiters x ON x.limit_id = target AND x.id = q.id
+             ORDER BY q.place LOOP
         -- Nobody behind a waiter that does not fit may overtake it.
         EXIT WHEN NOT pgslots._fits(pgslots._shortfall(lim."limit", lim.leased_slots, lim.unleased, given, w.slots));
         IF w.lease_id IS NULL OR w.parts <> 1 THEN
@@ -121,6 +126,7 @@ BEGIN
                               format('%s:%s:%s:%s:%s', w.id, w.lease_id, token, extract(epoch FROM expiry), run_for));
         END IF;
         DELETE FROM pgslots.waiters x WHERE x.id = w.id;
+        PERFORM pgslots._served(ARRAY[target], w.fairness_key, at);
         served := served + 1;
     END LOOP;
     IF given > 0 THEN

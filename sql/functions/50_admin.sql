@@ -10,6 +10,7 @@ AS $$
 DECLARE
     at timestamptz := pgslots._now();
     new_id uuid;
+    template boolean := right(name, 1) = '*';
 BEGIN
     PERFORM pgslots._check_name(name);
     IF "limit" IS NULL THEN
@@ -20,21 +21,80 @@ BEGIN
         RAISE EXCEPTION 'active_slots must be 0 or more, got %.', coalesce(active_slots::text, 'NULL')
             USING ERRCODE = 'PS002';
     END IF;
+    IF template THEN
+        PERFORM pgslots._check_template_name(name);
+        IF active_slots > 0 THEN
+            RAISE EXCEPTION 'A template holds no slots itself, so active_slots must be 0, got %.', active_slots
+                USING ERRCODE = 'PS002', HINT = 'Set active slots on one of its keys once it is in use.';
+        END IF;
+    ELSE
+        -- The key of a template in use (or of a deleted one) becomes an override: a limit of its
+        -- own with these values, keeping its holders and its queue.
+        UPDATE pgslots.limits l
+        SET template_id = NULL, retiring = false, "limit" = create_limit."limit",
+            slot_decay_per_second = coalesce(create_limit.slot_decay_per_second, 0),
+            active = coalesce(create_limit.active, true),
+            unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at)
+                             + active_slots,
+            decayed_at = at, updated = at
+        WHERE l.name = create_limit.name AND (l.template_id IS NOT NULL OR l.retiring)
+        RETURNING l.id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            PERFORM pgslots._wake(new_id, at);
+            RETURN new_id;
+        END IF;
+    END IF;
     INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, active, unleased_slots,
-                                     decayed_at, created, updated)
+                                     decayed_at, created, updated, is_template)
     VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(active, true),
-            active_slots, at, at, at)
+            active_slots, at, at, at, template)
     ON CONFLICT ON CONSTRAINT limits_name_key DO NOTHING
     RETURNING l.id INTO new_id;
     IF new_id IS NULL THEN
         PERFORM pgslots._limit_exists(name);
+    END IF;
+    IF template THEN
+        -- Keys in use that this template now matches best (they belonged to a template with a
+        -- shorter prefix, or to a deleted one) follow it from now on.
+        PERFORM pgslots._follow_template(new_id, at,
+            ARRAY(SELECT i.id FROM pgslots.limits i
+                  WHERE (i.template_id IS NOT NULL OR i.retiring)
+                    AND starts_with(i.name, left(create_limit.name, -1))
+                    AND pgslots._template_for(i.name) = new_id));
     END IF;
     RETURN new_id;
 END
 $$;
 COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer) IS
 'Creates a limit of "limit" slots; returns its id. Names are unique, non-empty, at most 255 '
-'characters, without / % & > <. A decay > 0 makes it usable for rate limits.';
+'characters, without / % & > <. A decay > 0 makes it usable for rate limits. A name ending in * '
+'(tenant:*) creates a template: every name that starts with its prefix (tenant:acme) gets a limit '
+'of its own with these values on first use; the longest matching prefix wins. A plain limit named '
+'like a key (tenant:acme) is an override: it wins over every template.';
+
+-- Makes the given instances (ids) follow one template: they take its values now (decay brought up
+-- to now at their old rate) and their waiters that now fit are woken. Locks them in id order.
+CREATE FUNCTION pgslots._follow_template(template uuid, at timestamptz, ids uuid[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    t record;
+BEGIN
+    IF cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT l."limit", l.slot_decay_per_second, l.active INTO t FROM pgslots.limits l WHERE l.id = template;
+    PERFORM 1 FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id FOR UPDATE;
+    UPDATE pgslots.limits l
+    SET template_id = _follow_template.template, retiring = false,
+        "limit" = t."limit", slot_decay_per_second = t.slot_decay_per_second, active = t.active,
+        unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
+        decayed_at = at, updated = at
+    WHERE l.id = ANY (ids);
+    PERFORM pgslots._wake(w.limit_id, at)
+    FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x WHERE x.limit_id = ANY (ids)) w;
+END
+$$;
 
 CREATE FUNCTION pgslots.update_limit(
     name text, "limit" integer DEFAULT NULL, slot_decay_per_second float8 DEFAULT NULL,
@@ -54,9 +114,27 @@ BEGIN
     IF active_slots IS NOT NULL AND active_slots < 0 THEN
         RAISE EXCEPTION 'active_slots must be 0 or more, got %.', active_slots USING ERRCODE = 'PS002';
     END IF;
-    SELECT * INTO lim FROM pgslots.limits l WHERE l.name = update_limit.name FOR UPDATE;
+    SELECT * INTO lim FROM pgslots.limits l
+    WHERE l.name = update_limit.name AND NOT l.retiring FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM pgslots._limit_not_found(name);
+    END IF;
+    IF new_name IS NOT NULL AND new_name <> name
+       AND (lim.is_template OR lim.template_id IS NOT NULL OR right(new_name, 1) = '*') THEN
+        RAISE EXCEPTION 'Cannot rename % to %: templates and their keys keep their names, and a limit cannot become a template by renaming.',
+            quote_literal(name), quote_literal(new_name)
+            USING ERRCODE = 'PS016', HINT = 'Create the new limit or template, then delete the old one.';
+    END IF;
+    IF lim.template_id IS NOT NULL AND ("limit" IS NOT NULL OR slot_decay_per_second IS NOT NULL
+                                        OR active IS NOT NULL) THEN
+        RAISE EXCEPTION '% is a key of template %: it follows the template.', quote_literal(name),
+            quote_literal((SELECT t.name FROM pgslots.limits t WHERE t.id = lim.template_id))
+            USING ERRCODE = 'PS016',
+                  HINT = 'Change the template, or give this key a limit of its own with create_limit (an override).';
+    END IF;
+    IF lim.is_template AND active_slots IS NOT NULL THEN
+        RAISE EXCEPTION 'A template holds no slots itself: set active slots on one of its keys.'
+            USING ERRCODE = 'PS002';
     END IF;
     IF active_slots IS NOT NULL AND active_slots < lim.leased_slots THEN
         RAISE EXCEPTION 'Cannot set active slots of % to %: % slots are held by leases.',
@@ -80,14 +158,21 @@ BEGIN
         name = coalesce(new_name, l.name),
         updated = at
     WHERE l.id = lim.id;
-    PERFORM pgslots._wake(lim.id, at);
+    IF lim.is_template THEN
+        -- Every key of the template follows at once.
+        PERFORM pgslots._follow_template(lim.id, at,
+            ARRAY(SELECT i.id FROM pgslots.limits i WHERE i.template_id = lim.id));
+    ELSE
+        PERFORM pgslots._wake(lim.id, at);
+    END IF;
     RETURN lim.id;
 END
 $$;
 COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text) IS
 'Changes a limit; NULL arguments leave a field as it is. Lowering the limit below the slots held '
 'pre-empts nobody. active_slots sets the occupied count (it cannot go below the leased slots). '
-'Raising the limit or activating it wakes the waiters that now fit.';
+'Raising the limit or activating it wakes the waiters that now fit. Changing a template changes '
+'every key of it at once; a key itself follows its template (only its active_slots can be set).';
 
 CREATE FUNCTION pgslots.delete_limit(name text) RETURNS uuid
 LANGUAGE plpgsql
@@ -95,21 +180,48 @@ SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
     gone uuid;
+    was_template boolean;
+    at timestamptz := pgslots._now();
+    keys uuid[];
 BEGIN
-    DELETE FROM pgslots.limits l WHERE l.name = delete_limit.name RETURNING l.id INTO gone;
+    DELETE FROM pgslots.limits l WHERE l.name = delete_limit.name AND NOT l.retiring
+    RETURNING l.id, l.is_template INTO gone, was_template;
     IF gone IS NULL THEN
         PERFORM pgslots._limit_not_found(name);
     END IF;
+    IF was_template THEN
+        -- Its keys: those another template matches follow that one; the others' names are missing
+        -- again, and each is deleted once idle (now, or by a later sweep); until then its holders
+        -- release as usual.
+        keys := ARRAY(SELECT i.id FROM pgslots.limits i WHERE i.template_id = gone ORDER BY i.id FOR UPDATE);
+        PERFORM pgslots._follow_template(n.template, at, array_agg(n.id))
+        FROM (SELECT i.id, pgslots._template_for(i.name) AS template
+              FROM pgslots.limits i WHERE i.id = ANY (keys)) n
+        WHERE n.template IS NOT NULL
+        GROUP BY n.template;
+        UPDATE pgslots.limits i SET retiring = true
+        WHERE i.id = ANY (keys) AND i.template_id = gone;
+        PERFORM pgslots._wake(w.limit_id, at)
+        FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x
+              JOIN pgslots.limits i ON i.id = x.limit_id
+              WHERE i.id = ANY (keys) AND i.retiring) w;
+        DELETE FROM pgslots.waiters x USING pgslots.limits i
+        WHERE x.limit_id = i.id AND i.id = ANY (keys) AND i.retiring;
+        PERFORM pgslots._drop_idle(NULL, at, NULL);
+        RETURN gone;
+    END IF;
     DELETE FROM pgslots.leases x WHERE x.limit_id = gone;
     DELETE FROM pgslots.refusals r WHERE r.limit_id = gone;
-    PERFORM pgslots._wake(gone, pgslots._now());   -- waiters find out it is gone
+    DELETE FROM pgslots.served_keys k WHERE k.limit_id = gone;
+    PERFORM pgslots._wake(gone, at);   -- waiters find out it is gone
     DELETE FROM pgslots.waiters w WHERE w.limit_id = gone;
     RETURN gone;
 END
 $$;
 COMMENT ON FUNCTION pgslots.delete_limit(text) IS
 'Deletes a limit with its leases and queue; returns its id. Holders of its leases are not '
-'interrupted; their release is a no-op.';
+'interrupted; their release is a no-op. Deleting a template makes its keys'' names missing again '
+'(or matched by another template); each key is deleted once nobody holds it.';
 
 CREATE FUNCTION pgslots.lock_for_apply() RETURNS void
 LANGUAGE sql

@@ -19,23 +19,50 @@ SELECT l.id,
        (SELECT date_part('epoch', c.at - min(w.enqueued_at)) FROM pgslots.waiters w
         WHERE w.limit_id = l.id AND w.expires_at > c.at)::float8 AS oldest_waiter_seconds,
        l.created,
-       l.updated
+       l.updated,
+       (SELECT t.name FROM pgslots.limits t WHERE t.id = l.template_id) AS template,
+       l.is_template,
+       CASE WHEN l.is_template THEN (SELECT count(*) FROM pgslots.limits i WHERE i.template_id = l.id)::integer
+       END AS instances
 FROM pgslots.limits l,
      LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
      LATERAL (SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
                   AS unleased) d;
 COMMENT ON VIEW pgslots.status IS
 'One row per limit: occupied slots after decay (active_slots), leases, queued waiters and the age '
-'of the oldest, refusal pressure (denied_slots).';
+'of the oldest, refusal pressure (denied_slots). Keys of templates (instances) name their template; '
+'templates count their instances. A key of a deleted template still held by someone is listed with '
+'no template until it is idle.';
 
-CREATE FUNCTION pgslots.get_limits(names text[] DEFAULT NULL) RETURNS SETOF pgslots.status
+CREATE FUNCTION pgslots.get_limits(names text[] DEFAULT NULL, with_instances boolean DEFAULT true)
+RETURNS SETOF pgslots.status
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
-    SELECT * FROM pgslots.status s WHERE names IS NULL OR s.name = ANY (names) ORDER BY s.name
+    SELECT * FROM pgslots.status s
+    WHERE (names IS NULL OR s.name = ANY (names))
+      AND (with_instances OR s.id IN (SELECT l.id FROM pgslots.limits l WHERE l.template_id IS NULL))
+    ORDER BY s.name
 $$;
-COMMENT ON FUNCTION pgslots.get_limits(text[]) IS
-'The status rows of the named limits (all limits when names is NULL), by name.';
+COMMENT ON FUNCTION pgslots.get_limits(text[], boolean) IS
+'The status rows of the named limits (all limits when names is NULL), by name; with_instances => '
+'false leaves out the keys of templates.';
+
+CREATE FUNCTION pgslots.get_instances(template text, busiest integer DEFAULT NULL)
+RETURNS SETOF pgslots.status
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+    SELECT * FROM pgslots.status s
+    WHERE s.id IN (SELECT i.id FROM pgslots.limits i JOIN pgslots.limits t ON t.id = i.template_id
+                   WHERE t.name = get_instances.template)
+    ORDER BY CASE WHEN busiest IS NOT NULL THEN s.active_slots END DESC NULLS LAST,
+             CASE WHEN busiest IS NOT NULL THEN s.waiters END DESC NULLS LAST, s.name
+    LIMIT busiest
+$$;
+COMMENT ON FUNCTION pgslots.get_instances(text, integer) IS
+'The status rows of the keys (instances) of one template, by name; with busiest => N, only the N '
+'with the most slots in use (then the most waiters).';
 
 CREATE FUNCTION pgslots.list_leases(name text DEFAULT NULL)
 RETURNS TABLE (lease_id uuid, limit_names text[], slots integer, fencing_token bigint,

@@ -23,6 +23,7 @@ from .errors import (
     RateLimitWithoutDecayError,
     SchemaNotInstalledError,
     SlotsExceedLimitError,
+    TemplateError,
 )
 from .migrate import LATEST_VERSION, MigrationPlan, migrate, migration_plan
 
@@ -52,6 +53,7 @@ __all__ = [
     "RateLimitWithoutDecayError",
     "SchemaNotInstalledError",
     "SlotsExceedLimitError",
+    "TemplateError",
     "migrate",
     "MigrationPlan",
     "migration_plan",

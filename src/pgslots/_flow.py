@@ -164,6 +164,30 @@ class Request:
     strict: bool
     holder: dict[str, Any] | None
     rate_limit: bool
+    priority: int = 0
+    fairness_key: str | None = None
+
+
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+MAX_FAIRNESS_KEY = 255
+
+
+def check_queue_args(priority: Any, fairness_key: Any) -> None:
+    """Rejects a priority or fairness key the SQL would reject, before any round trip."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidArgumentError(
+            f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher is served first), got {priority!r}."
+        )
+    if fairness_key is None:
+        return
+    if not isinstance(fairness_key, str):
+        raise InvalidArgumentError(
+            f"fairness_key must be a string such as a tenant id (or None), got {type(fairness_key).__name__} {fairness_key!r:.80}."
+        )
+    if not 1 <= len(fairness_key) <= MAX_FAIRNESS_KEY:
+        raise InvalidArgumentError(
+            f"fairness_key must be 1 to {MAX_FAIRNESS_KEY} characters long (or None for no key), got {len(fairness_key)}."
+        )
 
 
 def normalize_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -200,9 +224,12 @@ def make_request(
     strict: bool,
     holder: dict[str, Any] | None,
     rate_limit: bool,
+    priority: int = 0,
+    fairness_key: str | None = None,
 ) -> Request | None:
     """A validated request, or None when there is nothing to acquire (no names)."""
     wanted = normalize_names(names)
+    check_queue_args(priority, fairness_key)
     check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
     check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
     check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
@@ -211,7 +238,7 @@ def make_request(
         raise InvalidArgumentError(f"holder must be a dict such as {{'type': 'worker', 'id': '7'}}, got {holder!r}.")
     if not wanted:
         return None
-    return Request(wanted, occupy, timeout_seconds, max_retries, float(lease_duration), strict, holder, rate_limit)
+    return Request(wanted, occupy, timeout_seconds, max_retries, float(lease_duration), strict, holder, rate_limit, priority, fairness_key)
 
 
 def list_literal(names: tuple[str, ...] | list[str]) -> str:
@@ -268,6 +295,8 @@ class Attempts:
             "queue_client": self.queue_client,
             # A lock held elsewhere may delay the call only as long as the caller would wait anyway.
             "wait_seconds": self.remaining(),
+            "priority": r.priority,
+            "fairness_key": r.fairness_key,
         }
         if r.rate_limit:
             return q.RATE_LIMIT, params
@@ -533,8 +562,13 @@ class ConcurrencyArguments:
         *,
         client: Any = None,
         connection: Any = None,
+        priority: int = 0,
+        fairness_key: str | None = None,
     ) -> None:
-        self._request = make_request(names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, rate_limit=False)
+        self._request = make_request(
+            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, False, priority, fairness_key
+        )
+        self._priority, self._fairness_key = priority, fairness_key
         self._connection = connection
         self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
         self._client = client

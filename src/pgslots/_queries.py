@@ -10,10 +10,11 @@ from typing import LiteralString
 # wait_seconds: how long each call may wait for a lock another session holds (None: no bound).
 ACQUIRE: LiteralString = (
     "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
-    " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s, %(session)s)"
+    " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s, %(session)s, %(priority)s, %(fairness_key)s)"
 )
 RATE_LIMIT: LiteralString = (
-    "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s)"
+    "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s,"
+    " %(priority)s, %(fairness_key)s)"
 )
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s, true, %(wait_seconds)s)"
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
@@ -29,7 +30,8 @@ UPDATE_LIMIT: LiteralString = (
     "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
-GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s)"
+GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s, %(with_instances)s)"
+GET_INSTANCES: LiteralString = "SELECT * FROM pgslots.get_instances(%(template)s, %(busiest)s)"
 # apply: serializes appliers for the rest of the transaction.
 LOCK_FOR_APPLY: LiteralString = "SELECT pgslots.lock_for_apply()"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"

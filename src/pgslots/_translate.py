@@ -29,6 +29,7 @@ from .errors import (
     RateLimitWithoutDecayError,
     SchemaNotInstalledError,
     SlotsExceedLimitError,
+    TemplateError,
 )
 
 _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
@@ -46,6 +47,8 @@ _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
     "PS012": InvalidArgumentError,
     "PS013": InvalidArgumentError,
     "PS014": InvalidArgumentError,
+    "PS015": InvalidArgumentError,
+    "PS016": TemplateError,
 }
 
 

@@ -9,6 +9,14 @@ The file has one table per limit::
     limit = 2
     slot_decay_per_second = 0.5
     active = false
+
+    ["tenant:*"]          # a template: every key tenant:... gets 5 slots of its own
+    limit = 5
+
+    ["tenant:acme"]       # an override: this key gets 20
+    limit = 20
+
+Keys of templates are never listed, created or pruned by a file: they come and go with use.
 """
 
 from __future__ import annotations
@@ -100,7 +108,8 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
     session = client._session
     with session.transaction() as conn:
         session.call_on(conn, q.LOCK_FOR_APPLY)
-        current = [LimitInfo(**row) for row in session.call_on(conn, q.GET_LIMITS, {"names": None})]
+        # Keys of templates are not declared: they come and go with use.
+        current = [LimitInfo(**row) for row in session.call_on(conn, q.GET_LIMITS, {"names": None, "with_instances": False})]
         todo = plan(current, desired, prune)
         if dry_run:
             return todo

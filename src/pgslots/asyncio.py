@@ -118,7 +118,7 @@ class concurrency(flows.ConcurrencyArguments):  # noqa: N801 - named like the fu
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            async with concurrency(*self._args, client=self._client):
+            async with concurrency(*self._args, client=self._client, priority=self._priority, fairness_key=self._fairness_key):
                 return await func(*args, **kwargs)
 
         return wrapper
@@ -145,9 +145,12 @@ async def rate_limit(
     strict: bool = False,
     *,
     client: Client | None = None,
+    priority: int = 0,
+    fairness_key: str | None = None,
 ) -> None:
-    """Occupies ``occupy`` decaying slots on every named limit; returns once they fit."""
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, rate_limit=True)
+    """Occupies ``occupy`` decaying slots on every named limit; returns once they fit. Waiters are
+    served by ``priority`` (-100..100, higher first), then round-robin across ``fairness_key``."""
+    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key)
     if request is not None:
         await run((client or default_client())._session, flows.acquire(request))
 

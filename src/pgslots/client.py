@@ -45,6 +45,11 @@ class LimitInfo:
     oldest_waiter_seconds: float | None
     created: datetime
     updated: datetime
+    #: For a key of a template (an instance, created on first use): the template's name.
+    template: str | None = None
+    is_template: bool = False
+    #: For a template: how many keys it has now (instances not yet removed as idle).
+    instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,8 +181,17 @@ class Client:
             raise LimitNotFoundError(f"Global concurrency limit {name!r} not found.")
         return found[0]
 
-    def read_limits(self, names: Sequence[str] | None = None) -> list[LimitInfo]:
-        rows = self._call(q.GET_LIMITS, {"names": None if names is None else list(names)})
+    def read_limits(self, names: Sequence[str] | None = None, *, instances: bool = True) -> list[LimitInfo]:
+        """The named limits (all when None), by name; ``instances=False`` leaves out templates' keys."""
+        rows = self._call(q.GET_LIMITS, {"names": None if names is None else list(names), "with_instances": instances})
+        return [LimitInfo(**row) for row in rows]
+
+    def read_instances(self, template: str, *, busiest: int | None = None) -> list[LimitInfo]:
+        """The keys of the template ``template`` (e.g. ``'tenant:*'``), by name; with ``busiest=N``
+        only the N with the most slots in use."""
+        if busiest is not None:
+            check_number("busiest", busiest, minimum=1, integer=True, allow_none=False)
+        rows = self._call(q.GET_INSTANCES, {"template": template, "busiest": busiest})
         return [LimitInfo(**row) for row in rows]
 
     def list_leases(self, name: str | None = None) -> list[LeaseInfo]:

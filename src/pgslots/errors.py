@@ -73,6 +73,11 @@ class InvalidLimitValueError(InvalidArgumentError):
     """A limit's slot count or decay is negative, NaN or infinite."""
 
 
+class TemplateError(InvalidArgumentError):
+    """A template or one of its keys used the wrong way: a bare ``*``, a template's own name acquired,
+    a key changed apart from its template, a template renamed."""
+
+
 class LimitExistsError(PgSlotsError):
     """A limit with this name exists already."""
 

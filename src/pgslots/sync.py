@@ -99,7 +99,8 @@ def _wait(session: Session, ticket: int, seconds: float) -> Grant | None:
 class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
     """Holds ``occupy`` slots on every named limit while the block (or decorated function) runs.
 
-    Waits first-come-first-served until the slots are free, ``timeout_seconds`` passes
+    Waits until the slots are free (by ``priority``, -100..100, higher first; then round-robin
+    across ``fairness_key`` values such as tenant ids; then first come), ``timeout_seconds`` passes
     (``AcquireConcurrencySlotTimeoutError``) or ``max_retries`` refusals happened
     (``ConcurrencySlotAcquisitionError``). The lease is renewed in the background every 0.75 x
     ``lease_duration``. Pass ``connection=`` to acquire inside your own transaction, ``client=`` to
@@ -108,7 +109,9 @@ class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # n
 
     def _recreate_cm(self) -> concurrency:
         # Each call of a decorated function gets its own acquire.
-        return concurrency(*self._args, client=self._client, connection=self._connection)
+        return concurrency(
+            *self._args, client=self._client, connection=self._connection, priority=self._priority, fairness_key=self._fairness_key
+        )
 
     def __enter__(self) -> Lease | None:
         if self._request is None:
@@ -135,13 +138,16 @@ def rate_limit(
     strict: bool = False,
     *,
     client: Client | None = None,
+    priority: int = 0,
+    fairness_key: str | None = None,
 ) -> None:
     """Occupies ``occupy`` slots that decay (never released); blocks until they fit.
 
     The named limits need ``slot_decay_per_second`` > 0. A refused call sleeps exactly as long as
-    the database says it takes for enough slots to decay, first-come-first-served.
+    the database says it takes for enough slots to decay. Waiters are served by ``priority``
+    (-100..100, higher first), then round-robin across ``fairness_key`` values, then first come.
     """
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, rate_limit=True)
+    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key)
     if request is not None:
         run((client or default_client())._session, flows.acquire(request))
 
