@@ -245,11 +245,26 @@ $$;
 -- within a key, by ticket. Waiters without a key form one group. A caller not queued on this limit
 -- yet (the ticket is not queued here) is placed where it would join now, as id `ticket` or, without
 -- one, as the largest id, with 0 slots; pass priority NULL to leave it out.
+-- When neither the caller nor any waiter of the limit uses a priority or a key, that order is the
+-- ticket order (aging lifts older waiters, which are ahead already), taken without the sort.
 CREATE FUNCTION pgslots._queue(target uuid, at timestamptz, aging float8, ticket bigint,
                                priority integer, fairness_key text)
 RETURNS TABLE (id bigint, slots integer, place bigint)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
+BEGIN
+    IF coalesce(priority, 0) = 0 AND fairness_key IS NULL AND pgslots._plain_queue(target) THEN
+        RETURN QUERY
+        SELECT q.id, q.slots, pg_catalog.row_number() OVER (ORDER BY q.id)
+        FROM (SELECT w.id, w.slots FROM pgslots.waiters w
+              WHERE w.limit_id = target AND (w.expires_at > at OR w.id = ticket)
+              UNION ALL
+              SELECT coalesce(ticket, 9223372036854775807), 0
+              WHERE priority IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)) q;
+        RETURN;
+    END IF;
+    RETURN QUERY
     WITH q AS (
         SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k,
                w.priority + CASE WHEN aging > 0
@@ -270,23 +285,43 @@ AS $$
     SELECT r.id, r.slots,
            pg_catalog.row_number() OVER (ORDER BY r.level DESC, r.round,
                                          coalesce(s.served_at, '-infinity'), r.first, r.id)
-    FROM r LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = r.k
+    FROM r LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = r.k;
+END
+$$;
+
+-- True when no waiter of the limit uses a priority or a fairness key: its queue is in ticket order.
+-- (One probe of the partial index waiters_ordered.)
+-- PL/pgSQL, not SQL: a SQL function that is not inlined is planned again on every call.
+CREATE FUNCTION pgslots._plain_queue(target uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                       WHERE w.limit_id = target AND (w.priority <> 0 OR w.fairness_key IS NOT NULL));
+END
 $$;
 
 -- The slots of the live waiters of one limit that are served before the caller (queued as `ticket`,
--- or arriving now with `priority` and `fairness_key`): a request fits only after them. When no
--- waiter of the limit and not the caller uses a priority or a key, the order is the ticket order.
+-- or arriving now with `priority` and `fairness_key`): a request fits only after them.
 CREATE FUNCTION pgslots._ahead(target uuid, at timestamptz, aging float8, ticket bigint,
                                priority integer, fairness_key text)
 RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
+DECLARE
+    plain_sum bigint;
 BEGIN
-    IF coalesce(priority, 0) = 0 AND fairness_key IS NULL
-       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
-                       WHERE w.limit_id = target AND (w.priority <> 0 OR w.fairness_key IS NOT NULL)) THEN
-        RETURN (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
-                WHERE w.limit_id = target AND w.expires_at > at AND (ticket IS NULL OR w.id < ticket));
+    IF coalesce(priority, 0) = 0 AND fairness_key IS NULL THEN
+        -- A plain queue (see _plain_queue, asked here in the same statement): the ticket order.
+        SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                                     WHERE w.limit_id = target AND (w.priority <> 0 OR w.fairness_key IS NOT NULL))
+                    THEN (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                          WHERE w.limit_id = target AND w.expires_at > at AND (ticket IS NULL OR w.id < ticket))
+               END
+        INTO plain_sum;
+        IF plain_sum IS NOT NULL THEN
+            RETURN plain_sum;
+        END IF;
     END IF;
     RETURN (WITH o AS (SELECT * FROM pgslots._queue(target, at, aging, ticket, coalesce(priority, 0),
                                                     fairness_key))
@@ -295,8 +330,9 @@ BEGIN
 END
 $$;
 
--- Remembers that `fairness_key` was served on these limits now, when others wait there: the next
--- round of their round-robin then starts with another key.
+-- Remembers that `fairness_key` was served on these limits now, when others wait there and keys or
+-- priorities are in play (the caller's or a waiter's): the next round of their round-robin then
+-- starts with another key. Plain queues skip the write.
 CREATE FUNCTION pgslots._served(ids uuid[], fairness_key text, at timestamptz) RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -304,6 +340,7 @@ BEGIN
     INSERT INTO pgslots.served_keys AS s (limit_id, fairness_key, served_at)
     SELECT i, coalesce(_served.fairness_key, ''), at FROM unnest(ids) AS i
     WHERE EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = i)
+      AND (_served.fairness_key IS NOT NULL OR NOT pgslots._plain_queue(i))
     ON CONFLICT ON CONSTRAINT served_keys_pkey DO UPDATE SET served_at = excluded.served_at;
 END
 $$;
@@ -315,14 +352,16 @@ $$;
 -- The template whose prefix is the longest that `name` starts with (names ending in `*` are never
 -- keys, and a key is longer than the prefix); NULL when none.
 CREATE FUNCTION pgslots._template_for(name text) RETURNS uuid
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT t.id FROM pgslots.limits t
-    WHERE t.is_template AND pg_catalog.right(_template_for.name, 1) <> '*'
-      AND pg_catalog.char_length(_template_for.name) >= pg_catalog.char_length(t.name)
-      AND pg_catalog.starts_with(_template_for.name, pg_catalog.left(t.name, -1))
-    ORDER BY pg_catalog.char_length(t.name) DESC
-    LIMIT 1
+BEGIN
+    RETURN (SELECT t.id FROM pgslots.limits t
+            WHERE t.is_template AND pg_catalog.right(_template_for.name, 1) <> '*'
+              AND pg_catalog.char_length(_template_for.name) >= pg_catalog.char_length(t.name)
+              AND pg_catalog.starts_with(_template_for.name, pg_catalog.left(t.name, -1))
+            ORDER BY pg_catalog.char_length(t.name) DESC
+            LIMIT 1);
+END
 $$;
 
 -- Creates the instances of the names that have no limit row and match a template, with the
@@ -351,12 +390,14 @@ $$;
 
 -- An instance (or a retiring one) nobody uses: no lease, no waiter, no rate slot left after decay.
 CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT (l.template_id IS NOT NULL OR l.retiring) AND l.leased_slots = 0
+BEGIN
+    RETURN (l.template_id IS NOT NULL OR l.retiring) AND l.leased_slots = 0
        AND pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
-       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id)
+       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
+END
 $$;
 
 -- Deletes up to `most` idle instances of one template (NULL: of every template, and retiring ones),

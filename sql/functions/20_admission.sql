@@ -229,6 +229,7 @@ DECLARE
     lease_limits uuid[];
     written integer;
     prior_lock_timeout text;
+    others_wait boolean;
 BEGIN
     IF wait_seconds IS NOT NULL THEN
         prior_lock_timeout := pgslots._bound_waits(wait_seconds);
@@ -248,9 +249,10 @@ BEGIN
                            ELSE pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority, fairness_key)
                       END,
                       slots))
-            RETURNING l.id INTO target;
+            RETURNING l.id, EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id)
+            INTO target, others_wait;
             IF FOUND THEN
-                IF EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target) THEN
+                IF others_wait AND (fairness_key IS NOT NULL OR NOT pgslots._plain_queue(target)) THEN
                     PERFORM pgslots._served(ARRAY[target], fairness_key, at);
                 END IF;
                 granted := true;

@@ -80,6 +80,8 @@ DECLARE
     lim record;
     ttl float8 := (SELECT s.waiter_ttl_seconds FROM pgslots.settings s);
     aging float8 := (SELECT s.priority_aging_seconds FROM pgslots.settings s);
+    keyed boolean;
+    queued refcursor;
     w record;
     given integer := 0;
     served integer := 0;
@@ -99,11 +101,26 @@ BEGIN
         PERFORM pgslots._wake(target, at);   -- deleted or disabled: every waiter must look again
         RETURN 0;
     END IF;
-    FOR w IN SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                    x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
-             FROM pgslots._queue(target, at, aging, NULL, NULL, NULL) q
-             JOIN pgslots.waiters x ON x.limit_id = target AND x.id = q.id
-             ORDER BY q.place LOOP
+    -- In queue order: ticket order for a plain queue, else the order of _queue.
+    keyed := NOT pgslots._plain_queue(target);
+    IF keyed THEN
+        OPEN queued FOR
+            SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
+                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
+            FROM pgslots._queue(target, at, aging, NULL, NULL, NULL) q
+            JOIN pgslots.waiters x ON x.limit_id = target AND x.id = q.id
+            ORDER BY q.place;
+    ELSE
+        OPEN queued FOR
+            SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
+                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
+            FROM pgslots.waiters x
+            WHERE x.limit_id = target AND x.expires_at > at
+            ORDER BY x.id;
+    END IF;
+    LOOP
+        FETCH queued INTO w;
+        EXIT WHEN NOT FOUND;
         -- Nobody behind a waiter that does not fit may overtake it.
         EXIT WHEN NOT pgslots._fits(pgslots._shortfall(lim."limit", lim.leased_slots, lim.unleased, given, w.slots));
         IF w.lease_id IS NULL OR w.parts <> 1 THEN
@@ -126,9 +143,12 @@ BEGIN
                               format('%s:%s:%s:%s:%s', w.id, w.lease_id, token, extract(epoch FROM expiry), run_for));
         END IF;
         DELETE FROM pgslots.waiters x WHERE x.id = w.id;
-        PERFORM pgslots._served(ARRAY[target], w.fairness_key, at);
+        IF keyed THEN
+            PERFORM pgslots._served(ARRAY[target], w.fairness_key, at);
+        END IF;
         served := served + 1;
     END LOOP;
+    CLOSE queued;
     IF given > 0 THEN
         UPDATE pgslots.limits l SET leased_slots = l.leased_slots + given WHERE l.id = target;
     END IF;
