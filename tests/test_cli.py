@@ -359,3 +359,5 @@ def test_templates_in_create_ls_inspect_watch_and_apply(fresh_dsn: str, tmp_path
         assert check.read_limit("tenant:acme").template is None
     finally:
         check.close()
+    deleted = run(fresh_dsn, "delete", "tenant:*", "--yes")
+    assert "Deleted template 'tenant:*'; its 1 key(s) are removed once nobody holds them." in deleted.output, deleted.output

@@ -91,6 +91,37 @@ def test_queue_sessions_and_waits_survive_anything(sql: Conn, name: str, slots: 
 
 
 @SETTINGS
+@given(
+    name=names,
+    priority=st.one_of(st.none(), ints, st.sampled_from([-101, -100, 100, 101])),
+    key=st.one_of(st.none(), names),
+    busiest=st.one_of(st.none(), ints),
+)
+def test_keys_and_queue_order_survive_anything(sql: Conn, name: str, priority: int | None, key: str | None, busiest: int | None) -> None:
+    """Templates, keys, priorities and fairness keys at their worst: pgslots' or PostgreSQL's data
+    errors only, and the invariants hold."""
+    with sql.transaction(force_rollback=True):
+        _call(sql, "SELECT pgslots.create_limit('k:*', 1)", [])
+        created = _call(sql, "SELECT pgslots.create_limit(%s, 2)", [name + "*"])
+        valid_prefix = name not in ("", "k:") and not name.endswith("*") and not any(c in name for c in "/%&><") and len(name) < 255
+        assert created == valid_prefix, name[:50]
+        for names_ in ([name], ["k:" + name], ["k:" + name, name + "*"]):
+            _call(
+                sql,
+                "SELECT * FROM pgslots.acquire(%s, 1, 300, queue_client => %s, priority => %s, fairness_key => %s)",
+                [names_, uuid.uuid4(), priority, key],
+            )
+            _call(sql, "SELECT * FROM pgslots.rate_limit(%s, 1, priority => %s, fairness_key => %s)", [names_, priority, key])
+        _call(sql, "SELECT * FROM pgslots.get_instances(%s, %s)", [name + "*", busiest])
+        _call(sql, "SELECT pgslots.update_limit(%s, 3)", [name + "*"])
+        _call(sql, "SELECT pgslots.update_limit(%s, 3)", ["k:" + name])
+        _call(sql, "SELECT pgslots.delete_limit(%s)", [name + "*"])
+        _call(sql, "SELECT pgslots.sweep()", [])
+        assert sql.execute("SELECT current_setting('lock_timeout')").fetchone() == ("0",)
+        invariants.check(sql)
+
+
+@SETTINGS
 @given(lease_id=st.one_of(st.text(max_size=50), st.just(None)))
 def test_malformed_lease_ids(sql: Conn, lease_id: str | None) -> None:
     with sql.transaction(force_rollback=True):

@@ -220,14 +220,18 @@ def update(
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_state
 def delete(state: State, name: str, yes: bool) -> None:
-    """Delete the limit NAME with its leases and queue."""
-    _read(state, name)
+    """Delete the limit NAME with its leases and queue. Deleting a template makes its keys' names
+    missing again; each key is removed once nobody holds it."""
+    info = _read(state, name)
     if not yes and not click.confirm(f"Are you sure you want to delete global concurrency limit with name {name!r}?"):
         fail("Deletion aborted.")
     try:
         state.client.delete_limit(name)
     except pgslots.LimitNotFoundError:
         fail(f"Global concurrency limit {name!r} not found.")
+    if info.is_template:
+        click.echo(f"Deleted template {name!r}; its {info.instances} key(s) are removed once nobody holds them.")
+        return
     click.echo(f"Deleted global concurrency limit with name {name!r}.")
 
 

@@ -264,28 +264,24 @@ BEGIN
                 AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)) q;
         RETURN;
     END IF;
+    -- One window pass (a key's running minimum id in id order is its first waiter's), one sort.
     RETURN QUERY
-    WITH q AS (
-        SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k,
-               w.priority + CASE WHEN aging > 0
-                   THEN floor(greatest(0, pg_catalog.date_part('epoch', at - w.enqueued_at)) / aging)
-                   ELSE 0 END AS level
-        FROM pgslots.waiters w
-        WHERE w.limit_id = target AND (w.expires_at > at OR w.id = ticket)
-        UNION ALL
-        SELECT coalesce(ticket, 9223372036854775807), 0, coalesce(fairness_key, ''), priority
-        WHERE priority IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)
-    ), r AS (
-        SELECT q.id, q.slots, q.k, q.level,
-               pg_catalog.row_number() OVER (PARTITION BY q.level, q.k ORDER BY q.id) AS round,
-               min(q.id) OVER (PARTITION BY q.level, q.k) AS first
-        FROM q
-    )
     SELECT r.id, r.slots,
-           pg_catalog.row_number() OVER (ORDER BY r.level DESC, r.round,
-                                         coalesce(s.served_at, '-infinity'), r.first, r.id)
-    FROM r LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = r.k;
+           pg_catalog.row_number() OVER (ORDER BY r.level DESC, r.round, r.served_at, r.first, r.id)
+    FROM (SELECT q.id, q.slots, q.level, coalesce(s.served_at, '-infinity') AS served_at,
+                 pg_catalog.row_number() OVER w AS round, min(q.id) OVER w AS first
+          FROM (SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k,
+                       w.priority + CASE WHEN aging > 0
+                           THEN floor(greatest(0, pg_catalog.date_part('epoch', at - w.enqueued_at)) / aging)
+                           ELSE 0 END AS level
+                FROM pgslots.waiters w
+                WHERE w.limit_id = target AND (w.expires_at > at OR w.id = ticket)
+                UNION ALL
+                SELECT coalesce(ticket, 9223372036854775807), 0, coalesce(fairness_key, ''), priority
+                WHERE priority IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)) q
+          LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = q.k
+          WINDOW w AS (PARTITION BY q.level, q.k ORDER BY q.id)) r;
 END
 $$;
 

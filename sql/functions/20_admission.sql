@@ -243,9 +243,17 @@ BEGIN
             at := pgslots._clock(cfg.clock_offset);
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
             WHERE l.name = names[1] AND l.active AND NOT l.is_template AND NOT l.retiring
+              -- A full limit refuses before anyone counts the queue (cheaper quals run first).
+              AND pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
+                      pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at), 0, slots))
               AND pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
                       pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-                      CASE WHEN NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id) THEN 0
+                      -- _ahead, with the plain queue's case written out: no function call on the hot path.
+                      CASE WHEN priority = 0 AND fairness_key IS NULL
+                                AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id
+                                                  AND (w.priority <> 0 OR w.fairness_key IS NOT NULL))
+                           THEN (SELECT coalesce(sum(w.slots), 0) FROM pgslots.waiters w
+                                 WHERE w.limit_id = l.id AND w.expires_at > at)
                            ELSE pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority, fairness_key)
                       END,
                       slots))

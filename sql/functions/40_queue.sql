@@ -102,7 +102,8 @@ BEGIN
         RETURN 0;
     END IF;
     -- In queue order: ticket order for a plain queue, else the order of _queue.
-    keyed := NOT pgslots._plain_queue(target);
+    keyed := EXISTS (SELECT 1 FROM pgslots.waiters x      -- NOT _plain_queue(target), without the call
+                     WHERE x.limit_id = target AND (x.priority <> 0 OR x.fairness_key IS NOT NULL));
     IF keyed THEN
         OPEN queued FOR
             SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,

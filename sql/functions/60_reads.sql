@@ -50,15 +50,22 @@ COMMENT ON FUNCTION pgslots.get_limits(text[], boolean) IS
 
 CREATE FUNCTION pgslots.get_instances(template text, busiest integer DEFAULT NULL)
 RETURNS SETOF pgslots.status
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+BEGIN
+    IF busiest < 1 THEN
+        RAISE EXCEPTION 'busiest must be 1 or more (or NULL: every key), got %.', busiest
+            USING ERRCODE = 'PS011', HINT = 'Ask for the N busiest keys, e.g. 10.';
+    END IF;
+    RETURN QUERY
     SELECT * FROM pgslots.status s
     WHERE s.id IN (SELECT i.id FROM pgslots.limits i JOIN pgslots.limits t ON t.id = i.template_id
                    WHERE t.name = get_instances.template)
     ORDER BY CASE WHEN busiest IS NOT NULL THEN s.active_slots END DESC NULLS LAST,
              CASE WHEN busiest IS NOT NULL THEN s.waiters END DESC NULLS LAST, s.name
-    LIMIT busiest
+    LIMIT busiest;
+END
 $$;
 COMMENT ON FUNCTION pgslots.get_instances(text, integer) IS
 'The status rows of the keys (instances) of one template, by name; with busiest => N, only the N '
