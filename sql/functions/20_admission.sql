@@ -282,7 +282,13 @@ BEGIN
                            l.avg_slot_occupancy_seconds,
                            pgslots._shortfall(l."limit", l.leased_slots,
                                pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-                               pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority, fairness_key),
+                               -- Full without the queue: refused whatever is queued, no need to count it.
+                               CASE WHEN pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
+                                             pgslots._decayed(l.unleased_slots, l.slot_decay_per_second,
+                                                              l.decayed_at, at), 0, slots))
+                                    THEN pgslots._ahead(l.id, at, cfg.priority_aging_seconds, NULL, priority,
+                                                        fairness_key)
+                                    ELSE 0 END,
                                slots) AS short
                     INTO lim FROM pgslots.limits l WHERE l.id = lim.id;
                     granted := false;
