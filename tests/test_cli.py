@@ -318,6 +318,7 @@ def test_templates_in_create_ls_inspect_watch_and_apply(fresh_dsn: str, tmp_path
     created = run(fresh_dsn, "create", "tenant:*", "-l", "2")
     assert created.exit_code == 0 and created.output.startswith("Created template 'tenant:*'"), created.output
     assert "'tenant:example' gets 2 slot(s)" in created.output
+    assert """Run "pgslots ls 'tenant:*'" to list its keys in use.""" in created.output
     assert "needs a prefix" in one_line_error(run(fresh_dsn, "create", "*", "-l", "1"))
     client = Client(fresh_dsn)
     try:

@@ -115,7 +115,7 @@ def create(state: State, name: str, limit: int, slot_decay_per_second: float, ac
         fail(f"Global concurrency limit {name!r} already exists.")
     if info.is_template:
         click.echo(f"Created template {name!r} and ID '{info.id}': each key such as {name[:-1] + 'example'!r} gets {limit} slot(s).")
-        click.echo(f"Run 'pgslots ls {_quote(name)}' to list its keys in use.")
+        click.echo(f"Run \"pgslots ls '{name}'\" to list its keys in use.")
         return
     if key_of is not None:
         click.echo(f"Key {name!r} of template {key_of!r} now has a limit of its own (an override) with ID '{info.id}'.")
