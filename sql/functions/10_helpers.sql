@@ -384,12 +384,13 @@ BEGIN
 END
 $$;
 
--- An instance (or a retiring one) nobody uses: no lease, no waiter, no rate slot left after decay.
+-- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
+-- lease, no waiter, no rate slot left after decay.
 CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    RETURN (l.template_id IS NOT NULL OR l.retiring) AND l.leased_slots = 0
+    RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
        AND pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
@@ -406,7 +407,7 @@ DECLARE
     gone uuid[];
 BEGIN
     gone := ARRAY(SELECT l.id FROM pgslots.limits l
-                  WHERE (l.template_id = template OR (template IS NULL AND (l.template_id IS NOT NULL OR l.retiring)))
+                  WHERE l.template_id IS NOT NULL AND (template IS NULL OR l.template_id = template)
                     AND pgslots._idle(l, at)
                   LIMIT most
                   FOR UPDATE SKIP LOCKED);

@@ -37,7 +37,7 @@ BEGIN
             unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at)
                              + active_slots,
             decayed_at = at, updated = at
-        WHERE l.name = create_limit.name AND (l.template_id IS NOT NULL OR l.retiring)
+        WHERE l.name = create_limit.name AND l.template_id IS NOT NULL   -- retiring ones too
         RETURNING l.id INTO new_id;
         IF new_id IS NOT NULL THEN
             PERFORM pgslots._wake(new_id, at);
@@ -58,7 +58,7 @@ BEGIN
         -- shorter prefix, or to a deleted one) follow it from now on.
         PERFORM pgslots._follow_template(new_id, at,
             ARRAY(SELECT i.id FROM pgslots.limits i
-                  WHERE (i.template_id IS NOT NULL OR i.retiring)
+                  WHERE i.template_id IS NOT NULL   -- retiring ones too
                     AND starts_with(i.name, left(create_limit.name, -1))
                     AND pgslots._template_for(i.name) = new_id));
     END IF;
@@ -207,7 +207,7 @@ BEGIN
               WHERE i.id = ANY (keys) AND i.retiring) w;
         DELETE FROM pgslots.waiters x USING pgslots.limits i
         WHERE x.limit_id = i.id AND i.id = ANY (keys) AND i.retiring;
-        PERFORM pgslots._drop_idle(NULL, at, NULL);
+        PERFORM pgslots._drop_idle(gone, at, NULL);   -- its own idle keys, not every template's
         RETURN gone;
     END IF;
     DELETE FROM pgslots.leases x WHERE x.limit_id = gone;
