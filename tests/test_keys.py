@@ -267,7 +267,12 @@ def test_a_plain_role_uses_keys_but_cannot_change_templates_or_others_keys(fresh
             with pytest.raises(psycopg.Error) as caught, attacker.transaction():
                 attacker.execute(query, params)
             assert caught.value.sqlstate == sqlstate
+        with pytest.raises(psycopg.Error) as caught, attacker.transaction():
+            attacker.execute("SELECT * FROM pgslots.get_instances('tenant:*', -1)")
+        assert caught.value.sqlstate == "PS011"
         assert snapshot_of(fresh_dsn) == before
+        # Both roles may read a template's keys (names and occupancy, never lease ids).
+        assert [r["name"] for r in rows(attacker, "SELECT name FROM pgslots.get_instances('tenant:*', 2147483647)")] == ["tenant:victim"]
         # The attacker's own keys are its own: using them takes nothing from the victim's key.
         assert all(acquire(attacker, [f"tenant:attacker{i}"])["granted"] for i in range(20))
         assert not acquire(attacker, ["tenant:victim"])["granted"]
