@@ -654,6 +654,93 @@ def fairness(server: Server, seconds: float) -> dict[str, Any]:
     }
 
 
+def _window_rater(dsn: str, stop_at: float, out: Any) -> None:
+    from pgslots.sync import rate_limit
+
+    configure(dsn)
+    stamps = []
+    while True:
+        rate_limit("windowed", timeout_seconds=60)
+        now = time.time()
+        if now > stop_at:
+            break
+        stamps.append(now)
+    out.put(stamps)
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def real_apis(server: Server, seconds: float) -> dict[str, Any]:
+    """Reserve + settle against rate_limit (alternating rounds, one process, a limit that never
+    refuses); window accuracy (4 processes saturating 50 per 1 s); a limit of 10,000 per hour
+    holding 9,000 grants in its window against one holding none."""
+    from pgslots.sync import rate_limit, reserve
+
+    dsn = fresh(server, "bench_apis")
+    client = Client(dsn)
+    client.create_limit("bucket", 1_000_000_000, slot_decay_per_second=1_000_000)
+    client.create_limit("hourly-empty", 10_000, window_seconds=3600)
+    client.create_limit("hourly-full", 10_000, window_seconds=3600)
+
+    def settled() -> None:
+        reserve("bucket", occupy=100, client=client).settle(37)
+
+    for _ in range(50):
+        rate_limit("bucket", client=client)
+        settled()
+    plain, cycle = [], []
+    rounds = max(2, round(seconds))
+    for _ in range(rounds):
+        for into, call in ((plain, lambda: rate_limit("bucket", client=client)), (cycle, settled)):
+            stop = time.perf_counter() + seconds / rounds / 2
+            while time.perf_counter() < stop:
+                into.append(_timed(call))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM generate_series(1, 9000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full']) AS r")
+        log_rows = conn.execute("SELECT count(*) FROM pgslots.window_grants").fetchone()[0]  # type: ignore[index]
+    empty, full = [], []
+    for _ in range(rounds):
+        for into, name in ((empty, "hourly-empty"), (full, "hourly-full")):
+            for _ in range(100):  # 100 grants a round each: the full one reaches 9,000 + 100 x rounds
+                into.append(_timed(lambda n=name: rate_limit(n, client=client)))  # type: ignore[misc]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full']) AS r")
+        refused = []
+        for _ in range(200):
+            refused.append(_timed(lambda: conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY['hourly-full'])").fetchone()))
+        held = conn.execute("SELECT active_slots FROM pgslots.status WHERE name = 'hourly-full'").fetchone()[0]  # type: ignore[index]
+        log_size = conn.execute("SELECT pg_total_relation_size('pgslots.window_grants')").fetchone()[0]  # type: ignore[index]
+    # Window accuracy: 4 processes saturating 50 per 1 s.
+    client.create_limit("windowed", 50, window_seconds=1.0)
+    client.close()
+    stop_at = time.time() + 2 * seconds + 0.5
+    stamps = sorted(x for r in run_processes(_window_rater, 4, dsn, stop_at) for x in r)
+    first = stamps[0]
+    windows = int((stamps[-1] - first) // 1.0)
+    in_windows = sum(1 for t in stamps if t < first + windows)
+    server.drop("bench_apis")
+    return {
+        "rate_limit_p50_ms": ms(pct(plain, 0.5)),
+        "reserve_settle_p50_ms": ms(pct(cycle, 0.5)),
+        "reserve_settle_vs_rate_limit": pct(cycle, 0.5) / pct(plain, 0.5),
+        "window_empty_grant_p50_ms": ms(pct(empty, 0.5)),
+        "window_9000_grant_p50_ms": ms(pct(full, 0.5)),
+        "window_9000_vs_empty": pct(full, 0.5) / pct(empty, 0.5),
+        "window_full_refusal_p50_ms": ms(pct(refused, 0.5)),
+        "window_full_slots_held": held,
+        "window_log_rows_after_9000": log_rows,
+        "window_log_bytes_full": log_size,
+        "window_configured_per_s": 50.0,
+        "window_achieved_per_s": in_windows / windows,
+        "window_ratio": in_windows / windows / 50.0,
+        "window_seconds_measured": windows,
+    }
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -712,6 +799,24 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             r["fairness"]["ratio"],
             "(reported)",
             None,
+        ),
+        (
+            "reserve + settle cycle p50 vs rate_limit p50 (alternating rounds, one process)",
+            r["real_apis"]["reserve_settle_vs_rate_limit"],
+            "(reported)",
+            None,
+        ),
+        (
+            "window accuracy: granted per 1 s window / limit (50 per 1 s, 4 processes)",
+            r["real_apis"]["window_ratio"],
+            "within 1%",
+            lambda v: abs(v - 1) <= 0.01,
+        ),
+        (
+            "window 10,000 per hour: grant p50 with 9,000 grants in the window vs none",
+            r["real_apis"]["window_9000_vs_empty"],
+            "<= 1.2",
+            lambda v: v <= 1.2,
         ),
     ]
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
@@ -878,6 +983,7 @@ def main() -> None:
         ("recovery", lambda: recovery(server)),
         ("keys", lambda: keys(server, s)),
         ("fairness", lambda: fairness(server, 2 * s)),
+        ("real_apis", lambda: real_apis(server, s)),
     ]
     if args.only:
         wanted = {"ceiling", *args.only.split(",")}
@@ -900,6 +1006,7 @@ def main() -> None:
             "bench_recovery",
             "bench_keys",
             "bench_fair",
+            "bench_apis",
         ):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)

@@ -6,7 +6,8 @@
 --                       definitions), EXECUTE only for the roles below.
 --   helpers (_name)     not callable by anyone but the owner, except the pure helpers the status view
 --                       uses, which run as the role reading the view.
---   pgslots_user        acquire, release, renew, rate_limit, queue upkeep, read limits and status;
+--   pgslots_user        acquire, release, renew, rate_limit, reserve, settle, queue upkeep, read
+--                       limits and status;
 --                       no table access, no limit changes, and no way to list other holders' lease
 --                       ids (a lease id is the capability to release or renew that lease).
 --   pgslots_admin       everything pgslots_user may, plus managing limits, listing leases, sweeping.
@@ -14,7 +15,7 @@
 
 DO $$
 DECLARE
-    user_functions text[] := ARRAY['acquire', 'rate_limit', 'release', 'renew', 'heartbeat',
+    user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'heartbeat',
                                    'leave_queue', 'keep_alive', 'get_limits', 'get_instances',
                                    'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',

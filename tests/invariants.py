@@ -1,6 +1,8 @@
 """The invariant checker any test can call: for every limit, the counted leased slots equal the
-sum of its lease rows, and the slots occupied now (leases plus decayed rate-limit slots) never
-exceed the limit."""
+sum of its lease rows, the slots occupied now (leases plus decayed rate-limit slots, or the slots
+granted in a window limit's window) never exceed the limit, and a window limit's count equals the
+sum of its grant log. A shadow limit may exceed its limit (it grants everything), as may a limit
+that a settled reservation left in debt (named in `owing`)."""
 
 from __future__ import annotations
 
@@ -15,31 +17,35 @@ from psycopg.rows import dict_row
 QUERY = """
 SELECT l.name, l."limit", l.active, l.leased_slots,
        coalesce((SELECT sum(x.slots) FROM pgslots.leases x WHERE x.limit_id = l.id), 0) AS lease_sum,
-       s.active_slots
+       s.active_slots, l.shadow, l.window_seconds, l.unleased_slots,
+       (SELECT coalesce(sum(g.slots), 0) FROM pgslots.window_grants g WHERE g.limit_id = l.id) AS log_sum
 FROM pgslots.limits l JOIN pgslots.status s ON s.id = l.id
 """
 
 
-def problems(conn: psycopg.Connection[Any], lowered: tuple[str, ...] = ()) -> list[str]:
-    """Everything wrong now; `lowered` names limits whose limit was cut below their holders on purpose."""
+def problems(conn: psycopg.Connection[Any], lowered: tuple[str, ...] = (), owing: tuple[str, ...] = ()) -> list[str]:
+    """Everything wrong now; `lowered` names limits whose limit was cut below their holders on
+    purpose, `owing` limits that settled reservations may have put in debt."""
     found = []
     with conn.cursor(row_factory=dict_row) as cur:
         for row in cur.execute(QUERY).fetchall():
             if row["leased_slots"] != row["lease_sum"]:
                 found.append(f"{row['name']}: counts {row['leased_slots']} leased slots, lease rows hold {row['lease_sum']}")
-            if row["active_slots"] > row["limit"] + 1e-9 and row["name"] not in lowered:
+            if row["window_seconds"] > 0 and abs(row["unleased_slots"] - row["log_sum"]) > 1e-6:
+                found.append(f"{row['name']}: counts {row['unleased_slots']} window slots, its grant log holds {row['log_sum']}")
+            if row["active_slots"] > row["limit"] + 1e-9 and not row["shadow"] and row["name"] not in lowered + owing:
                 found.append(f"{row['name']}: {row['active_slots']} slots occupied on a limit of {row['limit']}")
             if row["leased_slots"] < 0 or row["active_slots"] < -1e-9:
                 found.append(f"{row['name']}: negative count")
     return found
 
 
-def check(dsn_or_conn: str | psycopg.Connection[Any], lowered: tuple[str, ...] = ()) -> None:
+def check(dsn_or_conn: str | psycopg.Connection[Any], lowered: tuple[str, ...] = (), owing: tuple[str, ...] = ()) -> None:
     if isinstance(dsn_or_conn, str):
         with psycopg.connect(dsn_or_conn, autocommit=True) as conn:
-            found = problems(conn, lowered)
+            found = problems(conn, lowered, owing)
     else:
-        found = problems(dsn_or_conn, lowered)
+        found = problems(dsn_or_conn, lowered, owing)
     assert not found, found
 
 

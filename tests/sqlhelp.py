@@ -51,6 +51,8 @@ def snapshot(conn: psycopg.Connection[Any]) -> list[Any]:
         conn.execute("SELECT * FROM pgslots.limits ORDER BY name").fetchall(),
         conn.execute("SELECT * FROM pgslots.leases ORDER BY id, limit_id").fetchall(),
         conn.execute("SELECT * FROM pgslots.waiters ORDER BY limit_id, id").fetchall(),
+        conn.execute("SELECT * FROM pgslots.window_grants ORDER BY limit_id, granted_at, id").fetchall(),
+        conn.execute("SELECT * FROM pgslots.reservations ORDER BY id").fetchall(),
     ]
 
 

@@ -58,7 +58,7 @@ def test_user_role_acquires_releases_renews_reads(fresh_dsn: str, user_dsn: str)
         "SELECT pgslots.delete_limit('guarded')",
         "SELECT * FROM pgslots.list_leases()",
         "SELECT pgslots.sweep()",
-        "SELECT * FROM pgslots._admit('{guarded}', 1, 60, NULL, false, NULL, NULL, false, NULL, NULL, 0, NULL)",
+        "SELECT * FROM pgslots._admit('{guarded}', 1, 60, NULL, false, NULL, NULL, false, NULL, NULL, 0, NULL, NULL)",
         "SELECT nextval('pgslots.fencing_tokens')",
     ],
 )

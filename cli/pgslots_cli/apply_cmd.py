@@ -33,6 +33,10 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
         limit = 5
         ["tenant:acme"]
         limit = 20
+        ["llm-tokens"]
+        limit = 90000
+        window_seconds = 60
+        shadow = true
 
     A table whose name ends in * is a template (every key tenant:... gets its own 5 slots); a plain
     limit named like a key is an override. Keys in use are never pruned.
@@ -42,7 +46,9 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
     prefix = "would " if dry_run else ""
     for want in plan.create:
         extra = f", slot_decay_per_second {number(want.slot_decay_per_second)}" if want.slot_decay_per_second else ""
+        extra += f", window_seconds {number(want.window_seconds)}" if want.window_seconds else ""
         extra += "" if want.active else ", inactive"
+        extra += ", shadow" if want.shadow else ""
         click.echo(f"{prefix}create {want.name!r}: limit {want.limit}{extra}")
     for want, changes in plan.change:
         described = ", ".join(f"{field} {_show(old)} -> {_show(new)}" for field, (old, new) in changes.items())

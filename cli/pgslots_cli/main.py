@@ -71,6 +71,9 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "active_slots": info.active_slots,
         "leased_slots": info.leased_slots,
         "slot_decay_per_second": info.slot_decay_per_second,
+        "window_seconds": info.window_seconds,
+        "shadow": info.shadow,
+        "shadow_refusals": info.shadow_refusals,
         "denied_slots": info.denied_slots,
         "avg_slot_occupancy_seconds": info.avg_slot_occupancy_seconds,
         "leases": info.leases,
@@ -95,21 +98,53 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
     show_default=True,
     help="Slots freed per second; > 0 makes the limit usable as a rate limit.",
 )
+@click.option(
+    "--window-seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Instead of decay: grant at most LIMIT slots in any span of this many seconds (a sliding window).",
+)
 @click.option("--active-slots", type=click.IntRange(min=0), default=0, help="Slots to mark occupied from the start.")
 @click.option("--disable", is_flag=True, help="Create the limit inactive: it enforces nothing until enabled.")
+@click.option("--shadow", is_flag=True, help="Grant everything, but count the requests it would refuse (see inspect).")
 @pass_state
-def create(state: State, name: str, limit: int, slot_decay_per_second: float, active_slots: int, disable: bool) -> None:
+def create(
+    state: State,
+    name: str,
+    limit: int,
+    slot_decay_per_second: float,
+    window_seconds: float,
+    active_slots: int,
+    disable: bool,
+    shadow: bool,
+) -> None:
     """Create the limit NAME with LIMIT slots.
 
     A NAME ending in * creates a template: 'tenant:*' gives every name that starts with 'tenant:'
     (tenant:acme, tenant:beta, ...) a limit of its own with these values on first use. A plain
     limit named like a key ('tenant:acme') overrides the template for that key.
+
+    \b
+    Examples:
+      pgslots create db -l 10                          at most 10 at once
+      pgslots create api -l 5 --slot-decay-per-second 5   5 per second, bursts of 5
+      pgslots create llm-tokens -l 90000 --window-seconds 60   90,000 tokens in any minute
+      pgslots create api -l 5 --slot-decay-per-second 5 --shadow   measure before enforcing
     """
     _finite(slot_decay_per_second, "--slot-decay-per-second")
+    _finite(window_seconds, "--window-seconds")
+    if slot_decay_per_second > 0 and window_seconds > 0:
+        fail("A limit has either --slot-decay-per-second or --window-seconds, not both: choose one.")
     key_of = next((i.template for i in state.client.read_limits([name]) if i.template), None)
     try:
         info = state.client.create_limit(
-            name, limit, slot_decay_per_second=slot_decay_per_second, active=not disable, active_slots=active_slots
+            name,
+            limit,
+            slot_decay_per_second=slot_decay_per_second,
+            window_seconds=window_seconds,
+            active=not disable,
+            active_slots=active_slots,
+            shadow=shadow,
         )
     except pgslots.LimitExistsError:
         fail(f"Global concurrency limit {name!r} already exists.")
@@ -121,6 +156,11 @@ def create(state: State, name: str, limit: int, slot_decay_per_second: float, ac
         click.echo(f"Key {name!r} of template {key_of!r} now has a limit of its own (an override) with ID '{info.id}'.")
     else:
         click.echo(f"Created global concurrency limit with name {name!r} and ID '{info.id}'.")
+    if shadow:
+        click.echo(
+            "It is in shadow mode: it grants every request and counts those it would refuse. "
+            f"Enforce it with 'pgslots update {_quote(name)} --enforce'."
+        )
     click.echo(f"Run 'pgslots inspect {_quote(name)}' to view details.")
 
 
@@ -129,8 +169,9 @@ def create(state: State, name: str, limit: int, slot_decay_per_second: float, ac
 @output_options
 @pass_state
 def ls(state: State, template: str | None, output: str | None) -> None:
-    """List every limit and template (with its number of keys in use): slots in use after decay,
-    decay, waiters. With TEMPLATE (e.g. 'tenant:*'), list that template's keys instead."""
+    """List every limit and template (with its number of keys in use): slots in use after decay (or
+    in the window), the rate (decay per second or window), waiters. ACTIVE says 'shadow' for a limit
+    in shadow mode. With TEMPLATE (e.g. 'tenant:*'), list that template's keys instead."""
     as_json = check_output(output)
     if template is not None:
         if not _read(state, template).is_template:
@@ -149,15 +190,21 @@ def ls(state: State, template: str | None, output: str | None) -> None:
             i.name,
             str(i.limit),
             "-" if i.is_template else number(round(i.active_slots, 2)),
-            number(i.slot_decay_per_second),
-            "yes" if i.active else "no",
+            _rate(i),
+            ("shadow" if i.shadow else "yes") if i.active else "no",
             "-" if i.is_template else str(i.waiters),
             str(i.instances) if i.is_template else "-",
             str(i.id),
         ]
         for i in limits
     ]
-    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "DECAY/S", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=7))
+    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "RATE", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=7))
+
+
+def _rate(info: LimitInfo) -> str:
+    if info.window_seconds > 0:
+        return f"window {number(info.window_seconds)}s"
+    return f"{number(info.slot_decay_per_second)}/s" if info.slot_decay_per_second > 0 else "-"
 
 
 @cli.command()
@@ -188,8 +235,10 @@ def inspect(state: State, name: str, output: str | None, path: Path | None) -> N
 @click.option("-l", "--limit", type=click.IntRange(min=0), help="New number of slots.")
 @click.option("--active-slots", type=click.IntRange(min=0), help="Set the occupied slots (not below those leased).")
 @click.option("--slot-decay-per-second", type=click.FloatRange(min=0), help="New decay; 0 turns decay off.")
+@click.option("--window-seconds", type=click.FloatRange(min=0), help="New window; 0 turns the window off.")
 @click.option("--enable", is_flag=True, help="Enforce the limit again.")
 @click.option("--disable", is_flag=True, help="Stop enforcing the limit (acquires pass freely).")
+@click.option("--shadow/--enforce", default=None, help="Shadow mode (grant everything, count would-be refusals), or enforce.")
 @pass_state
 def update(
     state: State,
@@ -197,22 +246,45 @@ def update(
     limit: int | None,
     active_slots: int | None,
     slot_decay_per_second: float | None,
+    window_seconds: float | None,
     enable: bool,
     disable: bool,
+    shadow: bool | None,
 ) -> None:
-    """Change the limit NAME. Lowering the limit pre-empts no holder."""
+    """Change the limit NAME. Lowering the limit pre-empts no holder.
+
+    A limit counts by decay or by window: to switch, set the other to 0 in the same command, e.g.
+    'pgslots update api --window-seconds 60 --slot-decay-per-second 0'. What it holds carries over.
+    """
     if enable and disable:
         fail("Cannot enable and disable a global concurrency limit at the same time.")
-    if limit is None and active_slots is None and slot_decay_per_second is None and not (enable or disable):
+    given = (limit, active_slots, slot_decay_per_second, window_seconds, shadow)
+    if all(v is None for v in given) and not (enable or disable):
         fail("No update arguments provided.")
     if slot_decay_per_second is not None:
         _finite(slot_decay_per_second, "--slot-decay-per-second")
+    if window_seconds is not None:
+        _finite(window_seconds, "--window-seconds")
     active = True if enable else False if disable else None
     try:
-        state.client.update_limit(name, limit=limit, active_slots=active_slots, slot_decay_per_second=slot_decay_per_second, active=active)
+        state.client.update_limit(
+            name,
+            limit=limit,
+            active_slots=active_slots,
+            slot_decay_per_second=slot_decay_per_second,
+            window_seconds=window_seconds,
+            active=active,
+            shadow=shadow,
+        )
     except pgslots.LimitNotFoundError:
         fail(f"Global concurrency limit {name!r} not found.")
     click.echo(f"Updated global concurrency limit with name {name!r}.")
+    if shadow is True:
+        click.echo(
+            "It is in shadow mode now: every request is granted, and 'shadow_refusals' in 'pgslots inspect' counts those it would refuse."
+        )
+    elif shadow is False:
+        click.echo("It is enforced now.")
 
 
 @cli.command(short_help="Delete a limit.")

@@ -235,6 +235,102 @@ END
 $$;
 
 ---------------------------------------------------------------------------------------------------
+-- Sliding windows and limit values
+---------------------------------------------------------------------------------------------------
+
+-- Forgets the grants of a window limit (whose row lock the caller holds) that have left its window,
+-- taking their slots off unleased_slots (for a window limit: the slots granted in the window).
+-- A grant made exactly `window` seconds ago has left: spans are half-open.
+CREATE FUNCTION pgslots._window_purge(target uuid, window_seconds float8, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    freed float8;
+BEGIN
+    WITH gone AS (
+        DELETE FROM pgslots.window_grants g
+        WHERE g.limit_id = target AND g.granted_at <= at - make_interval(secs => window_seconds)
+        RETURNING g.slots
+    )
+    SELECT sum(gone.slots) INTO freed FROM gone;
+    IF freed IS NOT NULL THEN
+        -- Sums drift by rounding: an empty window is exactly 0.
+        UPDATE pgslots.limits l
+        SET unleased_slots = CASE WHEN EXISTS (SELECT 1 FROM pgslots.window_grants g WHERE g.limit_id = target)
+                                  THEN greatest(0, l.unleased_slots - freed) ELSE 0 END
+        WHERE l.id = target;
+    END IF;
+END
+$$;
+
+-- Seconds until `shortfall` slots of a window limit have left its window: the oldest grants leave
+-- first, each exactly `window` seconds after it was made. Exact; when the window holds fewer slots
+-- than that (slots of waiters ahead count too), a whole window.
+CREATE FUNCTION pgslots._window_wait(target uuid, shortfall float8, window_seconds float8, at timestamptz)
+RETURNS float8
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    g record;
+    freed float8 := 0;
+BEGIN
+    FOR g IN SELECT x.granted_at, x.slots FROM pgslots.window_grants x
+             WHERE x.limit_id = target AND x.granted_at > at - make_interval(secs => window_seconds)
+             ORDER BY x.granted_at, x.id LOOP
+        freed := freed + g.slots;
+        IF pgslots._fits(shortfall - freed) THEN
+            RETURN greatest(0, window_seconds - pg_catalog.date_part('epoch', at - g.granted_at)::float8);
+        END IF;
+    END LOOP;
+    RETURN window_seconds;
+END
+$$;
+
+-- The slots a window limit granted in its window up to `at` (for readers: purged or not).
+CREATE FUNCTION pgslots._window_used(target uuid, window_seconds float8, at timestamptz) RETURNS float8
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
+    WHERE g.limit_id = target AND g.granted_at > at - make_interval(secs => window_seconds)
+$$;
+
+-- Gives limits (whose row locks the caller holds) new values; NULL leaves a value as it is. What
+-- they hold carries over exactly: decay is brought up to now at the old rate; a limit that becomes
+-- a window limit counts what its bucket still held as one grant made now; a window limit that
+-- stops being one keeps the slots of its window, which then decay (or stay, without decay).
+CREATE FUNCTION pgslots._set_values(ids uuid[], at timestamptz, "limit" integer, slot_decay_per_second float8,
+                                    window_seconds float8, active boolean, shadow boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF window_seconds > 0 THEN
+        INSERT INTO pgslots.window_grants (limit_id, granted_at, slots)
+        SELECT l.id, at, d.held
+        FROM pgslots.limits l,
+             LATERAL (SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS held) d
+        WHERE l.id = ANY (ids) AND l.window_seconds = 0 AND d.held > 1e-9;
+    END IF;
+    UPDATE pgslots.limits l SET
+        unleased_slots = CASE
+            WHEN l.window_seconds > 0 AND coalesce(_set_values.window_seconds, l.window_seconds) > 0 THEN l.unleased_slots
+            WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
+            ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) END,
+        decayed_at = at,
+        "limit" = coalesce(_set_values."limit", l."limit"),
+        slot_decay_per_second = coalesce(_set_values.slot_decay_per_second, l.slot_decay_per_second),
+        window_seconds = coalesce(_set_values.window_seconds, l.window_seconds),
+        active = coalesce(_set_values.active, l.active),
+        shadow = coalesce(_set_values.shadow, l.shadow),
+        updated = at
+    WHERE l.id = ANY (ids);
+    IF window_seconds = 0 THEN
+        DELETE FROM pgslots.window_grants g WHERE g.limit_id = ANY (ids);
+    END IF;
+END
+$$;
+
+---------------------------------------------------------------------------------------------------
 -- The order of a queue: priorities, aging, round-robin across fairness keys
 ---------------------------------------------------------------------------------------------------
 
@@ -370,9 +466,9 @@ AS $$
 DECLARE
     created integer;
 BEGIN
-    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, active, decayed_at, created,
-                                     updated, template_id)
-    SELECT n.name, t."limit", t.slot_decay_per_second, t.active, at, at, at, t.id
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
+                                     decayed_at, created, updated, template_id)
+    SELECT n.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
     FROM (SELECT u.name, pgslots._template_for(u.name) AS template
           FROM unnest(names) AS u(name)
           WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
@@ -385,13 +481,14 @@ END
 $$;
 
 -- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
--- lease, no waiter, no rate slot left after decay.
+-- lease, no waiter, no rate slot left after decay or in its window.
 CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
-       AND pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9
+       AND CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
+                ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
 END
@@ -476,7 +573,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION pgslots._check_limit_values("limit" integer, slot_decay_per_second float8)
+CREATE FUNCTION pgslots._check_limit_values("limit" integer, slot_decay_per_second float8,
+                                            window_seconds float8)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 AS $$
@@ -492,6 +590,26 @@ BEGIN
         RAISE EXCEPTION 'slot_decay_per_second must be 0 (no decay) or a finite number from 1e-9 up, got %.',
             slot_decay_per_second
             USING ERRCODE = 'PS002', HINT = 'Use 0 for no decay, or the number of slots freed per second.';
+    END IF;
+    IF window_seconds IS NOT NULL AND NOT (window_seconds >= 0 AND window_seconds <= 1e8) THEN
+        RAISE EXCEPTION 'window_seconds must be 0 (no window) or a number of seconds up to 100000000, got %.',
+            window_seconds
+            USING ERRCODE = 'PS002', HINT = 'Use e.g. 3600 for "at most limit slots in any hour".';
+    END IF;
+    PERFORM pgslots._check_one_kind(slot_decay_per_second, window_seconds);
+END
+$$;
+
+-- A limit counts rate slots by decay or by window, never both.
+CREATE FUNCTION pgslots._check_one_kind(slot_decay_per_second float8, window_seconds float8) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF slot_decay_per_second > 0 AND window_seconds > 0 THEN
+        RAISE EXCEPTION 'A limit has either slot decay (%/s) or a window (% s), not both.',
+            slot_decay_per_second, window_seconds
+            USING ERRCODE = 'PS002',
+                  HINT = 'Set the other to 0 in the same call: a token bucket refills continuously, a window counts grants in any span of its length.';
     END IF;
 END
 $$;

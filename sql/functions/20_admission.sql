@@ -11,13 +11,15 @@
 CREATE FUNCTION pgslots._admit(
     names text[], slots integer, lease_seconds float8, holder jsonb, strict boolean,
     ticket bigint, queue_client uuid, for_rate_limit boolean, new_lease_id uuid, session uuid,
-    priority integer, fairness_key text,
+    priority integer, fairness_key text, reservation uuid,
     OUT granted boolean, OUT lease_id uuid, OUT fencing_token bigint, OUT expires_at timestamptz,
     OUT retry_after float8, OUT missing text[], OUT blocked_by text[], OUT waiter bigint,
     OUT lease_limits uuid[])
 LANGUAGE plpgsql
 AS $$
--- A grant of a new lease returns the limits it counts on in lease_limits: acquire writes its rows.
+-- A grant returns the limits it counts on in lease_limits: acquire writes a lease row for each,
+-- reserve remembers them. A rate-limit grant on a window limit logs the grant (with `reservation`).
+-- A shadow limit never refuses: a request it would have refused adds to its shadow_refusals.
 DECLARE
     wanted text[] := names;
     cfg pgslots.settings;
@@ -28,6 +30,8 @@ DECLARE
     found_names text[] := '{}';
     no_decay text[] := '{}';
     blocked uuid[];
+    windowed uuid[] := '{}';
+    shadowed uuid[];
     asked_again boolean;
     created integer := 0;
     vanished text[];
@@ -60,7 +64,8 @@ BEGIN
         created := pgslots._create_instances(wanted, pgslots._clock(cfg.clock_offset));
     END IF;
     -- Lock the named limits in id order, the one order every locker uses, and look at each once.
-    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second, l.is_template
+    FOR lim IN SELECT l.id, l.name, l.active, l."limit", l.slot_decay_per_second, l.is_template,
+                      l.window_seconds
                FROM pgslots.limits l WHERE l.name = ANY (wanted) AND NOT l.retiring
                ORDER BY l.id FOR UPDATE LOOP
         IF lim.is_template THEN
@@ -74,7 +79,15 @@ BEGIN
                 USING ERRCODE = 'PS006',
                       HINT = 'Ask for fewer slots or raise the limit; this request can never succeed.';
         END IF;
-        IF for_rate_limit AND lim.slot_decay_per_second <= 0 THEN
+        IF lim.window_seconds > 0 THEN
+            IF NOT for_rate_limit THEN
+                RAISE EXCEPTION '% is a window limit (at most % slots in any % s): its slots are never released, so concurrency() cannot hold them. Use rate_limit() or reserve() on it.',
+                    quote_literal(lim.name), lim."limit", lim.window_seconds
+                    USING ERRCODE = 'PS018',
+                          HINT = 'Use rate_limit() (or reserve()) on a window limit; concurrency() needs a limit without a window.';
+            END IF;
+            windowed := windowed || lim.id;
+        ELSIF for_rate_limit AND lim.slot_decay_per_second <= 0 THEN
             no_decay := no_decay || lim.name;
         END IF;
         ids := ids || lim.id;
@@ -119,30 +132,40 @@ BEGIN
         RAISE EXCEPTION 'Only concurrency limits with slot decay can be used for rate limiting. The following limits do not have a decay configured: %',
             (SELECT string_agg(quote_literal(n), ', ') FROM unnest(no_decay) AS n)
             USING ERRCODE = 'PS009',
-                  HINT = 'Give the limits a slot_decay_per_second above 0 (update_limit).';
+                  HINT = 'Give the limits a slot_decay_per_second or a window_seconds above 0 (update_limit).';
     END IF;
     IF cardinality(ids) = 0 THEN
         granted := true;   -- nothing active to enforce
         RETURN;
     END IF;
 
+    -- Grants that have left their window no longer count.
+    PERFORM pgslots._window_purge(l.id, l.window_seconds, at)
+    FROM pgslots.limits l WHERE l.id = ANY (windowed);
+
     -- Decide; on a refusal, reclaim expired leases of the limits that refused and decide again.
     FOR attempt IN 1..2 LOOP
         blocked := '{}';
+        shadowed := '{}';
         retry_after := 0;
         FOR lim IN SELECT l.id, l."limit", l.leased_slots, l.slot_decay_per_second,
-                          l.avg_slot_occupancy_seconds,
+                          l.avg_slot_occupancy_seconds, l.window_seconds, l.shadow,
                           pgslots._shortfall(l."limit", l.leased_slots,
                               pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
                               pgslots._ahead(l.id, at, cfg.priority_aging_seconds, ticket, priority,
                                              fairness_key),
                               slots) AS short
                    FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
-            IF NOT pgslots._fits(lim.short) THEN
+            IF pgslots._fits(lim.short) THEN
+                CONTINUE;
+            ELSIF lim.shadow THEN
+                shadowed := shadowed || lim.id;
+            ELSE
                 blocked := blocked || lim.id;
-                retry_after := greatest(retry_after, pgslots._retry_after(
-                    lim.short, lim."limit", lim.leased_slots, slots, lim.slot_decay_per_second,
-                    lim.avg_slot_occupancy_seconds));
+                retry_after := greatest(retry_after, CASE WHEN lim.window_seconds > 0
+                    THEN pgslots._window_wait(lim.id, lim.short, lim.window_seconds, at)
+                    ELSE pgslots._retry_after(lim.short, lim."limit", lim.leased_slots, slots,
+                                              lim.slot_decay_per_second, lim.avg_slot_occupancy_seconds) END);
             END IF;
         END LOOP;
         EXIT WHEN cardinality(blocked) = 0 OR attempt = 2;
@@ -160,6 +183,9 @@ BEGIN
                                  + slots,
                 decayed_at = at
             WHERE l.id = ANY (ids);
+            INSERT INTO pgslots.window_grants (limit_id, granted_at, slots, reservation_id)
+            SELECT w, at, slots, reservation FROM unnest(windowed) AS w;
+            lease_limits := ids;
         ELSE
             lease_id := coalesce(new_lease_id, gen_random_uuid());
             fencing_token := nextval('pgslots.fencing_tokens');
@@ -169,6 +195,9 @@ BEGIN
         END IF;
         IF ticket IS NOT NULL THEN
             DELETE FROM pgslots.waiters w WHERE w.id = ticket;
+        END IF;
+        IF cardinality(shadowed) > 0 THEN
+            UPDATE pgslots.limits l SET shadow_refusals = l.shadow_refusals + 1 WHERE l.id = ANY (shadowed);
         END IF;
         PERFORM pgslots._served(ids, fairness_key, at);
         IF created > 0 THEN
@@ -243,6 +272,7 @@ BEGIN
             at := pgslots._clock(cfg.clock_offset);
             UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
             WHERE l.name = names[1] AND l.active AND NOT l.is_template AND NOT l.retiring
+              AND NOT l.shadow AND l.window_seconds = 0   -- those are decided by _admit
               -- A full limit refuses before anyone counts the queue (cheaper quals run first).
               AND pgslots._fits(pgslots._shortfall(l."limit", l.leased_slots,
                       pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at), 0, slots))
@@ -270,9 +300,9 @@ BEGIN
                 missing := '{}';
                 lease_limits := ARRAY[target];
             ELSIF queue_client IS NOT NULL THEN
-                SELECT l.id, l.active, l."limit" INTO lim FROM pgslots.limits l
+                SELECT l.id, l.active, l."limit", l.shadow, l.window_seconds INTO lim FROM pgslots.limits l
                 WHERE l.name = names[1] AND NOT l.is_template AND NOT l.retiring;
-                IF FOUND AND lim.active AND slots <= lim."limit"
+                IF FOUND AND lim.active AND slots <= lim."limit" AND NOT lim.shadow AND lim.window_seconds = 0
                    AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
                                    WHERE x.limit_id = lim.id
                                      AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at,
@@ -319,7 +349,7 @@ BEGIN
                a.waiter, a.lease_limits
         INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, lease_limits
         FROM pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                            new_lease_id, session, coalesce(priority, 0), fairness_key) AS a;
+                            new_lease_id, session, coalesce(priority, 0), fairness_key, NULL) AS a;
     END IF;
     -- The one place a caller's lease is written: one row per limit it counts on, in the grant's transaction.
     IF lease_limits IS NOT NULL THEN
@@ -392,13 +422,145 @@ BEGIN
     SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
     INTO granted, retry_after, missing, blocked_by, waiter
     FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
-                        coalesce(priority, 0), fairness_key) AS a;
+                        coalesce(priority, 0), fairness_key, NULL) AS a;
     IF prior_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', prior_lock_timeout, true);
     END IF;
 END
 $$;
 COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
-'Non-blocking rate limit: occupies `slots` on every active limit in `names` that then decay at '
-'each limit''s slot_decay_per_second. Refused: retry_after is the exact wait until they fit. '
+'Non-blocking rate limit: occupies `slots` on every active limit in `names`, which then decay at '
+'each limit''s slot_decay_per_second, or leave a window limit''s window window_seconds after the '
+'grant. Refused: retry_after is the exact wait until they fit. Inside the caller''s transaction, a '
+'rollback gives the slots back. '
 'Template keys, ticket, queue_client, wait_seconds, priority and fairness_key as for acquire.';
+
+CREATE FUNCTION pgslots.reserve(
+    names text[],
+    slots integer DEFAULT 1,
+    strict boolean DEFAULT false,
+    ticket bigint DEFAULT NULL,
+    queue_client uuid DEFAULT NULL,
+    wait_seconds float8 DEFAULT NULL,
+    priority integer DEFAULT 0,
+    fairness_key text DEFAULT NULL,
+    OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
+    OUT waiter bigint, OUT reservation_id uuid)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    prior_lock_timeout text;
+    counted uuid[];
+    cfg pgslots.settings;
+    at timestamptz;
+BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
+    END IF;
+    reservation_id := gen_random_uuid();
+    SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter, a.lease_limits
+    INTO granted, retry_after, missing, blocked_by, waiter, counted
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
+                        coalesce(priority, 0), fairness_key, reservation_id) AS a;
+    IF granted THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+        at := pgslots._clock(cfg.clock_offset);
+        INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner)
+        VALUES (reservation_id, coalesce(counted, '{}'), slots, at,
+                at + make_interval(secs => cfg.reservation_seconds), session_user);
+        -- Reservations past settling go a few at a time, so the table holds about one period's worth.
+        DELETE FROM pgslots.reservations r
+        WHERE r.id IN (SELECT x.id FROM pgslots.reservations x WHERE x.expires_at <= at
+                       ORDER BY x.expires_at LIMIT 4 FOR UPDATE SKIP LOCKED);
+    ELSE
+        reservation_id := NULL;
+    END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgslots.reserve(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
+'rate_limit with a cost known only later: occupies `slots` (the estimate) like rate_limit and, when '
+'granted, returns a reservation_id to pass to settle with the actual cost, within '
+'settings.reservation_seconds (default 3600). A reservation never settled costs its estimate.';
+
+CREATE FUNCTION pgslots.settle(reservation_id uuid, actual float8, wait_seconds float8 DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    prior_lock_timeout text;
+    r record;
+    diff float8;
+    at timestamptz;
+    lim record;
+BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
+    IF actual IS NULL OR NOT (actual >= 0 AND actual <= 1e9) THEN
+        RAISE EXCEPTION 'actual must be a number of slots from 0 to 1000000000, got %.', coalesce(actual::text, 'NULL')
+            USING ERRCODE = 'PS011', HINT = 'Pass what the reserved work really cost, e.g. the tokens it used.';
+    END IF;
+    -- Another role's reservation is as unknown as one never made: its id proves nothing.
+    SELECT * INTO r FROM pgslots.reservations x
+    WHERE x.id = settle.reservation_id AND x.owner = session_user FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Reservation % is unknown: it was never made by this role, or it can no longer be settled and was removed.',
+            coalesce(reservation_id::text, 'NULL')
+            USING ERRCODE = 'PS017',
+                  HINT = 'Settle the reservation_id that reserve returned, within reservation_seconds of the reserve.';
+    END IF;
+    at := pgslots._now();
+    IF r.expires_at <= at THEN
+        RAISE EXCEPTION 'Reservation % expired at %: it can be settled for % seconds after it was made, and its estimate (% slots) stays its cost.',
+            reservation_id, r.expires_at, date_part('epoch', r.expires_at - r.reserved_at), r.slots
+            USING ERRCODE = 'PS017',
+                  HINT = 'Settle sooner, or raise settings.reservation_seconds.';
+    END IF;
+    diff := actual - r.slots;   -- 0: settled with this value already, nothing changes
+    FOR lim IN SELECT l.id, l.slot_decay_per_second, l.window_seconds FROM pgslots.limits l
+               WHERE diff <> 0 AND l.id = ANY (r.limit_ids) ORDER BY l.id FOR UPDATE LOOP
+        IF lim.window_seconds > 0 THEN
+            -- The cost counts when the grant was made: while that grant is in the window.
+            UPDATE pgslots.window_grants g SET slots = actual
+            WHERE g.limit_id = lim.id AND g.reservation_id = settle.reservation_id
+                AND g.granted_at > at - make_interval(secs => lim.window_seconds);
+            IF FOUND THEN
+                UPDATE pgslots.limits l
+                SET unleased_slots = greatest(0, l.unleased_slots + diff)
+                WHERE l.id = lim.id;
+            END IF;
+        ELSIF lim.slot_decay_per_second > 0 THEN
+            -- A refund cannot take the bucket below empty; a debt must decay before the next grant.
+            UPDATE pgslots.limits l
+            SET unleased_slots = greatest(0,
+                    pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) + diff),
+                decayed_at = at
+            WHERE l.id = lim.id;
+        END IF;
+        IF diff < 0 THEN
+            PERFORM pgslots._wake(lim.id, at);
+        END IF;
+    END LOOP;
+    IF diff <> 0 THEN
+        UPDATE pgslots.reservations x SET slots = actual WHERE x.id = r.id;
+    END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
+    RETURN diff <> 0;
+END
+$$;
+COMMENT ON FUNCTION pgslots.settle(uuid, float8, float8) IS
+'Makes `actual` (0 to 1e9) the final cost of a reservation: each of its limits changes by actual '
+'minus the cost settled last (the estimate at first): a refund when lower (a bucket never goes '
+'below empty), a debt that must decay, or leave the window with the grant, when higher. Settling '
+'again with the same value changes nothing and returns false; true when the cost changed. Only '
+'the role that reserved can settle, within settings.reservation_seconds: otherwise SQLSTATE PS017.';

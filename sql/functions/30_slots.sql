@@ -161,6 +161,15 @@ BEGIN
     DELETE FROM pgslots.leases x WHERE x.expires_at <= at
         AND NOT EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.id = x.limit_id);
     DELETE FROM pgslots.waiters w WHERE w.expires_at <= at;
+    -- Grants that left their window (of limits nobody is deciding on right now), and reservations
+    -- that can no longer be settled.
+    PERFORM pgslots._window_purge(l.id, l.window_seconds, at)
+    FROM (SELECT m.id, m.window_seconds FROM pgslots.limits m
+          WHERE m.window_seconds > 0
+            AND EXISTS (SELECT 1 FROM pgslots.window_grants g
+                        WHERE g.limit_id = m.id AND g.granted_at <= at - make_interval(secs => m.window_seconds))
+          ORDER BY m.id FOR UPDATE SKIP LOCKED) l;
+    DELETE FROM pgslots.reservations r WHERE r.expires_at <= at;
     -- Instances nobody uses (and retiring ones), and round-robin history of queues now empty.
     PERFORM pgslots._drop_idle(NULL, at, NULL);
     DELETE FROM pgslots.served_keys k
@@ -173,8 +182,8 @@ END
 $$;
 COMMENT ON FUNCTION pgslots.sweep() IS
 'Reclaims the slots of every expired lease and of every lease whose session died, drops dead '
-'waiters and sessions, and deletes the instances of templates nobody uses (no lease, no waiter, no '
-'rate slot left); returns how many leases it reclaimed. Not required for correctness (a full '
+'waiters and sessions, grants that left their window and reservations past settling, and deletes '
+'the instances of templates nobody uses (no lease, no waiter, no rate slot left); returns how many leases it reclaimed. Not required for correctness (a full '
 'limit reclaims its own); for cron.';
 
 CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,

@@ -25,6 +25,7 @@ BEGIN
         RETURN woken;
     END IF;
     SELECT l."limit", l.active AND NOT l.retiring AS active,   -- retiring: its name is missing now
+           l.shadow,
            l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x, pgslots.settings s
                              WHERE x.limit_id = target
                                AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
@@ -36,7 +37,7 @@ BEGIN
                                  NULL, NULL, NULL) q
              ORDER BY q.place LOOP
         -- Deleted or disabled: every waiter must look again.
-        EXIT WHEN lim.active AND NOT pgslots._fits(
+        EXIT WHEN lim.active AND NOT lim.shadow AND NOT pgslots._fits(
             pgslots._shortfall(lim."limit", lim.live_leased::integer, lim.unleased, taken, w.slots));
         taken := taken + w.slots;
         woken := woken || w.id;
@@ -94,11 +95,12 @@ BEGIN
                WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
-    SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots,
+    SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow,
            pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
-    IF NOT FOUND OR NOT lim.active THEN
-        PERFORM pgslots._wake(target, at);   -- deleted or disabled: every waiter must look again
+    IF NOT FOUND OR NOT lim.active OR lim.shadow THEN
+        -- Deleted, disabled or in shadow mode: every waiter must look again.
+        PERFORM pgslots._wake(target, at);
         RETURN 0;
     END IF;
     -- In queue order: ticket order for a plain queue, else the order of _queue.

@@ -2,7 +2,7 @@
 
 CREATE FUNCTION pgslots.create_limit(
     name text, "limit" integer, slot_decay_per_second float8 DEFAULT 0, active boolean DEFAULT true,
-    active_slots integer DEFAULT 0)
+    active_slots integer DEFAULT 0, window_seconds float8 DEFAULT 0, shadow boolean DEFAULT false)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -16,7 +16,7 @@ BEGIN
     IF "limit" IS NULL THEN
         RAISE EXCEPTION 'limit is required: the number of slots the limit has.' USING ERRCODE = 'PS002';
     END IF;
-    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second);
+    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds);
     IF active_slots IS NULL OR active_slots < 0 THEN
         RAISE EXCEPTION 'active_slots must be 0 or more, got %.', coalesce(active_slots::text, 'NULL')
             USING ERRCODE = 'PS002';
@@ -30,29 +30,27 @@ BEGIN
     ELSE
         -- The key of a template in use (or of a deleted one) becomes an override: a limit of its
         -- own with these values, keeping its holders and its queue.
-        UPDATE pgslots.limits l
-        SET template_id = NULL, retiring = false, "limit" = create_limit."limit",
-            slot_decay_per_second = coalesce(create_limit.slot_decay_per_second, 0),
-            active = coalesce(create_limit.active, true),
-            unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at)
-                             + active_slots,
-            decayed_at = at, updated = at
+        UPDATE pgslots.limits l SET template_id = NULL, retiring = false
         WHERE l.name = create_limit.name AND l.template_id IS NOT NULL   -- retiring ones too
         RETURNING l.id INTO new_id;
         IF new_id IS NOT NULL THEN
+            PERFORM pgslots._set_values(ARRAY[new_id], at, "limit", coalesce(slot_decay_per_second, 0),
+                                        coalesce(window_seconds, 0), coalesce(active, true), coalesce(shadow, false));
+            PERFORM pgslots._add_slots(new_id, active_slots, at);
             PERFORM pgslots._wake(new_id, at);
             RETURN new_id;
         END IF;
     END IF;
-    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, active, unleased_slots,
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
                                      decayed_at, created, updated, is_template)
-    VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(active, true),
-            active_slots, at, at, at, template)
+    VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(window_seconds, 0),
+            coalesce(shadow, false), coalesce(active, true), at, at, at, template)
     ON CONFLICT ON CONSTRAINT limits_name_key DO NOTHING
     RETURNING l.id INTO new_id;
     IF new_id IS NULL THEN
         PERFORM pgslots._limit_exists(name);
     END IF;
+    PERFORM pgslots._add_slots(new_id, active_slots, at);
     IF template THEN
         -- Keys in use that this template now matches best (they belonged to a template with a
         -- shorter prefix, or to a deleted one) follow it from now on.
@@ -65,12 +63,29 @@ BEGIN
     RETURN new_id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer) IS
+COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer, float8, boolean) IS
 'Creates a limit of "limit" slots; returns its id. Names are unique, non-empty, at most 255 '
-'characters, without / % & > <. A decay > 0 makes it usable for rate limits. A name ending in * '
+'characters, without / % & > <. A decay > 0 makes it usable for rate limits (a token bucket); '
+'window_seconds > 0 instead makes it a window limit: at most "limit" slots granted in any span of '
+'that many seconds (rate_limit and reserve only). shadow => true grants every request but counts '
+'those it would have refused (shadow_refusals in status). A name ending in * '
 '(tenant:*) creates a template: every name that starts with its prefix (tenant:acme) gets a limit '
 'of its own with these values on first use; the longest matching prefix wins. A plain limit named '
 'like a key (tenant:acme) is an override: it wins over every template.';
+
+-- Adds `slots` occupied slots to a limit (whose row the caller has locked or created): rate slots
+-- that decay, or for a window limit one grant made now.
+CREATE FUNCTION pgslots._add_slots(target uuid, slots float8, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF slots > 0 THEN
+        UPDATE pgslots.limits l SET unleased_slots = l.unleased_slots + slots WHERE l.id = target;
+        INSERT INTO pgslots.window_grants (limit_id, granted_at, slots)
+        SELECT l.id, at, slots FROM pgslots.limits l WHERE l.id = target AND l.window_seconds > 0;
+    END IF;
+END
+$$;
 
 -- Makes the given instances (ids) follow one template: they take its values now (decay brought up
 -- to now at their old rate) and their waiters that now fit are woken. Locks them in id order.
@@ -83,14 +98,11 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN;
     END IF;
-    SELECT l."limit", l.slot_decay_per_second, l.active INTO t FROM pgslots.limits l WHERE l.id = template;
+    SELECT l."limit", l.slot_decay_per_second, l.window_seconds, l.active, l.shadow INTO t
+    FROM pgslots.limits l WHERE l.id = template;
     PERFORM 1 FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id FOR UPDATE;
-    UPDATE pgslots.limits l
-    SET template_id = _follow_template.template, retiring = false,
-        "limit" = t."limit", slot_decay_per_second = t.slot_decay_per_second, active = t.active,
-        unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at),
-        decayed_at = at, updated = at
-    WHERE l.id = ANY (ids);
+    UPDATE pgslots.limits l SET template_id = _follow_template.template, retiring = false WHERE l.id = ANY (ids);
+    PERFORM pgslots._set_values(ids, at, t."limit", t.slot_decay_per_second, t.window_seconds, t.active, t.shadow);
     PERFORM pgslots._wake(w.limit_id, at)
     FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x WHERE x.limit_id = ANY (ids)) w;
 END
@@ -98,7 +110,8 @@ $$;
 
 CREATE FUNCTION pgslots.update_limit(
     name text, "limit" integer DEFAULT NULL, slot_decay_per_second float8 DEFAULT NULL,
-    active boolean DEFAULT NULL, active_slots integer DEFAULT NULL, new_name text DEFAULT NULL)
+    active boolean DEFAULT NULL, active_slots integer DEFAULT NULL, new_name text DEFAULT NULL,
+    window_seconds float8 DEFAULT NULL, shadow boolean DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -107,7 +120,7 @@ DECLARE
     at timestamptz;
     lim record;
 BEGIN
-    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second);
+    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds);
     IF new_name IS NOT NULL THEN
         PERFORM pgslots._check_name(new_name);
     END IF;
@@ -125,8 +138,11 @@ BEGIN
             quote_literal(name), quote_literal(new_name)
             USING ERRCODE = 'PS016', HINT = 'Create the new limit or template, then delete the old one.';
     END IF;
+    PERFORM pgslots._check_one_kind(coalesce(slot_decay_per_second, lim.slot_decay_per_second),
+                                    coalesce(window_seconds, lim.window_seconds));
     IF lim.template_id IS NOT NULL AND ("limit" IS NOT NULL OR slot_decay_per_second IS NOT NULL
-                                        OR active IS NOT NULL) THEN
+                                        OR active IS NOT NULL OR window_seconds IS NOT NULL
+                                        OR shadow IS NOT NULL) THEN
         RAISE EXCEPTION '% is a key of template %: it follows the template.', quote_literal(name),
             quote_literal((SELECT t.name FROM pgslots.limits t WHERE t.id = lim.template_id))
             USING ERRCODE = 'PS016',
@@ -146,18 +162,16 @@ BEGIN
         PERFORM pgslots._limit_exists(new_name);
     END IF;
     at := pgslots._now();
-    -- Bring decay up to now at the old rate before changing the rate or the count: exact, no loss.
-    UPDATE pgslots.limits l SET
-        "limit" = coalesce(update_limit."limit", l."limit"),
-        slot_decay_per_second = coalesce(update_limit.slot_decay_per_second, l.slot_decay_per_second),
-        active = coalesce(update_limit.active, l.active),
-        unleased_slots = CASE WHEN update_limit.active_slots IS NOT NULL
-            THEN update_limit.active_slots - l.leased_slots
-            ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) END,
-        decayed_at = at,
-        name = coalesce(new_name, l.name),
-        updated = at
-    WHERE l.id = lim.id;
+    -- What the limit holds carries over exactly (see _set_values).
+    PERFORM pgslots._set_values(ARRAY[lim.id], at, "limit", slot_decay_per_second, window_seconds, active, shadow);
+    IF active_slots IS NOT NULL THEN
+        DELETE FROM pgslots.window_grants g WHERE g.limit_id = lim.id;
+        UPDATE pgslots.limits l SET unleased_slots = 0 WHERE l.id = lim.id;
+        PERFORM pgslots._add_slots(lim.id, active_slots - lim.leased_slots, at);
+    END IF;
+    IF new_name IS NOT NULL THEN
+        UPDATE pgslots.limits l SET name = new_name WHERE l.id = lim.id;
+    END IF;
     IF lim.is_template THEN
         -- Every key of the template follows at once.
         PERFORM pgslots._follow_template(lim.id, at,
@@ -168,8 +182,10 @@ BEGIN
     RETURN lim.id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text) IS
-'Changes a limit; NULL arguments leave a field as it is. Lowering the limit below the slots held '
+COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text, float8, boolean) IS
+'Changes a limit; NULL arguments leave a field as it is. A limit has decay or a window, not both: '
+'to switch, set the other to 0 in the same call (what it holds carries over). Lowering the limit '
+'below the slots held '
 'pre-empts nobody. active_slots sets the occupied count (it cannot go below the leased slots). '
 'Raising the limit or activating it wakes the waiters that now fit. Changing a template changes '
 'every key of it at once; a key itself follows its template (only its active_slots can be set).';

@@ -23,14 +23,21 @@ SELECT l.id,
        (SELECT t.name FROM pgslots.limits t WHERE t.id = l.template_id) AS template,
        l.is_template,
        CASE WHEN l.is_template THEN (SELECT count(*) FROM pgslots.limits i WHERE i.template_id = l.id)::integer
-       END AS instances
+       END AS instances,
+       l.window_seconds,
+       l.shadow,
+       l.shadow_refusals
 FROM pgslots.limits l,
      LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
-     LATERAL (SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
-                  AS unleased) d;
+     LATERAL (SELECT CASE WHEN l.window_seconds > 0
+                          THEN (SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
+                                WHERE g.limit_id = l.id AND g.granted_at > c.at - make_interval(secs => l.window_seconds))
+                          ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
+                     END AS unleased) d;
 COMMENT ON VIEW pgslots.status IS
-'One row per limit: occupied slots after decay (active_slots), leases, queued waiters and the age '
-'of the oldest, refusal pressure (denied_slots). Keys of templates (instances) name their template; '
+'One row per limit: occupied slots after decay, or granted in the window of a window limit '
+'(active_slots), leases, queued waiters and the age of the oldest, refusal pressure (denied_slots), '
+'and for a shadow limit the requests it would have refused (shadow_refusals). Keys of templates (instances) name their template; '
 'templates count their instances. A key of a deleted template still held by someone is listed with '
 'no template until it is idle.';
 

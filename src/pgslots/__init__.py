@@ -21,9 +21,11 @@ from .errors import (
     MissingLimitsError,
     PgSlotsError,
     RateLimitWithoutDecayError,
+    ReservationError,
     SchemaNotInstalledError,
     SlotsExceedLimitError,
     TemplateError,
+    WindowLimitError,
 )
 from .migrate import LATEST_VERSION, MigrationPlan, migrate, migration_plan
 
@@ -51,9 +53,11 @@ __all__ = [
     "MissingLimitsError",
     "PgSlotsError",
     "RateLimitWithoutDecayError",
+    "ReservationError",
     "SchemaNotInstalledError",
     "SlotsExceedLimitError",
     "TemplateError",
+    "WindowLimitError",
     "migrate",
     "MigrationPlan",
     "migration_plan",

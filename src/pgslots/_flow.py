@@ -149,6 +149,10 @@ class Lease:
     # Bound to this process's session: the database may take it back once it has not heard from the
     # process for this long, so the process gives it up before then. None: it lives until it expires.
     liveness_seconds: float | None = field(default=None, repr=False, compare=False)
+    #: Granted by reserve(): the id to settle the actual cost with.
+    reservation_id: uuid.UUID | None = None
+    #: The database could not be reached for fail_open_after_seconds: the body runs without a slot.
+    failed_open: bool = False
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -166,6 +170,8 @@ class Request:
     rate_limit: bool
     priority: int = 0
     fairness_key: str | None = None
+    reserve: bool = False  # a rate limit whose cost is settled later
+    fail_open: bool | None = None  # None: as the client is configured
 
 
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
@@ -226,10 +232,15 @@ def make_request(
     rate_limit: bool,
     priority: int = 0,
     fairness_key: str | None = None,
+    *,
+    reserve: bool = False,
+    fail_open: bool | None = None,
 ) -> Request | None:
     """A validated request, or None when there is nothing to acquire (no names)."""
     wanted = normalize_names(names)
     check_queue_args(priority, fairness_key)
+    if fail_open is not None and not isinstance(fail_open, bool):
+        raise InvalidArgumentError(f"fail_open must be True, False or None (as configured), got {fail_open!r}.")
     check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
     check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
     check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
@@ -238,7 +249,20 @@ def make_request(
         raise InvalidArgumentError(f"holder must be a dict such as {{'type': 'worker', 'id': '7'}}, got {holder!r}.")
     if not wanted:
         return None
-    return Request(wanted, occupy, timeout_seconds, max_retries, float(lease_duration), strict, holder, rate_limit, priority, fairness_key)
+    return Request(
+        wanted,
+        occupy,
+        timeout_seconds,
+        max_retries,
+        float(lease_duration),
+        strict,
+        holder,
+        rate_limit or reserve,
+        priority,
+        fairness_key,
+        reserve,
+        fail_open,
+    )
 
 
 def list_literal(names: tuple[str, ...] | list[str]) -> str:
@@ -268,6 +292,9 @@ class Attempts:
     outage_retries: int = 0
     missing: tuple[str, ...] = ()
     liveness_seconds: float | None = None
+    # Fail open once the database has been unreachable this long (None: never).
+    fail_open_after: float | None = None
+    call_started: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -299,7 +326,7 @@ class Attempts:
             "fairness_key": r.fairness_key,
         }
         if r.rate_limit:
-            return q.RATE_LIMIT, params
+            return (q.RESERVE if r.reserve else q.RATE_LIMIT), params
         if self.pending_lease is None:
             # Named up front, and kept while queued: a release may grant it to us directly.
             self.pending_lease = uuid.uuid4()
@@ -331,6 +358,7 @@ class Attempts:
                 lease_seconds=r.lease_seconds,
                 missing=self.missing,
                 liveness_seconds=self.liveness_seconds,
+                reservation_id=row.get("reservation_id"),
             )
         if self.ticket is None:
             self.pending_lease = None  # not queued: nothing can grant it
@@ -387,14 +415,26 @@ class Attempts:
         self.ticket = self.pending_lease = None
         return steps
 
-    def failed(self, exc: PgSlotsError) -> BaseException | float | Later:
+    def failed_open(self) -> Lease:
+        """The database has been unreachable for fail_open_after seconds: the body runs without a slot."""
+        r = self.request
+        logger.warning(
+            "pgslots: the database has been unreachable for %.1f s: failing open, running without a slot on %s "
+            "(fail_open is on; nothing limits this body).",
+            time.monotonic() - (self.outage_since or self.started),
+            list_literal(r.names),
+        )
+        return Lease(None, None, None, r.names, r.slots, r.lease_seconds, failed_open=True)
+
+    def failed(self, exc: PgSlotsError) -> BaseException | float | Later | Lease:
         """After a failed attempt: the error to raise, the seconds to pause before trying again, or
         first a background release of the lease the attempt may have been granted.
 
         The database answering with an error means the attempt rolled back: raise it. A lost
         connection (a restart, a failover, a terminated backend) is retried with back-off for up to
         RECONNECT_SECONDS, within the caller's timeout; the attempt may have committed before the
-        connection went, so its lease is released in the background."""
+        connection went, so its lease is released in the background. With fail_open, an outage of
+        fail_open_after seconds ends in a Lease that holds nothing (see failed_open)."""
         if not isinstance(exc, DatabaseUnavailableError):
             if self.ticket is None:
                 self.pending_lease = None  # rolled back; while queued, a release may still hand it over
@@ -408,13 +448,28 @@ class Attempts:
             return Later(q.RELEASE, release_params(lease))
         now = time.monotonic()
         if self.outage_since is None:
-            self.outage_since = now
+            self.outage_since = now if self.call_started is None else self.call_started
+        if self.fail_open_after is not None and now - self.outage_since >= self.fail_open_after:
+            return self.failed_open()
         if now - self.outage_since > RECONNECT_SECONDS:
             return exc
         self.outage_retries += 1
         pause: float = min(1.0, 0.05 * 2**self.outage_retries) * random.uniform(0.5, 1.0)
+        if self.fail_open_after is not None:
+            pause = max(0.0, min(pause, self.outage_since + self.fail_open_after - now))
         remaining = self.remaining()
         return pause if remaining is None else min(pause, remaining)
+
+    def call_timeout(self) -> float | None:
+        """How long the next call may take (waiting for a pooled connection included): the caller's
+        timeout, and with fail_open no longer than the outage may still last."""
+        self.call_started = time.monotonic()
+        timeout = self.remaining()
+        if self.fail_open_after is not None:
+            since = self.call_started if self.outage_since is None else self.outage_since
+            left = max(0.1, since + self.fail_open_after - self.call_started)
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
 
     def reconnected(self) -> None:
         self.outage_since = None
@@ -424,24 +479,49 @@ class Attempts:
 # ---- the flows -------------------------------------------------------------------------------
 
 
-def concurrency(request: Request, raise_on_failure: bool) -> Flow[Lease]:
+def concurrency(request: Request, raise_on_failure: bool, fail_open_after: float | None = None) -> Flow[Lease]:
     """Acquire slots for a body, and keep their lease renewed until :func:`release`."""
-    lease = yield from acquire(request)
+    lease = yield from acquire(request, fail_open_after)
     if lease.lease_id is not None:
         yield Hold(lease, raise_on_failure)
     return lease
 
 
-def acquire(request: Request) -> Flow[Lease]:
+def connect(request: Request, fail_open_after: float | None) -> Flow[Link | Lease]:
+    """The first step of every flow on pooled connections. With fail_open, a database that cannot
+    be reached is tried again until fail_open_after seconds have passed, then the flow fails open
+    (the reply is then a Lease that holds nothing)."""
+    if fail_open_after is None:
+        link: Link = yield Connect()
+        return link
+    state = Attempts(request, None, listening=False, fail_open_after=fail_open_after)
+    while True:
+        state.call_started = time.monotonic()
+        try:
+            link = yield Connect()
+            return link
+        except DatabaseUnavailableError as exc:
+            retry = state.failed(exc)
+            if isinstance(retry, Lease):
+                return retry
+            if isinstance(retry, BaseException):
+                raise retry from exc.__cause__
+            assert not isinstance(retry, Later)  # nothing was in flight
+            yield Sleep(retry)
+
+
+def acquire(request: Request, fail_open_after: float | None = None) -> Flow[Lease]:
     """Acquire (or rate limit) on pooled connections, queued first-come-first-served: ask, then
     wait to be woken (or handed the lease), until granted, timed out or out of retries."""
-    link: Link = yield Connect()
-    state = Attempts(request, link.queue_client, listening=link.listening)
+    link = yield from connect(request, fail_open_after)
+    if isinstance(link, Lease):
+        return link
+    state = Attempts(request, link.queue_client, listening=link.listening, fail_open_after=fail_open_after)
     can_listen = link.can_listen
     try:
         while True:
             query, params = state.query()
-            timeout = state.remaining()  # past the deadline: raises here, with nothing in flight
+            timeout = state.call_timeout()  # past the deadline: raises here, with nothing in flight
             try:
                 rows = yield Call(query, params, timeout)
             except PgSlotsError as exc:
@@ -449,6 +529,8 @@ def acquire(request: Request) -> Flow[Lease]:
                 while isinstance(retry, Later):  # first release what the lost attempt may have won
                     yield retry
                     retry = state.failed(exc)
+                if isinstance(retry, Lease):
+                    return retry
                 if isinstance(retry, BaseException):
                     raise retry from exc.__cause__
                 yield Sleep(retry)
@@ -475,8 +557,10 @@ def acquire(request: Request) -> Flow[Lease]:
 
 
 def acquire_in_transaction(request: Request) -> Flow[Lease]:
-    """Acquire inside the caller's transaction. A refusal is rolled back to a savepoint (freeing the
-    row locks it took) and retried after the hint: queueing needs committed rows, so this path polls."""
+    """Acquire, rate limit or reserve inside the caller's transaction, so that a rollback undoes the
+    grant. A refusal is rolled back to a savepoint (freeing the row locks it took) and retried after
+    the hint: queueing needs committed rows, so this path polls. A grant keeps the limits' row locks
+    until the caller's transaction ends."""
     state = Attempts(request, None, listening=False)
     while True:
         query, params = state.query()
@@ -492,7 +576,8 @@ def acquire_in_transaction(request: Request) -> Flow[Lease]:
             yield Call(q.RELEASE_SAVEPOINT, in_transaction=True)
             return outcome
         yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)  # frees the row locks the refused attempt took
-        yield Sleep(min(outcome, POLL_SECONDS))
+        # A rate limit's hint is exact: sleep it out. An acquire polls (nothing notifies it here).
+        yield Sleep(outcome if request.rate_limit else min(outcome, POLL_SECONDS))
 
 
 def clean_up(steps: list[tuple[Any, dict[str, Any]]], now: bool) -> Flow[None]:
@@ -527,6 +612,34 @@ def release(lease: Lease, in_transaction: bool) -> Flow[None]:
         if not isinstance(error, PgSlotsError):
             raise
         logger.warning("Could not release lease %s now (%s); retrying in the background.", lease.lease_id, error)
+
+
+def settle(reservation_id: uuid.UUID | None, actual: float, in_transaction: bool) -> Flow[bool]:
+    """Makes ``actual`` the final cost of a reservation; True when that changed its cost. A
+    reservation granted by failing open has nothing to settle."""
+    check_number("actual", actual, minimum=0, integer=False, allow_none=False)
+    if reservation_id is None:
+        return False
+    params = {"reservation_id": reservation_id, "actual": float(actual), "wait_seconds": None if in_transaction else RELEASE_WAIT_SECONDS}
+    rows = yield Call(q.SETTLE, params, None if in_transaction else RELEASE_WAIT_SECONDS, in_transaction=in_transaction)
+    return bool(rows[0]["changed"])
+
+
+class ReservationBase:
+    """What the sync and async ``Reservation`` share: a granted ``reserve()``."""
+
+    def __init__(self, lease: Lease | None, names: tuple[str, ...], slots: int) -> None:
+        #: The id to settle with (None when nothing was reserved: no names, or failed open).
+        self.reservation_id: uuid.UUID | None = None if lease is None else lease.reservation_id
+        self.names = names
+        #: The estimate reserved.
+        self.slots = slots
+        #: The cost settled last (None until settled: the estimate counts).
+        self.actual: float | None = None
+        self.failed_open = bool(lease and lease.failed_open)
+
+    def __repr__(self) -> str:
+        return f"Reservation({self.reservation_id}, names={list(self.names)!r}, slots={self.slots}, actual={self.actual!r})"
 
 
 def release_params(lease_id: uuid.UUID, wait_seconds: float = BACKGROUND_WAIT_SECONDS) -> dict[str, Any]:
@@ -564,11 +677,12 @@ class ConcurrencyArguments:
         connection: Any = None,
         priority: int = 0,
         fairness_key: str | None = None,
+        fail_open: bool | None = None,
     ) -> None:
         self._request = make_request(
-            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, False, priority, fairness_key
+            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, False, priority, fairness_key, fail_open=fail_open
         )
-        self._priority, self._fairness_key = priority, fairness_key
+        self._priority, self._fairness_key, self._fail_open = priority, fairness_key, fail_open
         self._connection = connection
         self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
         self._client = client

@@ -16,6 +16,11 @@ RATE_LIMIT: LiteralString = (
     "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s,"
     " %(priority)s, %(fairness_key)s)"
 )
+RESERVE: LiteralString = (
+    "SELECT * FROM pgslots.reserve(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s,"
+    " %(priority)s, %(fairness_key)s)"
+)
+SETTLE: LiteralString = "SELECT pgslots.settle(%(reservation_id)s, %(actual)s, %(wait_seconds)s) AS changed"
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s, true, %(wait_seconds)s)"
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
 RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false, %(wait_seconds)s)"
@@ -25,9 +30,13 @@ KEEP_ALIVE: LiteralString = "SELECT * FROM pgslots.keep_alive(%(session)s, %(lea
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s, %(tickets)s)"
 LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s, %(queue_client)s, %(wait_seconds)s)"
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
-CREATE_LIMIT: LiteralString = "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s)"
+CREATE_LIMIT: LiteralString = (
+    "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s,"
+    " %(window_seconds)s, %(shadow)s)"
+)
 UPDATE_LIMIT: LiteralString = (
-    "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s)"
+    "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s,"
+    " %(window_seconds)s, %(shadow)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
 GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s, %(with_instances)s)"

@@ -27,9 +27,11 @@ from .errors import (
     MissingLimitsError,
     PgSlotsError,
     RateLimitWithoutDecayError,
+    ReservationError,
     SchemaNotInstalledError,
     SlotsExceedLimitError,
     TemplateError,
+    WindowLimitError,
 )
 
 _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
@@ -49,6 +51,8 @@ _BY_SQLSTATE: dict[str, type[PgSlotsError]] = {
     "PS014": InvalidArgumentError,
     "PS015": InvalidArgumentError,
     "PS016": TemplateError,
+    "PS017": ReservationError,
+    "PS018": WindowLimitError,
 }
 
 

@@ -16,6 +16,11 @@ The file has one table per limit::
     ["tenant:acme"]       # an override: this key gets 20
     limit = 20
 
+    ["llm-tokens"]        # at most 90,000 in any minute, measured before it is enforced
+    limit = 90000
+    window_seconds = 60
+    shadow = true
+
 Keys of templates are never listed, created or pruned by a file: they come and go with use.
 """
 
@@ -31,7 +36,7 @@ from . import _queries as q
 from .client import Client, LimitInfo
 from .errors import InvalidArgumentError
 
-FIELDS = ("limit", "slot_decay_per_second", "active")
+FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,9 @@ class Desired:
     name: str
     limit: int
     slot_decay_per_second: float = 0.0
+    window_seconds: float = 0.0
     active: bool = True
+    shadow: bool = False
 
 
 @dataclass
@@ -74,14 +81,27 @@ def load(path: str | Path) -> list[Desired]:
         limit = table.get("limit")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise InvalidArgumentError(f"{where}: limit must be a whole number >= 0, got {limit!r}.")
-        decay = table.get("slot_decay_per_second", 0.0)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
-            raise InvalidArgumentError(f"{where}: slot_decay_per_second must be a finite number >= 0, got {decay!r}.")
-        active = table.get("active", True)
-        if not isinstance(active, bool):
-            raise InvalidArgumentError(f"{where}: active must be true or false, got {active!r}.")
-        desired.append(Desired(name, limit, float(decay), active))
+        decay = _seconds(table, "slot_decay_per_second", where)
+        window = _seconds(table, "window_seconds", where)
+        if decay > 0 and window > 0:
+            raise InvalidArgumentError(f"{where}: a limit has slot_decay_per_second or window_seconds, not both.")
+        active, shadow = _flag(table, "active", True, where), _flag(table, "shadow", False, where)
+        desired.append(Desired(name, limit, decay, window, active, shadow))
     return desired
+
+
+def _seconds(table: dict[str, Any], key: str, where: str) -> float:
+    value = table.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"{where}: {key} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _flag(table: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{where}: {key} must be true or false, got {value!r}.")
+    return value
 
 
 def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
@@ -123,6 +143,8 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
                     "slot_decay_per_second": want.slot_decay_per_second,
                     "active": want.active,
                     "active_slots": 0,
+                    "window_seconds": want.window_seconds,
+                    "shadow": want.shadow,
                 },
             )
         for want, changes in todo.change:
@@ -131,9 +153,7 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
                 q.UPDATE_LIMIT,
                 {
                     "name": want.name,
-                    "limit": changes["limit"][1] if "limit" in changes else None,
-                    "slot_decay_per_second": changes["slot_decay_per_second"][1] if "slot_decay_per_second" in changes else None,
-                    "active": changes["active"][1] if "active" in changes else None,
+                    **{f: changes[f][1] if f in changes else None for f in FIELDS},
                     "active_slots": None,
                     "new_name": None,
                 },

@@ -1,14 +1,17 @@
 """Async API: ``concurrency()`` and ``rate_limit()``, with the signatures of
-``prefect.concurrency.asyncio``.
+``prefect.concurrency.asyncio``, and ``reserve()`` for costs known only afterwards.
 
 ::
 
-    from pgslots.asyncio import concurrency, rate_limit
+    from pgslots.asyncio import concurrency, rate_limit, reserve
 
     async with concurrency("database", occupy=2, timeout_seconds=30):
         ...
 
     await rate_limit("external-api")
+
+    async with reserve("llm-tokens", occupy=2000) as r:
+        await r.settle(actual_tokens)
 
 Waiting tasks hold no database connection: they sleep on a future that the process's single
 listening connection resolves when a release frees slots for them. This module is the async
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -118,7 +121,9 @@ class concurrency(flows.ConcurrencyArguments):  # noqa: N801 - named like the fu
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            async with concurrency(*self._args, client=self._client, priority=self._priority, fairness_key=self._fairness_key):
+            async with concurrency(
+                *self._args, client=self._client, priority=self._priority, fairness_key=self._fairness_key, fail_open=self._fail_open
+            ):
                 return await func(*args, **kwargs)
 
         return wrapper
@@ -128,14 +133,23 @@ class concurrency(flows.ConcurrencyArguments):  # noqa: N801 - named like the fu
             raise InvalidArgumentError("connection= is for pgslots.sync.concurrency; the async API acquires on its own pool.")
         if self._request is None:
             return None
-        session = (self._client or default_client())._session
-        self._lease = await run(session, flows.concurrency(self._request, self._raise_on_failure))
+        client = self._client or default_client()
+        self._lease = await run(
+            client._session, flows.concurrency(self._request, self._raise_on_failure, client._fail_open_after(self._request.fail_open))
+        )
         return self._lease
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
             await run((self._client or default_client())._session, flows.release(lease, in_transaction=False))
+
+
+async def _rate_slots(request: flows.Request | None, client: Client | None) -> Lease | None:
+    if request is None:
+        return None
+    client = client or default_client()
+    return await run(client._session, flows.acquire(request, client._fail_open_after(request.fail_open)))
 
 
 async def rate_limit(
@@ -147,12 +161,76 @@ async def rate_limit(
     client: Client | None = None,
     priority: int = 0,
     fairness_key: str | None = None,
+    fail_open: bool | None = None,
 ) -> None:
-    """Occupies ``occupy`` decaying slots on every named limit; returns once they fit. Waiters are
-    served by ``priority`` (-100..100, higher first), then round-robin across ``fairness_key``."""
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key)
-    if request is not None:
-        await run((client or default_client())._session, flows.acquire(request))
+    """Occupies ``occupy`` slots on every named limit, which decay or leave the window; returns once
+    they fit. Waiters are served by ``priority`` (-100..100, higher first), then round-robin across
+    ``fairness_key``. Same arguments as ``pgslots.sync.rate_limit`` but ``connection=``."""
+    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key, fail_open=fail_open)
+    await _rate_slots(request, client)
 
 
-__all__ = ["concurrency", "rate_limit"]
+class Reservation(flows.ReservationBase):
+    """A granted :func:`reserve`: ``await r.settle(actual)``. Also an async context manager; leaving
+    the block without settling keeps the estimate as the cost."""
+
+    def __init__(self, lease: Lease | None, names: tuple[str, ...], slots: int, client: Client | None) -> None:
+        super().__init__(lease, names, slots)
+        self._client = client
+
+    async def settle(self, actual: float) -> bool:
+        """As ``pgslots.sync.Reservation.settle``."""
+        changed = await run((self._client or default_client())._session, flows.settle(self.reservation_id, actual, False))
+        self.actual = float(actual)
+        return changed
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+class reserve:  # noqa: N801 - used like a function: await reserve(...) or async with reserve(...)
+    """Like :func:`rate_limit`, for a cost known only afterwards: occupies the estimate ``occupy``
+    and gives a :class:`Reservation` to settle. ``r = await reserve(...)``, or::
+
+        async with reserve("openai-tokens", occupy=estimate) as r:
+            reply = await client.chat(...)
+            await r.settle(reply.usage.total_tokens)
+    """
+
+    def __init__(
+        self,
+        names: str | list[str] | None,
+        occupy: int = 1,
+        timeout_seconds: float | None = None,
+        strict: bool = False,
+        *,
+        client: Client | None = None,
+        priority: int = 0,
+        fairness_key: str | None = None,
+        fail_open: bool | None = None,
+    ) -> None:
+        self._request = flows.make_request(
+            names, occupy, timeout_seconds, None, 300, strict, None, False, priority, fairness_key, reserve=True, fail_open=fail_open
+        )
+        self._client = client
+        self._occupy = occupy
+
+    async def _reserve(self) -> Reservation:
+        lease = await _rate_slots(self._request, self._client)
+        names = () if self._request is None else self._request.names
+        return Reservation(lease, names, self._occupy, self._client)
+
+    def __await__(self) -> Generator[Any, None, Reservation]:
+        return self._reserve().__await__()
+
+    async def __aenter__(self) -> Reservation:
+        return await self._reserve()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+__all__ = ["Reservation", "concurrency", "rate_limit", "reserve"]

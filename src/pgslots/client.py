@@ -24,6 +24,8 @@ from ._session import DEFAULT_POOL_SIZE, Session
 from .errors import InvalidArgumentError, LimitNotFoundError, PgSlotsError
 from .migrate import MigrationPlan, migrate, migration_plan
 
+DEFAULT_FAIL_OPEN_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class LimitInfo:
@@ -50,6 +52,11 @@ class LimitInfo:
     is_template: bool = False
     #: For a template: how many keys it has now (instances not yet removed as idle).
     instances: int | None = None
+    #: Above 0: a window limit, at most ``limit`` slots granted in any span of this many seconds.
+    window_seconds: float = 0.0
+    #: Grants every request, counting those it would have refused in ``shadow_refusals``.
+    shadow: bool = False
+    shadow_refusals: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,11 @@ class Client:
     statements on the server unless the first connection shows a pooler in between (the server
     listens on another port than the one connected to); False never does (a pooler on the same
     port), True always does (PgBouncer 1.21+ with ``max_prepared_statements``).
+
+    ``fail_open=True``: when the database cannot be reached for ``fail_open_after_seconds`` (5 by
+    default; a refused connection is retried until then), ``concurrency()``, ``rate_limit()`` and
+    ``reserve()`` let the caller through without a slot and log a warning. A refusal from a database
+    that answered is never failed open. Each call can override it with ``fail_open=``.
     """
 
     def __init__(
@@ -92,8 +104,19 @@ class Client:
         listen: bool = True,
         max_connections: int = DEFAULT_POOL_SIZE,
         prepared_statements: bool | None = None,
+        fail_open: bool = False,
+        fail_open_after_seconds: float = DEFAULT_FAIL_OPEN_SECONDS,
     ) -> None:
+        if not isinstance(fail_open, bool):
+            raise InvalidArgumentError(f"fail_open must be True or False, got {fail_open!r}.")
+        check_number("fail_open_after_seconds", fail_open_after_seconds, minimum=0, integer=False, allow_none=False)
         self._session = Session(dsn, pool, listen_dsn, listen, max_connections, prepared_statements)
+        self.fail_open = fail_open
+        self.fail_open_after_seconds = float(fail_open_after_seconds)
+
+    def _fail_open_after(self, per_call: bool | None) -> float | None:
+        """Seconds of outage after which a call fails open, or None when it never does."""
+        return self.fail_open_after_seconds if (self.fail_open if per_call is None else per_call) else None
 
     @property
     def dsn(self) -> str:
@@ -134,8 +157,15 @@ class Client:
         slot_decay_per_second: float = 0.0,
         active: bool = True,
         active_slots: int = 0,
+        window_seconds: float = 0.0,
+        shadow: bool = False,
     ) -> LimitInfo:
-        _check_limit_args(limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots)
+        """Creates a limit. ``slot_decay_per_second`` > 0 makes it a token bucket for rate limits;
+        ``window_seconds`` > 0 instead grants at most ``limit`` slots in any span of that length.
+        ``shadow=True`` grants everything and counts what it would have refused."""
+        _check_limit_args(
+            limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots, window_seconds=window_seconds
+        )
         self._call(
             q.CREATE_LIMIT,
             {
@@ -144,6 +174,8 @@ class Client:
                 "slot_decay_per_second": float(slot_decay_per_second),
                 "active": active,
                 "active_slots": active_slots,
+                "window_seconds": float(window_seconds),
+                "shadow": _check_flag("shadow", shadow),
             },
         )
         return self.read_limit(name)
@@ -157,8 +189,14 @@ class Client:
         active: bool | None = None,
         active_slots: int | None = None,
         new_name: str | None = None,
+        window_seconds: float | None = None,
+        shadow: bool | None = None,
     ) -> LimitInfo:
-        _check_limit_args(limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots)
+        """Changes the given fields. A limit has decay or a window, not both: to switch, set the
+        other to 0 in the same call."""
+        _check_limit_args(
+            limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots, window_seconds=window_seconds
+        )
         self._call(
             q.UPDATE_LIMIT,
             {
@@ -168,6 +206,8 @@ class Client:
                 "active": active,
                 "active_slots": active_slots,
                 "new_name": new_name,
+                "window_seconds": None if window_seconds is None else float(window_seconds),
+                "shadow": None if shadow is None else _check_flag("shadow", shadow),
             },
         )
         return self.read_limit(new_name or name)
@@ -214,7 +254,13 @@ class Client:
 
 def _check_limit_args(**values: Any) -> None:
     for label, value in values.items():
-        check_number(label, value, minimum=0, integer=label != "slot_decay_per_second", allow_none=True)
+        check_number(label, value, minimum=0, integer=label in ("limit", "active_slots"), allow_none=True)
+
+
+def _check_flag(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{label} must be True or False, got {value!r}.")
+    return value
 
 
 _default: Client | None = None
@@ -229,8 +275,11 @@ def configure(
     listen: bool = True,
     max_connections: int = DEFAULT_POOL_SIZE,
     prepared_statements: bool | None = None,
+    fail_open: bool = False,
+    fail_open_after_seconds: float = DEFAULT_FAIL_OPEN_SECONDS,
 ) -> Client:
-    """Sets the database the module-level functions use; returns the new default client."""
+    """Sets the database the module-level functions use; returns the new default client (see
+    :class:`Client` for the arguments)."""
     global _default
     with _default_lock:
         old, _default = (
@@ -242,6 +291,8 @@ def configure(
                 listen=listen,
                 max_connections=max_connections,
                 prepared_statements=prepared_statements,
+                fail_open=fail_open,
+                fail_open_after_seconds=fail_open_after_seconds,
             ),
         )
     if old is not None:

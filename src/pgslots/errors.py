@@ -14,11 +14,13 @@
     ├── LimitExistsError                     create of a name that is taken
     ├── LimitNotFoundError                   update/delete/inspect of an unknown name
     ├── LeaseLostError                       renew of a lease that expired or was released
+    ├── ReservationError                     settle of an unknown or expired reservation
     │   └── LeaseRenewalFailedError          raised in a sync body whose lease could not be renewed
     ├── ConcurrencySlotAcquisitionError      an acquire that cannot succeed
     │   ├── SlotsExceedLimitError            more slots than the limit has
     │   ├── MissingLimitsError               strict acquire of limits that do not exist
-    │   └── RateLimitWithoutDecayError       rate limit on limits without decay
+    │   ├── RateLimitWithoutDecayError       rate limit on limits without decay or window
+    │   └── WindowLimitError                 concurrency() on a window limit
     └── AcquireConcurrencySlotTimeoutError (TimeoutError)
 
 SQL raises with pgslots' own SQLSTATE codes (class ``PS``). ``_translate`` is the one place where a
@@ -90,6 +92,11 @@ class LeaseLostError(PgSlotsError):
     """A lease expired or was released before it could be renewed."""
 
 
+class ReservationError(PgSlotsError):
+    """A reservation cannot be settled: unknown (never made by this role, or removed) or past
+    ``reservation_seconds``. Its estimate stays its cost."""
+
+
 class LeaseRenewalFailedError(LeaseLostError):
     """Raised inside the body holding slots whose lease could not be renewed."""
 
@@ -115,7 +122,11 @@ class MissingLimitsError(ConcurrencySlotAcquisitionError):
 
 
 class RateLimitWithoutDecayError(ConcurrencySlotAcquisitionError):
-    """A rate limit named limits that have no slot decay."""
+    """A rate limit named limits that have neither slot decay nor a window."""
+
+
+class WindowLimitError(ConcurrencySlotAcquisitionError):
+    """``concurrency()`` named a window limit, whose slots are never released: use ``rate_limit()``."""
 
 
 class AcquireConcurrencySlotTimeoutError(PgSlotsError, TimeoutError):

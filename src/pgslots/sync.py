@@ -1,14 +1,17 @@
 """Blocking API: ``concurrency()`` and ``rate_limit()``, with the signatures of
-``prefect.concurrency.sync``.
+``prefect.concurrency.sync``, and ``reserve()`` for costs known only afterwards.
 
 ::
 
-    from pgslots.sync import concurrency, rate_limit
+    from pgslots.sync import concurrency, rate_limit, reserve
 
     with concurrency("database", occupy=2, timeout_seconds=30):
         ...                                   # at most `limit` slots are in use, on every machine
 
     rate_limit("external-api")                # returns once a slot is free; slots decay
+
+    with reserve("llm-tokens", occupy=2000) as r:   # an estimate now...
+        r.settle(call_the_model().usage.total_tokens)  # ...the actual cost afterwards
 
 This module is the blocking driver of the flows in ``_flow``: it runs the commands they yield
 with blocking calls, and holds no waiting logic of its own.
@@ -110,18 +113,23 @@ class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # n
     def _recreate_cm(self) -> concurrency:
         # Each call of a decorated function gets its own acquire.
         return concurrency(
-            *self._args, client=self._client, connection=self._connection, priority=self._priority, fairness_key=self._fairness_key
+            *self._args,
+            client=self._client,
+            connection=self._connection,
+            priority=self._priority,
+            fairness_key=self._fairness_key,
+            fail_open=self._fail_open,
         )
 
     def __enter__(self) -> Lease | None:
         if self._request is None:
             return None
-        session = (self._client or default_client())._session
+        client = self._client or default_client()
         if self._connection is not None:
             flow = flows.acquire_in_transaction(self._request)
         else:
-            flow = flows.concurrency(self._request, self._raise_on_failure)
-        self._lease = run(session, flow, self._connection)
+            flow = flows.concurrency(self._request, self._raise_on_failure, client._fail_open_after(self._request.fail_open))
+        self._lease = run(client._session, flow, self._connection)
         return self._lease
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -131,6 +139,15 @@ class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # n
             run(session, flows.release(lease, in_transaction=self._connection is not None), self._connection)
 
 
+def _rate_slots(request: flows.Request | None, client: Client | None, connection: psycopg.Connection[Any] | None) -> Lease | None:
+    if request is None:
+        return None
+    client = client or default_client()
+    if connection is not None:
+        return run(client._session, flows.acquire_in_transaction(request), connection)
+    return run(client._session, flows.acquire(request, client._fail_open_after(request.fail_open)))
+
+
 def rate_limit(
     names: str | list[str] | None,
     occupy: int = 1,
@@ -138,18 +155,77 @@ def rate_limit(
     strict: bool = False,
     *,
     client: Client | None = None,
+    connection: psycopg.Connection[Any] | None = None,
     priority: int = 0,
     fairness_key: str | None = None,
+    fail_open: bool | None = None,
 ) -> None:
-    """Occupies ``occupy`` slots that decay (never released); blocks until they fit.
+    """Occupies ``occupy`` slots that are never released; blocks until they fit.
 
-    The named limits need ``slot_decay_per_second`` > 0. A refused call sleeps exactly as long as
-    the database says it takes for enough slots to decay. Waiters are served by ``priority``
-    (-100..100, higher first), then round-robin across ``fairness_key`` values, then first come.
+    The named limits need ``slot_decay_per_second`` > 0 (the slots decay) or ``window_seconds`` > 0
+    (they count in the window). A refused call sleeps exactly as long as the database says it takes
+    for enough slots to decay or leave the window. Waiters are served by ``priority`` (-100..100,
+    higher first), then round-robin across ``fairness_key`` values, then first come. With
+    ``connection=``, the slots are taken inside your transaction: a rollback gives them back (and
+    the limits' rows stay locked until it ends). ``fail_open``: see :func:`pgslots.configure`.
     """
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key)
-    if request is not None:
-        run((client or default_client())._session, flows.acquire(request))
+    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key, fail_open=fail_open)
+    _rate_slots(request, client, connection)
 
 
-__all__ = ["concurrency", "rate_limit"]
+class Reservation(flows.ReservationBase):
+    """A granted :func:`reserve`: settle it with the actual cost. Also a context manager; leaving
+    the block without settling keeps the estimate as the cost."""
+
+    def __init__(self, lease: Lease | None, names: tuple[str, ...], slots: int, client: Client | None, connection: Any) -> None:
+        super().__init__(lease, names, slots)
+        self._client = client
+        self._connection = connection
+
+    def settle(self, actual: float) -> bool:
+        """Makes ``actual`` (a number >= 0) the final cost: a refund when lower than the estimate, a
+        debt the limit must work off first when higher. Settling again applies the difference from
+        the last value; the same value again changes nothing (returns False). Raises
+        ``ReservationError`` once ``reservation_seconds`` (1 hour by default) have passed."""
+        session = (self._client or default_client())._session
+        changed = run(session, flows.settle(self.reservation_id, actual, self._connection is not None), self._connection)
+        self.actual = float(actual)
+        return changed
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+def reserve(
+    names: str | list[str] | None,
+    occupy: int = 1,
+    timeout_seconds: float | None = None,
+    strict: bool = False,
+    *,
+    client: Client | None = None,
+    connection: psycopg.Connection[Any] | None = None,
+    priority: int = 0,
+    fairness_key: str | None = None,
+    fail_open: bool | None = None,
+) -> Reservation:
+    """Like :func:`rate_limit`, for a cost known only afterwards (tokens of an LLM call, points of
+    a GraphQL query): occupies the estimate ``occupy`` now and returns a :class:`Reservation` to
+    settle with the actual cost.
+
+    ::
+
+        with reserve("openai-tokens", occupy=estimate) as r:
+            reply = client.chat(...)
+            r.settle(reply.usage.total_tokens)
+    """
+    request = flows.make_request(
+        names, occupy, timeout_seconds, None, 300, strict, None, False, priority, fairness_key, reserve=True, fail_open=fail_open
+    )
+    lease = _rate_slots(request, client, connection)
+    return Reservation(lease, () if request is None else request.names, occupy, client, connection)
+
+
+__all__ = ["Reservation", "concurrency", "rate_limit", "reserve"]
