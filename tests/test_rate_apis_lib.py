@@ -10,6 +10,7 @@ import multiprocessing as mp
 import random
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pgslots import Client
 from pgslots import asyncio as pa
 from pgslots import sync as ps
 from pgslots._cluster import LocalCluster, find_bindir, server_user
+from pgslots._flow import Lease
 
 
 def test_reserve_and_settle_sync(client: Client) -> None:
@@ -62,16 +64,10 @@ def test_reserve_and_settle_async(client: Client) -> None:
         plain = await pa.reserve("tokens", occupy=5)
         assert plain.reservation_id is not None
         assert await plain.settle(5) is False
+        assert await pa.Reservation(None, ("tokens",), 1, None).settle(1) is False, "nothing reserved, nothing to settle"
+        unknown = pa.Reservation(Lease(None, None, None, ("tokens",), 1, 300, reservation_id=uuid.uuid4()), ("tokens",), 1, None)
         with pytest.raises(pgslots.ReservationError, match="is unknown"):
-            await pa.Reservation(None, ("tokens",), 1, None).settle(1) or (await _settle_unknown())
-
-    async def _settle_unknown() -> bool:
-        import uuid
-
-        from pgslots._flow import Lease
-
-        fake = Lease(None, None, None, ("tokens",), 1, 300, reservation_id=uuid.uuid4())
-        return await pa.Reservation(fake, ("tokens",), 1, None).settle(1)
+            await unknown.settle(1)
 
     asyncio.run(main())
     assert client.read_limit("tokens").active_slots == pytest.approx(15, abs=0.1)
@@ -121,9 +117,8 @@ def test_window_limits_through_the_library(client: Client) -> None:
     for _ in range(4):
         ps.rate_limit("per-2s")
     assert 1.95 <= time.monotonic() - started < 2.6, "the fourth waited for the first to leave the window"
-    with pytest.raises(pgslots.WindowLimitError, match=r"Use rate_limit\(\)"):
-        with ps.concurrency("per-2s"):
-            pass
+    with pytest.raises(pgslots.WindowLimitError, match=r"Use rate_limit\(\)"), ps.concurrency("per-2s"):
+        pass
     with pytest.raises(pgslots.InvalidLimitValueError, match="not both"):
         client.update_limit("per-2s", slot_decay_per_second=1)
     info = client.update_limit("per-2s", slot_decay_per_second=1, window_seconds=0)
@@ -170,16 +165,14 @@ def test_fail_open_runs_the_body_with_a_warning_only_when_the_database_is_unreac
     client = Client(dsn, fail_open=True, fail_open_after_seconds=1.0)
     try:
         # The database answers "full": that is never failed open.
-        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError):
-            with ps.concurrency("full", timeout_seconds=1.5, client=client):
-                pass
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), ps.concurrency("full", timeout_seconds=1.5, client=client):
+            pass
         stoppable.stop()
         try:
             for per_call in (None, True):
                 started = time.monotonic()
-                with caplog.at_level(logging.WARNING, logger="pgslots"):
-                    with ps.concurrency("full", client=client, fail_open=per_call) as lease:
-                        ran_after = time.monotonic() - started
+                with caplog.at_level(logging.WARNING, logger="pgslots"), ps.concurrency("full", client=client, fail_open=per_call) as lease:
+                    ran_after = time.monotonic() - started
                 assert lease is not None and lease.failed_open and lease.lease_id is None
                 assert 1.0 <= ran_after < 4.0, ran_after
                 assert "failing open" in caplog.text
@@ -196,9 +189,9 @@ def test_fail_open_runs_the_body_with_a_warning_only_when_the_database_is_unreac
                 assert lease is not None and lease.failed_open
             assert 0.5 <= time.monotonic() - started < 3.0
             # Turned off for one call, an outage is an error as before (here: the caller's timeout).
-            with pytest.raises((pgslots.AcquireConcurrencySlotTimeoutError, pgslots.DatabaseUnavailableError)):
-                with ps.concurrency("full", client=fresh, fail_open=False, timeout_seconds=1.0):
-                    pytest.fail("the body must not run")
+            no_fail_open = ps.concurrency("full", client=fresh, fail_open=False, timeout_seconds=1.0)
+            with pytest.raises((pgslots.AcquireConcurrencySlotTimeoutError, pgslots.DatabaseUnavailableError)), no_fail_open:
+                pytest.fail("the body must not run")
             fresh.close()
         finally:
             stoppable.start()
