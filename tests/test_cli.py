@@ -242,8 +242,8 @@ def test_apply_rejects_bad_files_and_changes_nothing(fresh_dsn: str, tmp_path: P
 def test_help_explains_every_flag() -> None:
     runner = CliRunner()
     for command, flags in {
-        "create": ["--limit", "--slot-decay-per-second", "--active-slots", "--disable"],
-        "update": ["--limit", "--active-slots", "--slot-decay-per-second", "--enable", "--disable"],
+        "create": ["--limit", "--slot-decay-per-second", "--window-seconds", "--active-slots", "--disable", "--shadow"],
+        "update": ["--limit", "--active-slots", "--slot-decay-per-second", "--window-seconds", "--enable", "--disable", "--enforce"],
         "inspect": ["--output", "--file"],
         "apply": ["--prune", "--dry-run"],
         "watch": ["--once", "--interval"],
@@ -362,3 +362,47 @@ def test_templates_in_create_ls_inspect_watch_and_apply(fresh_dsn: str, tmp_path
         check.close()
     deleted = run(fresh_dsn, "delete", "tenant:*", "--yes")
     assert "Deleted template 'tenant:*'; its 1 key(s) are removed once nobody holds them." in deleted.output, deleted.output
+
+
+def test_windows_and_shadow_mode_in_create_update_ls_inspect_and_apply(fresh_dsn: str, tmp_path: Path) -> None:
+    created = run(fresh_dsn, "create", "sms", "-l", "3", "--window-seconds", "60")
+    assert created.exit_code == 0, created.output
+    both = one_line_error(run(fresh_dsn, "create", "both", "-l", "3", "--window-seconds", "60", "--slot-decay-per-second", "1"))
+    assert "not both" in both
+    assert "must be a finite number" in one_line_error(run(fresh_dsn, "create", "w", "-l", "1", "--window-seconds", "inf"))
+    shadow = run(fresh_dsn, "create", "trial", "-l", "1", "--shadow")
+    assert "shadow mode" in shadow.output and "pgslots update trial --enforce" in shadow.output, shadow.output
+    client = Client(fresh_dsn)
+    try:
+        with concurrency("trial", client=client), concurrency("trial", client=client):
+            pass
+    finally:
+        client.close()
+    listed = run(fresh_dsn, "ls").output
+    sms = next(line for line in listed.splitlines() if line.startswith("sms"))
+    trial = next(line for line in listed.splitlines() if line.startswith("trial"))
+    assert "RATE" in listed.splitlines()[0] and "window 60s" in sms, listed
+    assert " shadow " in trial, listed
+    shown = json.loads(run(fresh_dsn, "inspect", "trial", "-o", "json").output)
+    assert (shown["shadow"], shown["shadow_refusals"], shown["window_seconds"]) == (True, 1, 0)
+    frame = run(fresh_dsn, "watch", "--once").output
+    assert "(shadow: not enforced, 1 would-be refusal(s))" in frame and "per 60s window" in frame, frame
+    enforced = run(fresh_dsn, "update", "trial", "--enforce")
+    assert "enforced now" in enforced.output
+    assert json.loads(run(fresh_dsn, "inspect", "trial", "-o", "json").output)["shadow"] is False
+    mixed = one_line_error(run(fresh_dsn, "update", "sms", "--slot-decay-per-second", "2"))
+    assert "not both" in mixed and "in the same call" in mixed, mixed
+    switched = run(fresh_dsn, "update", "sms", "--slot-decay-per-second", "2", "--window-seconds", "0")
+    assert switched.exit_code == 0, switched.output
+    spec = tmp_path / "limits.toml"
+    spec.write_text('[sms]\nlimit = 3\nwindow_seconds = 60\n\n["new"]\nlimit = 5\nwindow_seconds = 1\nshadow = true\n')
+    applied = run(fresh_dsn, "apply", str(spec))
+    assert applied.exit_code == 0, applied.output
+    assert "create 'new': limit 5, window_seconds 1, shadow" in applied.output, applied.output
+    assert "change 'sms': slot_decay_per_second 2 -> 0, window_seconds 0 -> 60" in applied.output, applied.output
+    assert "Nothing to do" in run(fresh_dsn, "apply", str(spec)).output
+    spec.write_text("[bad]\nlimit = 3\nwindow_seconds = 60\nslot_decay_per_second = 1\n")
+    assert "not both" in one_line_error(run(fresh_dsn, "apply", str(spec)))
+    help_text = run(fresh_dsn, "create", "--help").output
+    assert "--window-seconds" in help_text and "--shadow" in help_text
+    assert "--shadow / --enforce" in run(fresh_dsn, "update", "--help").output

@@ -49,11 +49,17 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
 
 
 def _state(info: LimitInfo) -> str:
-    return "" if info.active else "  (disabled: not enforced)"
+    if not info.active:
+        return "  (disabled: not enforced)"
+    if info.shadow:
+        return f"  (shadow: not enforced, {info.shadow_refusals} would-be refusal(s))"
+    return ""
 
 
 def _limit_line(info: LimitInfo, width: int, indent: str = "") -> str:
     decay = f"  decay {number(info.slot_decay_per_second)}/s" if info.slot_decay_per_second else ""
+    if info.window_seconds:
+        decay = f"  per {number(info.window_seconds)}s window"
     waiting = f"  waiters {info.waiters}"
     if info.waiters and info.oldest_waiter_seconds is not None:
         waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"

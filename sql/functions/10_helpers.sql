@@ -606,7 +606,7 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
     IF slot_decay_per_second > 0 AND window_seconds > 0 THEN
-        RAISE EXCEPTION 'A limit has either slot decay (%/s) or a window (% s), not both.',
+        RAISE EXCEPTION 'A limit has either slot decay (%/s) or a window (% s), not both: to switch, set the other to 0 in the same call.',
             slot_decay_per_second, window_seconds
             USING ERRCODE = 'PS002',
                   HINT = 'Set the other to 0 in the same call: a token bucket refills continuously, a window counts grants in any span of its length.';
