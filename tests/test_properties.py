@@ -122,6 +122,47 @@ def test_keys_and_queue_order_survive_anything(sql: Conn, name: str, priority: i
 
 
 @SETTINGS
+@given(
+    window=floats,
+    decay=floats,
+    slots=ints,
+    actual=floats,
+    shadow=st.one_of(st.none(), st.booleans()),
+    steps=st.floats(min_value=0, max_value=1e7),  # moves the clock (settings are the owner's only)
+)
+def test_windows_reservations_and_shadow_survive_anything(
+    sql: Conn, window: float, decay: float, slots: int, actual: float, shadow: bool | None, steps: float
+) -> None:
+    """Window limits, reservations and shadow mode at their worst: a clear error or a correct result,
+    the invariants (a window's count equals its grant log) hold, and settling is exact."""
+    with sql.transaction(force_rollback=True):
+        created = _call(sql, "SELECT pgslots.create_limit('p', 5, %s, window_seconds => %s, shadow => %s)", [decay, window, shadow])
+        valid_decay = math.isfinite(decay) and (decay == 0 or decay >= 1e-9)
+        valid_window = 0 <= window <= 1e8
+        assert created == (valid_decay and valid_window and not (decay > 0 and window > 0)), (decay, window)
+        _call(sql, "SELECT pgslots.create_limit('w', 3, window_seconds => 5)", [])
+        got = None
+        with sql.transaction():
+            got = sql.execute("SELECT reservation_id FROM pgslots.reserve(ARRAY['w'], %s)", [slots]).fetchone() if 1 <= slots <= 3 else None
+        if slots < 1 or slots > 3:
+            assert not _call(sql, "SELECT * FROM pgslots.reserve(ARRAY['w', 'p'], %s)", [slots])
+        _call(sql, "SELECT * FROM pgslots.rate_limit(ARRAY['w', 'p'], %s)", [slots])
+        if got is not None:
+            ok = _call(sql, "SELECT pgslots.settle(%s, %s)", [got[0], actual])
+            assert ok == (not math.isnan(actual) and 0 <= actual <= 1e9), actual
+            if ok:
+                logged = sql.execute("SELECT slots FROM pgslots.window_grants WHERE reservation_id = %s", [got[0]]).fetchone()
+                assert logged == (actual,)
+        _call(sql, "SELECT pgslots.update_limit('w', window_seconds => %s, shadow => %s)", [window, shadow])
+        _call(sql, "SELECT pgslots.update_limit('w', slot_decay_per_second => %s, window_seconds => 0)", [decay])
+        _call(sql, "UPDATE pgslots.settings SET clock_offset = clock_offset + make_interval(secs => %s)", [steps])
+        _call(sql, "SELECT * FROM pgslots.rate_limit(ARRAY['w', 'p'])", [])
+        _call(sql, "SELECT pgslots.sweep()", [])
+        assert sql.execute("SELECT current_setting('lock_timeout')").fetchone() == ("0",)
+        invariants.check(sql, owing=("w", "p"))
+
+
+@SETTINGS
 @given(lease_id=st.one_of(st.text(max_size=50), st.just(None)))
 def test_malformed_lease_ids(sql: Conn, lease_id: str | None) -> None:
     with sql.transaction(force_rollback=True):
