@@ -700,7 +700,7 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
             while time.perf_counter() < stop:
                 into.append(_timed(call))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT count(*) FROM generate_series(1, 9000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full']) AS r")
+        conn.execute("SELECT count(*) FROM generate_series(1, 9000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r")
         log_rows = conn.execute("SELECT count(*) FROM pgslots.window_grants").fetchone()[0]  # type: ignore[index]
     empty, full = [], []
     for _ in range(rounds):
@@ -708,7 +708,7 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
             for _ in range(100):  # 100 grants a round each: the full one reaches 9,000 + 100 x rounds
                 into.append(_timed(lambda n=name: rate_limit(n, client=client)))  # type: ignore[misc]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full']) AS r")
+        conn.execute("SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r")
         refused = []
         for _ in range(200):
             refused.append(_timed(lambda: conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY['hourly-full'])").fetchone()))

@@ -161,13 +161,19 @@ def test_a_burst_after_an_idle_period_never_exceeds_the_window(sql: Conn) -> Non
 
 def test_window_log_stays_bounded_and_sweep_empties_it(sql: Conn) -> None:
     make(sql, "big", 1000, window=1)
-    for _ in range(30):
-        one(
-            sql,
-            "SELECT count(*) FILTER (WHERE r.granted) AS n FROM generate_series(1, 100) AS i, LATERAL pgslots.rate_limit(ARRAY['big']) r",
+    granted = []
+    for _ in range(30):  # 150 asks, then 0.1 s later (plus the real time they took) 150 more, ...
+        granted.append(
+            one(
+                sql,
+                "SELECT count(*) FILTER (WHERE r.granted) AS n FROM generate_series(1, 150) AS i, "
+                "LATERAL pgslots.rate_limit(ARRAY['big'], 1 + 0 * i) r",  # one call per row
+            )["n"]
         )
         advance_clock(sql, 0.1)
         assert one(sql, "SELECT count(*) AS n FROM pgslots.window_grants")["n"] <= 1000
+    assert granted[:6] == [150] * 6 and min(granted) < 150, granted
+    assert sum(granted) > 2000, "windows turned over"
     assert held(sql, "big") <= 1000
     invariants.check(sql)
     advance_clock(sql, 1)
