@@ -441,13 +441,13 @@ def recovery(server: Server) -> dict[str, Any]:
     return result
 
 
-def _rater(dsn: str, stop_at: float, out: Any) -> None:
+def _rater(dsn: str, stop_at: float, name: str, out: Any) -> None:
     from pgslots.sync import rate_limit
 
     configure(dsn)
     stamps = []
     while True:
-        rate_limit("paced", timeout_seconds=60)
+        rate_limit(name, timeout_seconds=60)
         now = time.time()
         if now > stop_at:
             break
@@ -460,7 +460,7 @@ def rate_accuracy(dsn: str, seconds: float, rate: float = 50.0, limit: int = 10)
     client.create_limit("paced", limit, slot_decay_per_second=rate)
     client.close()
     stop_at = time.time() + seconds + 0.5
-    stamps = sorted(s for r in run_processes(_rater, 4, dsn, stop_at) for s in r)
+    stamps = sorted(s for r in run_processes(_rater, 4, dsn, stop_at, "paced") for s in r)
     steady = stamps[limit:]  # after the initial burst
     achieved = (len(steady) - 1) / (steady[-1] - steady[0])
     return {"configured_per_s": rate, "achieved_per_s": achieved, "ratio": achieved / rate, "seconds": seconds}
@@ -654,20 +654,6 @@ def fairness(server: Server, seconds: float) -> dict[str, Any]:
     }
 
 
-def _window_rater(dsn: str, stop_at: float, out: Any) -> None:
-    from pgslots.sync import rate_limit
-
-    configure(dsn)
-    stamps = []
-    while True:
-        rate_limit("windowed", timeout_seconds=60)
-        now = time.time()
-        if now > stop_at:
-            break
-        stamps.append(now)
-    out.put(stamps)
-
-
 def _timed(call: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     call()
@@ -692,7 +678,8 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
     for _ in range(50):
         rate_limit("bucket", client=client)
         settled()
-    plain, cycle = [], []
+    plain: list[float] = []
+    cycle: list[float] = []
     rounds = max(2, round(seconds))
     for _ in range(rounds):
         for into, call in ((plain, lambda: rate_limit("bucket", client=client)), (cycle, settled)):
@@ -702,13 +689,16 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT count(*) FROM generate_series(1, 9000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r")
         log_rows = conn.execute("SELECT count(*) FROM pgslots.window_grants").fetchone()[0]  # type: ignore[index]
-    empty, full = [], []
+    empty: list[float] = []
+    full: list[float] = []
     for _ in range(rounds):
         for into, name in ((empty, "hourly-empty"), (full, "hourly-full")):
             for _ in range(100):  # 100 grants a round each: the full one reaches 9,000 + 100 x rounds
                 into.append(_timed(lambda n=name: rate_limit(n, client=client)))  # type: ignore[misc]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r")
+        conn.execute(
+            "SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r"
+        )
         refused = []
         for _ in range(200):
             refused.append(_timed(lambda: conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY['hourly-full'])").fetchone()))
@@ -718,7 +708,7 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
     client.create_limit("windowed", 50, window_seconds=1.0)
     client.close()
     stop_at = time.time() + 2 * seconds + 0.5
-    stamps = sorted(x for r in run_processes(_window_rater, 4, dsn, stop_at) for x in r)
+    stamps = sorted(x for r in run_processes(_rater, 4, dsn, stop_at, "windowed") for x in r)
     first = stamps[0]
     windows = int((stamps[-1] - first) // 1.0)
     in_windows = sum(1 for t in stamps if t < first + windows)

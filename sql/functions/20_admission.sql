@@ -396,6 +396,52 @@ COMMENT ON FUNCTION pgslots.acquire(text[], integer, float8, jsonb, boolean, big
 '(-100..100, higher first) and fairness_key (round-robin across keys within a priority, first-come '
 'within a key) order the queue; a caller that does not queue never overtakes a waiter served before it.';
 
+-- rate_limit and reserve: one decision (_admit, for rate slots); a reservation also leaves the row
+-- that settle needs.
+CREATE FUNCTION pgslots._rate(names text[], slots integer, strict boolean, ticket bigint, queue_client uuid,
+                              wait_seconds float8, priority integer, fairness_key text, reserving boolean,
+                              OUT granted boolean, OUT retry_after float8, OUT missing text[],
+                              OUT blocked_by text[], OUT waiter bigint, OUT reservation_id uuid)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    prior_lock_timeout text;
+    counted uuid[];
+    cfg pgslots.settings;
+    at timestamptz;
+BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
+    END IF;
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
+    END IF;
+    IF reserving THEN
+        reservation_id := gen_random_uuid();
+    END IF;
+    SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter, a.lease_limits
+    INTO granted, retry_after, missing, blocked_by, waiter, counted
+    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
+                        coalesce(priority, 0), fairness_key, reservation_id) AS a;
+    IF reserving AND granted THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+        at := pgslots._clock(cfg.clock_offset);
+        INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner)
+        VALUES (reservation_id, coalesce(counted, '{}'), slots, at,
+                at + make_interval(secs => cfg.reservation_seconds), session_user);
+        -- Reservations past settling go a few at a time, so the table holds about one period's worth.
+        DELETE FROM pgslots.reservations r
+        WHERE r.id IN (SELECT x.id FROM pgslots.reservations x WHERE x.expires_at <= at
+                       ORDER BY x.expires_at LIMIT 4 FOR UPDATE SKIP LOCKED);
+    ELSE
+        reservation_id := NULL;
+    END IF;
+    IF prior_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgslots.rate_limit(
     names text[],
     slots integer DEFAULT 1,
@@ -407,25 +453,13 @@ CREATE FUNCTION pgslots.rate_limit(
     fairness_key text DEFAULT NULL,
     OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
     OUT waiter bigint)
-LANGUAGE plpgsql
+LANGUAGE plpgsql   -- not sql: PL/pgSQL keeps its plan across calls
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
-DECLARE
-    prior_lock_timeout text;
 BEGIN
-    IF wait_seconds IS NOT NULL THEN
-        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
-    END IF;
-    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
-        PERFORM pgslots._check_queue_args(priority, fairness_key);
-    END IF;
-    SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter
+    SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter
     INTO granted, retry_after, missing, blocked_by, waiter
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
-                        coalesce(priority, 0), fairness_key, NULL) AS a;
-    IF prior_lock_timeout IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
-    END IF;
+    FROM pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority, fairness_key, false) r;
 END
 $$;
 COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
@@ -449,39 +483,10 @@ CREATE FUNCTION pgslots.reserve(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
-DECLARE
-    prior_lock_timeout text;
-    counted uuid[];
-    cfg pgslots.settings;
-    at timestamptz;
 BEGIN
-    IF wait_seconds IS NOT NULL THEN
-        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
-    END IF;
-    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
-        PERFORM pgslots._check_queue_args(priority, fairness_key);
-    END IF;
-    reservation_id := gen_random_uuid();
-    SELECT a.granted, a.retry_after, a.missing, a.blocked_by, a.waiter, a.lease_limits
-    INTO granted, retry_after, missing, blocked_by, waiter, counted
-    FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
-                        coalesce(priority, 0), fairness_key, reservation_id) AS a;
-    IF granted THEN
-        SELECT * INTO cfg FROM pgslots.settings;
-        at := pgslots._clock(cfg.clock_offset);
-        INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner)
-        VALUES (reservation_id, coalesce(counted, '{}'), slots, at,
-                at + make_interval(secs => cfg.reservation_seconds), session_user);
-        -- Reservations past settling go a few at a time, so the table holds about one period's worth.
-        DELETE FROM pgslots.reservations r
-        WHERE r.id IN (SELECT x.id FROM pgslots.reservations x WHERE x.expires_at <= at
-                       ORDER BY x.expires_at LIMIT 4 FOR UPDATE SKIP LOCKED);
-    ELSE
-        reservation_id := NULL;
-    END IF;
-    IF prior_lock_timeout IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
-    END IF;
+    SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter, r.reservation_id
+    INTO granted, retry_after, missing, blocked_by, waiter, reservation_id
+    FROM pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority, fairness_key, true) r;
 END
 $$;
 COMMENT ON FUNCTION pgslots.reserve(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
