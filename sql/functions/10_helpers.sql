@@ -271,18 +271,21 @@ RETURNS float8
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-    g record;
-    freed float8 := 0;
+    leaves timestamptz;
 BEGIN
-    FOR g IN SELECT x.granted_at, x.slots FROM pgslots.window_grants x
-             WHERE x.limit_id = target AND x.granted_at > at - make_interval(secs => window_seconds)
-             ORDER BY x.granted_at, x.id LOOP
-        freed := freed + g.slots;
-        IF pgslots._fits(shortfall - freed) THEN
-            RETURN greatest(0, window_seconds - pg_catalog.date_part('epoch', at - g.granted_at)::float8);
-        END IF;
-    END LOOP;
-    RETURN window_seconds;
+    -- A running sum over the log in index order, stopped at the first grant that frees enough (the
+    -- LIMIT makes the planner walk the index instead of sorting the whole window).
+    SELECT g.granted_at INTO leaves
+    FROM (SELECT x.granted_at, sum(x.slots) OVER (ORDER BY x.granted_at, x.id ROWS UNBOUNDED PRECEDING) AS freed
+          FROM pgslots.window_grants x
+          WHERE x.limit_id = target AND x.granted_at > at - make_interval(secs => window_seconds)
+          ORDER BY x.granted_at, x.id) g
+    WHERE pgslots._fits(shortfall - g.freed)
+    LIMIT 1;
+    IF leaves IS NULL THEN
+        RETURN window_seconds;
+    END IF;
+    RETURN greatest(0, window_seconds - pg_catalog.date_part('epoch', at - leaves)::float8);
 END
 $$;
 
