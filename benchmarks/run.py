@@ -699,9 +699,14 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
         conn.execute(
             "SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['hourly-full'], 1 + 0 * i) AS r"
         )
-        refused = []
+        # Refusals of the full window against refusals of a full token bucket, alternating.
+        conn.execute("SELECT pgslots.create_limit('bucket-full', 10000, 0.0001)")
+        conn.execute("SELECT count(*) FROM generate_series(1, 10000) AS i, LATERAL pgslots.rate_limit(ARRAY['bucket-full'], 1 + 0 * i)")
+        refused: list[float] = []
+        bucket_refused: list[float] = []
         for _ in range(200):
-            refused.append(_timed(lambda: conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY['hourly-full'])").fetchone()))
+            for into, name in ((refused, "hourly-full"), (bucket_refused, "bucket-full")):
+                into.append(_timed(lambda n=name: conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY[%s])", [n]).fetchone()))  # type: ignore[misc]
         held = conn.execute("SELECT active_slots FROM pgslots.status WHERE name = 'hourly-full'").fetchone()[0]  # type: ignore[index]
         log_size = conn.execute("SELECT pg_total_relation_size('pgslots.window_grants')").fetchone()[0]  # type: ignore[index]
     # Window accuracy: 4 processes saturating 50 per 1 s.
@@ -721,6 +726,8 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
         "window_9000_grant_p50_ms": ms(pct(full, 0.5)),
         "window_9000_vs_empty": pct(full, 0.5) / pct(empty, 0.5),
         "window_full_refusal_p50_ms": ms(pct(refused, 0.5)),
+        "bucket_full_refusal_p50_ms": ms(pct(bucket_refused, 0.5)),
+        "window_vs_bucket_refusal": pct(refused, 0.5) / pct(bucket_refused, 0.5),
         "window_full_slots_held": held,
         "window_log_rows_after_9000": log_rows,
         "window_log_bytes_full": log_size,
@@ -807,6 +814,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             r["real_apis"]["window_9000_vs_empty"],
             "<= 1.2",
             lambda v: v <= 1.2,
+        ),
+        (
+            "window 10,000 per hour, full: refusal p50 vs a full token bucket's (SQL, alternating)",
+            r["real_apis"]["window_vs_bucket_refusal"],
+            "(reported)",
+            None,
         ),
     ]
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
