@@ -74,6 +74,11 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "window_seconds": info.window_seconds,
         "shadow": info.shadow,
         "shadow_refusals": info.shadow_refusals,
+        "grants_total": info.grants_total,
+        "refusals_total": info.refusals_total,
+        "wait_seconds_total": info.wait_seconds_total,
+        "expired_leases_total": info.expired_leases_total,
+        "waiter_priorities": info.waiter_priorities or [],
         "denied_slots": info.denied_slots,
         "avg_slot_occupancy_seconds": info.avg_slot_occupancy_seconds,
         "leases": info.leases,
@@ -418,6 +423,9 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return number(round(value, 3))
     return str(value)
+
+
+from . import ui  # noqa: E402, F401 - adds `ui` and `metrics`; it uses limit_json above
 
 
 def main() -> None:

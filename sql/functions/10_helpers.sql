@@ -205,9 +205,10 @@ CREATE FUNCTION pgslots._count_refusal(ids uuid[], slots integer) RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    INSERT INTO pgslots.refusals AS r (limit_id, denied_slots)
-    SELECT i, slots FROM unnest(ids) AS i
-    ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots;
+    INSERT INTO pgslots.refusals AS r (limit_id, denied_slots, refusals_total)
+    SELECT i, slots, 1 FROM unnest(ids) AS i
+    ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots,
+                                         refusals_total = r.refusals_total + 1;
 END
 $$;
 
@@ -218,6 +219,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     freed bigint;
+    taken bigint;
     liveness float8 := (SELECT s.liveness_seconds FROM pgslots.settings s);
 BEGIN
     WITH gone AS (
@@ -225,9 +227,10 @@ BEGIN
         WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, liveness)
         RETURNING x.slots
     )
-    SELECT coalesce(sum(gone.slots), 0) INTO freed FROM gone;
-    IF freed > 0 THEN
-        UPDATE pgslots.limits l SET leased_slots = greatest(0, l.leased_slots - freed)
+    SELECT coalesce(sum(gone.slots), 0), count(*) INTO freed, taken FROM gone;
+    IF taken > 0 THEN
+        UPDATE pgslots.limits l SET leased_slots = greatest(0, l.leased_slots - freed),
+                                    expired_leases_total = l.expired_leases_total + taken
         WHERE l.id = target;
     END IF;
     RETURN freed;
@@ -512,6 +515,23 @@ BEGIN
                   LIMIT most
                   FOR UPDATE SKIP LOCKED);
     IF cardinality(gone) > 0 THEN
+        -- Their counters stay in their template's totals (a retiring key's template is gone: the
+        -- foreign key then finds no row, and the counters go with the template).
+        INSERT INTO pgslots.retired_counters AS c (template_id, grants_total, refusals_total, wait_seconds_total,
+                                                   expired_leases_total, shadow_refusals)
+        SELECT l.template_id, sum(l.grants_total),
+               coalesce(sum((SELECT r.refusals_total FROM pgslots.refusals r WHERE r.limit_id = l.id)), 0),
+               sum(l.wait_seconds_total), sum(l.expired_leases_total), sum(l.shadow_refusals)
+        FROM pgslots.limits l
+        WHERE l.id = ANY (gone) AND NOT l.retiring AND EXISTS (SELECT 1 FROM pgslots.limits t WHERE t.id = l.template_id)
+        GROUP BY l.template_id
+        ORDER BY l.template_id
+        ON CONFLICT (template_id) DO UPDATE
+        SET grants_total = c.grants_total + excluded.grants_total,
+            refusals_total = c.refusals_total + excluded.refusals_total,
+            wait_seconds_total = c.wait_seconds_total + excluded.wait_seconds_total,
+            expired_leases_total = c.expired_leases_total + excluded.expired_leases_total,
+            shadow_refusals = c.shadow_refusals + excluded.shadow_refusals;
         DELETE FROM pgslots.limits l WHERE l.id = ANY (gone) AND pgslots._idle(l, at);
         DELETE FROM pgslots.refusals r WHERE r.limit_id = ANY (gone);
         DELETE FROM pgslots.served_keys s WHERE s.limit_id = ANY (gone);

@@ -35,6 +35,7 @@ DECLARE
     asked_again boolean;
     created integer := 0;
     vanished text[];
+    waited float8;
 BEGIN
     SELECT * INTO cfg FROM pgslots.settings;
     IF NOT for_rate_limit THEN
@@ -177,11 +178,15 @@ BEGIN
     IF cardinality(blocked) = 0 THEN
         granted := true;
         retry_after := NULL;
+        IF ticket IS NOT NULL THEN   -- a queued waiter: how long it waited counts
+            waited := (SELECT date_part('epoch', at - min(w.enqueued_at)) FROM pgslots.waiters w WHERE w.id = ticket);
+        END IF;
         IF for_rate_limit THEN
             UPDATE pgslots.limits l
             SET unleased_slots = pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at)
                                  + slots,
-                decayed_at = at
+                decayed_at = at, grants_total = l.grants_total + 1,
+                wait_seconds_total = l.wait_seconds_total + coalesce(waited, 0)
             WHERE l.id = ANY (ids);
             INSERT INTO pgslots.window_grants (limit_id, granted_at, slots, reservation_id)
             SELECT w, at, slots, reservation FROM unnest(windowed) AS w;
@@ -191,7 +196,10 @@ BEGIN
             fencing_token := nextval('pgslots.fencing_tokens');
             expires_at := at + lease_for;
             lease_limits := ids;
-            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots WHERE l.id = ANY (ids);
+            UPDATE pgslots.limits l
+            SET leased_slots = l.leased_slots + slots, grants_total = l.grants_total + 1,
+                wait_seconds_total = l.wait_seconds_total + coalesce(waited, 0)
+            WHERE l.id = ANY (ids);
         END IF;
         IF ticket IS NOT NULL THEN
             DELETE FROM pgslots.waiters w WHERE w.id = ticket;
@@ -270,7 +278,7 @@ BEGIN
         SELECT * INTO cfg FROM pgslots.settings;
         IF pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
             at := pgslots._clock(cfg.clock_offset);
-            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots
+            UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots, grants_total = l.grants_total + 1
             WHERE l.name = names[1] AND l.active AND NOT l.is_template AND NOT l.retiring
               AND NOT l.shadow AND l.window_seconds = 0   -- those are decided by _admit
               -- A full limit refuses before anyone counts the queue (cheaper quals run first).

@@ -85,6 +85,8 @@ DECLARE
     queued refcursor;
     w record;
     given integer := 0;
+    granted integer := 0;
+    waited float8 := 0;
     served integer := 0;
     token bigint;
     run_for float8;
@@ -109,14 +111,14 @@ BEGIN
     IF keyed THEN
         OPEN queued FOR
             SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
+                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key, x.enqueued_at
             FROM pgslots._queue(target, at, aging, NULL, NULL, NULL) q
             JOIN pgslots.waiters x ON x.limit_id = target AND x.id = q.id
             ORDER BY q.place;
     ELSE
         OPEN queued FOR
             SELECT x.id, x.slots, x.parts, x.lease_id, x.lease_seconds, x.host, x.pid,
-                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key
+                   x.application_name, x.holder, x.client_id, x.session_id, x.fairness_key, x.enqueued_at
             FROM pgslots.waiters x
             WHERE x.limit_id = target AND x.expires_at > at
             ORDER BY x.id;
@@ -142,6 +144,8 @@ BEGIN
         ON CONFLICT DO NOTHING;
         IF FOUND THEN
             given := given + w.slots;
+            granted := granted + 1;
+            waited := waited + date_part('epoch', at - w.enqueued_at);
             PERFORM pg_notify(pgslots._channel(w.client_id),
                               format('%s:%s:%s:%s:%s', w.id, w.lease_id, token, extract(epoch FROM expiry), run_for));
         END IF;
@@ -153,7 +157,10 @@ BEGIN
     END LOOP;
     CLOSE queued;
     IF given > 0 THEN
-        UPDATE pgslots.limits l SET leased_slots = l.leased_slots + given WHERE l.id = target;
+        UPDATE pgslots.limits l
+        SET leased_slots = l.leased_slots + given, grants_total = l.grants_total + granted,
+            wait_seconds_total = l.wait_seconds_total + waited
+        WHERE l.id = target;
     END IF;
     IF wake_rest THEN
         PERFORM pgslots._wake(target, at);

@@ -26,18 +26,45 @@ SELECT l.id,
        END AS instances,
        l.window_seconds,
        l.shadow,
-       l.shadow_refusals
+       t.shadow_refusals,
+       t.grants_total,
+       t.refusals_total,
+       t.wait_seconds_total,
+       t.expired_leases_total,
+       (SELECT array_agg(DISTINCT w.priority ORDER BY w.priority DESC) FROM pgslots.waiters w
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer[] AS waiter_priorities
 FROM pgslots.limits l,
      LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
      LATERAL (SELECT CASE WHEN l.window_seconds > 0
                           THEN (SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
                                 WHERE g.limit_id = l.id AND g.granted_at > c.at - make_interval(secs => l.window_seconds))
                           ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
-                     END AS unleased) d;
+                     END AS unleased) d,
+     -- Counters: a limit's own; a template's are the totals of its keys, those removed as idle included.
+     LATERAL (SELECT sum(x.grants_total)::bigint AS grants_total, sum(x.refusals_total)::bigint AS refusals_total,
+                     sum(x.wait_seconds_total)::float8 AS wait_seconds_total,
+                     sum(x.expired_leases_total)::bigint AS expired_leases_total,
+                     sum(x.shadow_refusals)::bigint AS shadow_refusals
+              FROM (SELECT l.grants_total, coalesce((SELECT r.refusals_total FROM pgslots.refusals r
+                                                     WHERE r.limit_id = l.id), 0) AS refusals_total,
+                           l.wait_seconds_total, l.expired_leases_total, l.shadow_refusals
+                    UNION ALL
+                    SELECT i.grants_total, coalesce((SELECT r.refusals_total FROM pgslots.refusals r
+                                                     WHERE r.limit_id = i.id), 0),
+                           i.wait_seconds_total, i.expired_leases_total, i.shadow_refusals
+                    FROM pgslots.limits i WHERE l.is_template AND i.template_id = l.id
+                    UNION ALL
+                    SELECT c.grants_total, c.refusals_total, c.wait_seconds_total, c.expired_leases_total,
+                           c.shadow_refusals
+                    FROM pgslots.retired_counters c WHERE l.is_template AND c.template_id = l.id) x) t;
 COMMENT ON VIEW pgslots.status IS
 'One row per limit: occupied slots after decay, or granted in the window of a window limit '
 '(active_slots), leases, queued waiters and the age of the oldest, refusal pressure (denied_slots), '
-'and for a shadow limit the requests it would have refused (shadow_refusals). Keys of templates (instances) name their template; '
+'and for a shadow limit the requests it would have refused (shadow_refusals). Counters since the '
+'limit was created: grants_total, refusals_total (requests), wait_seconds_total (queued waiters'' '
+'waits before their grant), expired_leases_total (leases taken back: expired or of a dead session), '
+'shadow_refusals; a template''s are the totals over its keys, removed ones included. '
+'waiter_priorities: the distinct priorities of the waiters, highest first. Keys of templates (instances) name their template; '
 'templates count their instances. A key of a deleted template still held by someone is listed with '
 'no template until it is idle.';
 

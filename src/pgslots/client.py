@@ -57,6 +57,13 @@ class LimitInfo:
     #: Grants every request, counting those it would have refused in ``shadow_refusals``.
     shadow: bool = False
     shadow_refusals: int = 0
+    #: Counters since the limit was created (a template's: totals over its keys, removed ones included).
+    grants_total: int = 0
+    refusals_total: int = 0
+    wait_seconds_total: float = 0.0
+    expired_leases_total: int = 0
+    #: The distinct priorities of the waiters now, highest first.
+    waiter_priorities: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,223 @@
+"""`pgslots metrics` read by Prometheus's own parser, and `pgslots ui` in a real browser (Debian's
+Chromium, driven headless through its chromedriver): live updates without a reload, holders, and
+admin actions that need the token."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from pgslots.client import Client
+from pgslots.sync import concurrency
+from pgslots_cli.main import cli
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], name: str, **labels: str) -> float:
+    family = families[name.removesuffix("_total")]
+    found = [s.value for s in family.samples if s.name == name and s.labels == labels]
+    assert len(found) == 1, (name, labels, family.samples)
+    return float(found[0])
+
+
+def test_metrics_are_valid_prometheus_text_with_templates_summed(fresh_dsn: str) -> None:
+    client = Client(fresh_dsn)
+    try:
+        client.create_limit("db", 3)
+        client.create_limit("tenant:*", 2)
+        client.create_limit('we"ird\\name', 1)
+        with concurrency("db", client=client), concurrency("tenant:a", client=client), concurrency("tenant:b", occupy=2, client=client):
+            text = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "metrics"]).output
+            per_key = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "metrics", "--per-key"]).output
+    finally:
+        client.close()
+    families = _families(text)
+    assert families["pgslots_grants"].type == "counter" and families["pgslots_active_slots"].type == "gauge"
+    assert _value(families, "pgslots_limit_slots", limit="db") == 3
+    assert _value(families, "pgslots_active_slots", limit="db") == 1
+    assert _value(families, "pgslots_grants_total", limit="db") == 1
+    assert _value(families, "pgslots_limit_slots", limit="tenant:*") == 2, "a template's limit is per key"
+    assert _value(families, "pgslots_active_slots", limit="tenant:*") == 3, "its keys' slots, summed"
+    assert _value(families, "pgslots_instances", limit="tenant:*") == 2
+    assert _value(families, "pgslots_grants_total", limit="tenant:*") == 2
+    assert _value(families, "pgslots_limit_slots", limit='we"ird\\name') == 1, "labels are escaped"
+    assert not any(s.labels.get("limit") == "tenant:a" for f in families.values() for s in f.samples)
+    keyed = _families(per_key)
+    assert _value(keyed, "pgslots_active_slots", limit="tenant:b", template="tenant:*") == 2
+    assert _value(keyed, "pgslots_grants_total", limit="tenant:a", template="tenant:*") == 1
+    for name in ("refusals", "wait_seconds", "expired_leases", "shadow_refusals"):
+        assert keyed[f"pgslots_{name}"].type == "counter"
+
+
+def test_ui_refuses_to_listen_beyond_loopback_without_a_token(fresh_dsn: str) -> None:
+    result = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "ui", "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "Refusing to listen on 0.0.0.0 without a token" in result.output
+    assert "Traceback" not in result.output
+    short = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "ui", "--token", "short"])
+    assert short.exit_code == 1 and "at least 16 characters" in short.output
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], url: str, token: str | None) -> None:
+        self.proc, self.url, self.token = proc, url, token
+
+    def request(self, path: str, method: str = "GET", token: str | None = None, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read().decode()
+                return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode() or "{}")
+
+
+def _serve(dsn: str, *args: str) -> Iterator[Served]:
+    env = {**os.environ, "PGSLOTS_DSN": dsn}
+    env.pop("PGSLOTS_UI_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgslots_cli", "ui", "--port", "0", "--interval", "0.5", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("pgslots ui: http://127.0.0.1:"), first
+        url = first.split()[2]
+        second = proc.stdout.readline()
+        token = second.split("token: ")[1].strip() if "token: " in second else None
+        yield Served(proc, url, token)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def admin_ui(fresh_dsn: str) -> Iterator[Served]:
+    yield from _serve(fresh_dsn, "--allow-admin")
+
+
+@pytest.fixture
+def read_only_ui(fresh_dsn: str) -> Iterator[Served]:
+    yield from _serve(fresh_dsn)
+
+
+def test_read_only_ui_serves_json_and_metrics_and_refuses_changes(read_only_ui: Served, fresh_dsn: str) -> None:
+    Client(fresh_dsn).create_limit("db", 2)
+    status, body = read_only_ui.request("/api/limits")
+    assert status == 200 and body["admin"] is False and [row["name"] for row in body["limits"]] == ["db"]
+    status, text = read_only_ui.request("/metrics")
+    assert status == 200 and _value(_families(text), "pgslots_limit_slots", limit="db") == 2
+    status, body = read_only_ui.request("/api/limits/db/disable", "POST", token="anything", body={})
+    assert status == 403 and "read-only" in body["error"]
+    with psycopg.connect(fresh_dsn) as conn:
+        assert conn.execute("SELECT active FROM pgslots.limits WHERE name = 'db'").fetchone() == (True,)
+
+
+def _holder(dsn: str, ready: Any, release: Any) -> None:
+    client = Client(dsn)
+    try:
+        with concurrency("db", client=client, holder={"type": "job", "id": "browser-42"}):
+            ready.set()
+            release.wait(60)
+    finally:
+        client.close()
+
+
+def _browser() -> Any:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        message = "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,700"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+def _until(check: Any, seconds: float = 15.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        time.sleep(0.1)
+
+
+def test_the_page_updates_live_shows_holders_and_needs_the_token_to_disable(admin_ui: Served, fresh_dsn: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    Client(fresh_dsn).create_limit("db", 2)
+    browser = _browser()
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_holder, args=(fresh_dsn, ready, release))
+    try:
+        browser.get(admin_ui.url)
+
+        def occupancy() -> str:
+            found = browser.find_elements(By.CSS_SELECTOR, '[data-occupancy="db"]')
+            return str(found[0].text) if found else ""
+
+        _until(lambda: occupancy() == "0 / 2")
+        browser.execute_script("window.__sameDocument = 'yes'")
+        holder.start()
+        assert ready.wait(30)
+        _until(lambda: occupancy() == "1 / 2")
+        rows = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-holder]"))
+        assert "browser-42" in rows[0].text and f"pid {holder.pid}" in rows[0].text, rows[0].text
+        assert browser.execute_script("return window.__sameDocument") == "yes", "updated without a reload"
+        # Without the token, the same action is refused and changes nothing.
+        for token in (None, "wrong-token-wrong-token"):
+            status, body = admin_ui.request("/api/limits/db/disable", "POST", token=token, body={})
+            assert status == 401 and "token" in body["error"]
+        with psycopg.connect(fresh_dsn) as conn:
+            assert conn.execute("SELECT active FROM pgslots.limits WHERE name = 'db'").fetchone() == (True,)
+        # Through the page, with the token printed at start.
+        assert admin_ui.token
+        browser.find_element(By.ID, "token").send_keys(admin_ui.token)
+        _until(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-action="disable:db"]'))[0].click()
+        with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+            _until(lambda: conn.execute("SELECT active FROM pgslots.limits WHERE name = 'db'").fetchone() == (False,))
+        _until(lambda: "disabled" in browser.find_element(By.CSS_SELECTOR, '[data-limit="db"]').text)
+        shot = os.environ.get("PGSLOTS_UI_SCREENSHOT")
+        if shot:
+            browser.find_element(By.ID, "token").clear()
+            time.sleep(2.5)  # a few samples for the chart
+            Path(shot).write_bytes(browser.get_screenshot_as_png())
+    finally:
+        release.set()
+        holder.join(30)
+        browser.quit()
