@@ -212,6 +212,19 @@ def test_the_page_updates_live_shows_holders_and_needs_the_token_to_disable(admi
         with psycopg.connect(fresh_dsn, autocommit=True) as conn:
             _until(lambda: conn.execute("SELECT active FROM pgslots.limits WHERE name = 'db'").fetchone() == (False,))
         _until(lambda: "disabled" in browser.find_element(By.CSS_SELECTOR, '[data-limit="db"]').text)
+        # The other admin actions, through the same API the page uses.
+        token = admin_ui.token
+        assert admin_ui.request("/api/limits", "POST", token=token, body={"name": "made", "limit": 4})[0] == 200
+        status, body = admin_ui.request("/api/limits", "POST", token=token, body={"name": "bad", "limit": -1})
+        assert status == 400 and "limit must be" in body["error"]
+        assert admin_ui.request("/api/limits/made/update", "POST", token=token, body={"limit": 6})[0] == 200
+        lease_id = admin_ui.request("/api/limits")[1]["limits"][0]["holders"][0]["lease_id"]
+        assert admin_ui.request(f"/api/leases/{lease_id}/release", "POST", token=token, body={})[1]["done"] == "Released."
+        assert admin_ui.request("/api/limits/made/delete", "POST", token=token, body={})[0] == 200
+        assert admin_ui.request("/api/limits/nothing/delete", "POST", token=token, body={})[0] == 400
+        with psycopg.connect(fresh_dsn) as conn:
+            assert conn.execute("SELECT name FROM pgslots.limits ORDER BY name").fetchall() == [("db",)]
+            assert conn.execute("SELECT count(*) FROM pgslots.leases").fetchone() == (0,)
         shot = os.environ.get("PGSLOTS_UI_SCREENSHOT")
         if shot:
             browser.find_element(By.ID, "token").clear()

@@ -57,11 +57,13 @@ def demo(state: State, workers: int, slots: int, rate: float) -> None:
 
     Round 1: WORKERS processes share a limit of LIMIT slots through concurrency(); the live line
     shows that no more than LIMIT bodies ever run at once. Round 2: processes saturate a rate limit
-    and the configured and achieved rates are compared.
+    and the configured and achieved rates are compared. Run 'pgslots ui' in another terminal to
+    watch both rounds in a browser.
     """
     client = state.client
     applied = client.migrate()
     click.echo(f"Schema ready (version {pgslots.LATEST_VERSION}{', just installed' if applied else ''}).")
+    click.echo("Watch it live in a browser: run 'pgslots ui' in another terminal and open http://127.0.0.1:8787/")
     for name in (DEMO_LIMIT, DEMO_RATE):  # left over from an interrupted run
         with contextlib.suppress(pgslots.LimitNotFoundError):
             client.delete_limit(name)

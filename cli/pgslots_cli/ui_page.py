@@ -34,6 +34,7 @@ PAGE = """<!doctype html>
   <h1>pgslots</h1>
   <span id="mode" class="muted"></span>
   <label id="token-box" hidden>token <input id="token" type="password" autocomplete="off" placeholder="printed by pgslots ui"></label>
+  <button id="create" hidden>create a limit</button>
   <span class="status" id="status">loading...</span>
 </header>
 <main>
@@ -153,6 +154,7 @@ async function refresh() {
     admin = data.admin;
     document.getElementById("mode").textContent = admin ? "admin actions on (token required)" : "read-only";
     document.getElementById("token-box").hidden = !admin && tokenInput.value === "";
+    document.getElementById("create").hidden = !admin;
     const body = document.getElementById("limits");
     const rows = [];
     for (const l of data.limits) {
@@ -176,6 +178,12 @@ async function refresh() {
 async function refreshHistory() {
   try { history = await getJSON("/api/history"); } catch (e) { /* shown by refresh */ }
 }
+document.getElementById("create").addEventListener("click", () => {
+  const name = prompt("Name of the new limit (ending in * for a template):");
+  if (!name) return;
+  const limit = prompt("Slots:", "10");
+  if (limit !== null) act("/api/limits", {name: name, limit: Number(limit)});
+});
 refreshHistory().then(refresh);
 setInterval(refresh, 1000);
 setInterval(refreshHistory, 2000);
