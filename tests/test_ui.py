@@ -136,6 +136,10 @@ def test_read_only_ui_serves_json_and_metrics_and_refuses_changes(read_only_ui: 
     assert status == 200 and _value(_families(text), "pgslots_limit_slots", limit="db") == 2
     status, body = read_only_ui.request("/api/limits/db/disable", "POST", token="anything", body={})
     assert status == 403 and "read-only" in body["error"]
+    rebound = urllib.request.Request(read_only_ui.url + "api/limits", headers={"Host": "attacker.example:8787"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound, timeout=10)
+    assert refused.value.code == 403, "a page of another site, rebound to 127.0.0.1, reads nothing"
     with psycopg.connect(fresh_dsn) as conn:
         assert conn.execute("SELECT active FROM pgslots.limits WHERE name = 'db'").fetchone() == (True,)
 

@@ -214,6 +214,17 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, value: Any) -> None:
             self._send(status, dumps(value).encode(), "application/json")
 
+        def _local_host(self) -> bool:
+            # On loopback, a page of another site that rebinds its name to 127.0.0.1 sends its own
+            # name as Host: only loopback names are served.
+            if not board.loopback:
+                return True
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+                return True
+            self._json(403, {"error": f"Host {host!r} is not a loopback name: open http://127.0.0.1:PORT/."})
+            return False
+
         def _readable(self) -> bool:
             # Beyond loopback, reading needs the token too.
             if board.loopback or board.authorized(self.headers.get("Authorization")):
@@ -223,6 +234,8 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - the base class's name
             path = urlsplit(self.path).path
+            if not self._local_host():
+                return
             if path in ("/", "/index.html"):
                 self._send(200, PAGE.encode(), "text/html; charset=utf-8")
                 return
@@ -241,6 +254,8 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
                 self._json(503, {"error": str(exc)})
 
         def do_POST(self) -> None:  # noqa: N802
+            if not self._local_host():
+                return
             if not board.allow_admin:
                 self._json(403, {"error": "This page is read-only: start it with 'pgslots ui --allow-admin' to change limits."})
                 return
