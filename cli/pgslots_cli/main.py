@@ -15,9 +15,9 @@ import click
 import pgslots
 from pgslots.client import LimitInfo
 
-from . import apply_cmd, demo, embedded_cmd, watch  # noqa: F401 - they add their commands to cli
+from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add their commands to cli
 from .app import State, check_output, cli, fail, output_options, pass_state
-from .output import dumps, number, seconds, table
+from .output import dumps, limit_json, number, seconds, table
 
 # ---- schema ---------------------------------------------------------------------------------
 
@@ -60,37 +60,6 @@ def _describe(todo: pgslots.MigrationPlan) -> str:
 
 
 # ---- limits ---------------------------------------------------------------------------------
-
-
-def limit_json(info: LimitInfo) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "name": info.name,
-        "limit": info.limit,
-        "active": info.active,
-        "active_slots": info.active_slots,
-        "leased_slots": info.leased_slots,
-        "slot_decay_per_second": info.slot_decay_per_second,
-        "window_seconds": info.window_seconds,
-        "shadow": info.shadow,
-        "shadow_refusals": info.shadow_refusals,
-        "grants_total": info.grants_total,
-        "refusals_total": info.refusals_total,
-        "wait_seconds_total": info.wait_seconds_total,
-        "expired_leases_total": info.expired_leases_total,
-        "waiter_priorities": info.waiter_priorities or [],
-        "denied_slots": info.denied_slots,
-        "avg_slot_occupancy_seconds": info.avg_slot_occupancy_seconds,
-        "leases": info.leases,
-        "expired_leases": info.expired_leases,
-        "waiters": info.waiters,
-        "oldest_waiter_seconds": info.oldest_waiter_seconds,
-        "created": info.created,
-        "updated": info.updated,
-        "template": info.template,
-        "is_template": info.is_template,
-        "instances": info.instances,
-    }
 
 
 @cli.command(short_help="Create a limit, or a template (NAME ending in *).")
@@ -423,9 +392,6 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return number(round(value, 3))
     return str(value)
-
-
-from . import ui  # noqa: E402, F401 - adds `ui` and `metrics`; it uses limit_json above
 
 
 def main() -> None:

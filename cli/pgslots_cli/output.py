@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from pgslots.client import LimitInfo
+
 # Characters that would break a message over several lines (str.splitlines splits on all of them),
 # or move the cursor: shown escaped, so an error is always one line whatever a name contains.
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, 0x85]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
@@ -83,3 +85,35 @@ def one_line(message: str) -> str:
 
 def echo_error(message: str) -> None:
     click.echo(one_line(message), err=True)
+
+
+def limit_json(info: LimitInfo) -> dict[str, Any]:
+    """A limit as `inspect -o json`, `ls -o json` and the web page show it."""
+    return {
+        "id": info.id,
+        "name": info.name,
+        "limit": info.limit,
+        "active": info.active,
+        "active_slots": info.active_slots,
+        "leased_slots": info.leased_slots,
+        "slot_decay_per_second": info.slot_decay_per_second,
+        "window_seconds": info.window_seconds,
+        "shadow": info.shadow,
+        "shadow_refusals": info.shadow_refusals,
+        "grants_total": info.grants_total,
+        "refusals_total": info.refusals_total,
+        "wait_seconds_total": info.wait_seconds_total,
+        "expired_leases_total": info.expired_leases_total,
+        "waiter_priorities": info.waiter_priorities or [],
+        "denied_slots": info.denied_slots,
+        "avg_slot_occupancy_seconds": info.avg_slot_occupancy_seconds,
+        "leases": info.leases,
+        "expired_leases": info.expired_leases,
+        "waiters": info.waiters,
+        "oldest_waiter_seconds": info.oldest_waiter_seconds,
+        "created": info.created,
+        "updated": info.updated,
+        "template": info.template,
+        "is_template": info.is_template,
+        "instances": info.instances,
+    }

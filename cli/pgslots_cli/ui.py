@@ -12,7 +12,6 @@ import collections
 import hmac
 import ipaddress
 import json
-import os
 import secrets
 import socket
 import threading
@@ -29,12 +28,25 @@ from pgslots.client import Client, LeaseInfo, LimitInfo
 from pgslots.metrics import exposition
 
 from .app import State, cli, fail, pass_state
-from .main import limit_json
-from .output import dumps
+from .output import dumps, limit_json
 from .ui_page import PAGE
 
 HISTORY_SECONDS = 3600.0
 BUSIEST_SHOWN = 5
+
+
+def _with_keys(limits: list[LimitInfo]) -> tuple[list[LimitInfo], dict[str, list[LimitInfo]]]:
+    """Limits and templates, and each template's keys: from one read of every limit."""
+    keys: dict[str, list[LimitInfo]] = collections.defaultdict(list)
+    for info in limits:
+        if info.template is not None:
+            keys[info.template].append(info)
+    return [i for i in limits if i.template is None], keys
+
+
+def _used(info: LimitInfo, keys: dict[str, list[LimitInfo]]) -> float:
+    """Slots in use: a template's are its keys' summed."""
+    return sum(k.active_slots for k in keys.get(info.name, [])) if info.is_template else info.active_slots
 
 
 def _loopback(host: str) -> bool:
@@ -78,11 +90,11 @@ class Sampler:
 
     def sample(self) -> None:
         now = time.time()
-        limits = self.client.read_limits(instances=False)
+        limits, keys = _with_keys(self.client.read_limits())
         with self._lock:
             for info in limits:
-                used = sum(k.active_slots for k in self.client.read_instances(info.name)) if info.is_template else info.active_slots
                 capacity = info.limit * (info.instances or 0) if info.is_template else info.limit
+                used = _used(info, keys)
                 self.points[info.name].append((now, info.grants_total, info.refusals_total, used / capacity if capacity else 0.0))
             for gone in set(self.points) - {i.name for i in limits}:
                 del self.points[gone]
@@ -122,7 +134,7 @@ class Dashboard:
         return hmac.compare_digest(header[len("Bearer ") :].encode(), self.token.encode())
 
     def limits(self) -> dict[str, Any]:
-        infos = self.client.read_limits(instances=False)
+        infos, keys = _with_keys(self.client.read_limits())
         holders: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         holders_note = None
         try:
@@ -148,9 +160,10 @@ class Dashboard:
             row = limit_json(info)
             row["holders"] = holders.get(info.name, [])
             if info.is_template:
-                busiest: list[LimitInfo] = self.client.read_instances(info.name, busiest=BUSIEST_SHOWN)
+                # Busiest first, as get_instances(template, busiest) orders them.
+                busiest = sorted(keys.get(info.name, []), key=lambda k: (-k.active_slots, -k.waiters, k.name))[:BUSIEST_SHOWN]
                 row["busiest"] = [limit_json(k) | {"holders": holders.get(k.name, [])} for k in busiest]
-                row["active_slots"] = sum(k.active_slots for k in self.client.read_instances(info.name))
+                row["active_slots"] = _used(info, keys)
             rows.append(row)
         return {
             "limits": rows,
@@ -342,7 +355,6 @@ def ui(state: State, host: str, port: int, allow_admin: bool, token: str | None,
         click.echo("Read-only (start with --allow-admin to change limits from the page).")
     if token and not allow_admin and not loopback:
         click.echo("Every request needs the token given.")
-    os.environ.pop("PGSLOTS_UI_TOKEN", None)
     try:
         server.serve_forever(poll_interval=0.25)
     except KeyboardInterrupt:
