@@ -19,7 +19,7 @@ DECLARE
                                    'leave_queue', 'keep_alive', 'get_limits', 'get_instances',
                                    'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',
-                                    'list_leases', 'lock_for_apply'];
+                                    'list_leases', 'lock_for_apply', 'clear_debt'];
     view_helpers text[] := ARRAY['_clock', '_decayed'];
     f record;
     has_user boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user');

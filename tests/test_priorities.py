@@ -41,8 +41,8 @@ def served_order(conn: Conn, first: Any, leases: dict[uuid.UUID, str]) -> list[s
 
 @pytest.fixture
 def long_waits(sql: Conn) -> Conn:
-    """Waiters keep their place without heartbeats for the length of a test."""
-    sql.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 600")
+    """Waiters keep their place without heartbeats for the length of a test; priorities up to 100."""
+    sql.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 600, max_priority = 100")
     return sql
 
 
@@ -144,8 +144,12 @@ def test_the_key_served_least_recently_starts_a_round(long_waits: Conn) -> None:
     one(sql, "SELECT pgslots.release(%s) AS r", [held])  # a0 is served now
     current = next(lid for lid, label in labels.items() if label == "a0")
     labels[queue(sql, "api", key="b")] = "b0"
-    # a1 (round 1 now, queued before b0) and b0 tie on the round: b was never served, so b0 first.
-    assert served_order(sql, current, labels) == ["b0", "a1"]
+    # a1 (round 1 now, queued before b0) and b0 tie on the round. b was never served: it goes by its
+    # first waiter's arrival, after a was served, so a1 first (a new key is not a way to the front).
+    labels[queue(sql, "api", key="c")] = "c0"
+    labels[queue(sql, "api", key="b")] = "b1"
+    # Then b0 (arrived before c0), c0, and b1 last: b was served after c0 arrived.
+    assert served_order(sql, current, labels) == ["a1", "b0", "c0", "b1"]
 
 
 def test_a_large_request_at_the_head_blocks_those_behind_it(long_waits: Conn) -> None:

@@ -49,6 +49,7 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
         extra += f", window_seconds {number(want.window_seconds)}" if want.window_seconds else ""
         extra += "" if want.active else ", inactive"
         extra += ", shadow" if want.shadow else ""
+        extra += f", max_keys {want.max_keys}" if want.max_keys is not None else ""
         click.echo(f"{prefix}create {want.name!r}: limit {want.limit}{extra}")
     for want, changes in plan.change:
         described = ", ".join(f"{field} {_show(old)} -> {_show(new)}" for field, (old, new) in changes.items())

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 import pgslots
+from pgslots.apply import LARGEST
 from pgslots.client import LimitInfo
 
 from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add their commands to cli
@@ -64,7 +65,9 @@ def _describe(todo: pgslots.MigrationPlan) -> str:
 
 @cli.command(short_help="Create a limit, or a template (NAME ending in *).")
 @click.argument("name")
-@click.option("-l", "--limit", type=click.IntRange(min=0), required=True, help="Number of slots (>= 0); per key for a template.")
+@click.option(
+    "-l", "--limit", type=click.IntRange(min=0, max=LARGEST), required=True, help="Number of slots (>= 0); per key for a template."
+)
 @click.option(
     "--slot-decay-per-second",
     type=click.FloatRange(min=0),
@@ -81,6 +84,11 @@ def _describe(todo: pgslots.MigrationPlan) -> str:
 @click.option("--active-slots", type=click.IntRange(min=0), default=0, help="Slots to mark occupied from the start.")
 @click.option("--disable", is_flag=True, help="Create the limit inactive: it enforces nothing until enabled.")
 @click.option("--shadow", is_flag=True, help="Grant everything, but count the requests it would refuse (see inspect).")
+@click.option(
+    "--max-keys",
+    type=click.IntRange(min=1, max=LARGEST),
+    help="For a template: how many keys it may have at once (default: the database's max_keys_per_template).",
+)
 @pass_state
 def create(
     state: State,
@@ -91,6 +99,7 @@ def create(
     active_slots: int,
     disable: bool,
     shadow: bool,
+    max_keys: int | None,
 ) -> None:
     """Create the limit NAME with LIMIT slots.
 
@@ -119,6 +128,7 @@ def create(
             active=not disable,
             active_slots=active_slots,
             shadow=shadow,
+            max_keys=max_keys,
         )
     except pgslots.LimitExistsError:
         fail(f"Global concurrency limit {name!r} already exists.")
@@ -206,13 +216,18 @@ def inspect(state: State, name: str, output: str | None, path: Path | None) -> N
 
 @cli.command()
 @click.argument("name")
-@click.option("-l", "--limit", type=click.IntRange(min=0), help="New number of slots.")
+@click.option("-l", "--limit", type=click.IntRange(min=0, max=LARGEST), help="New number of slots.")
 @click.option("--active-slots", type=click.IntRange(min=0), help="Set the occupied slots (not below those leased).")
 @click.option("--slot-decay-per-second", type=click.FloatRange(min=0), help="New decay; 0 turns decay off.")
 @click.option("--window-seconds", type=click.FloatRange(min=0), help="New window; 0 turns the window off.")
 @click.option("--enable", is_flag=True, help="Enforce the limit again.")
 @click.option("--disable", is_flag=True, help="Stop enforcing the limit (acquires pass freely).")
 @click.option("--shadow/--enforce", default=None, help="Shadow mode (grant everything, count would-be refusals), or enforce.")
+@click.option(
+    "--max-keys",
+    type=click.IntRange(min=0, max=LARGEST),
+    help="For a template: how many keys it may have at once (0: the database's max_keys_per_template).",
+)
 @pass_state
 def update(
     state: State,
@@ -224,6 +239,7 @@ def update(
     enable: bool,
     disable: bool,
     shadow: bool | None,
+    max_keys: int | None,
 ) -> None:
     """Change the limit NAME. Lowering the limit pre-empts no holder.
 
@@ -232,7 +248,7 @@ def update(
     """
     if enable and disable:
         fail("Cannot enable and disable a global concurrency limit at the same time.")
-    given = (limit, active_slots, slot_decay_per_second, window_seconds, shadow)
+    given = (limit, active_slots, slot_decay_per_second, window_seconds, shadow, max_keys)
     if all(v is None for v in given) and not (enable or disable):
         fail("No update arguments provided.")
     if slot_decay_per_second is not None:
@@ -249,6 +265,7 @@ def update(
             window_seconds=window_seconds,
             active=active,
             shadow=shadow,
+            max_keys=max_keys,
         )
     except pgslots.LimitNotFoundError:
         fail(f"Global concurrency limit {name!r} not found.")
@@ -279,6 +296,20 @@ def delete(state: State, name: str, yes: bool) -> None:
         click.echo(f"Deleted template {name!r}; its {info.instances} key(s) are removed once nobody holds them.")
         return
     click.echo(f"Deleted global concurrency limit with name {name!r}.")
+
+
+@cli.command("clear-debt", short_help="Empty a limit's rate slots, debts included.")
+@click.argument("name")
+@pass_state
+def clear_debt(state: State, name: str) -> None:
+    """Empty the rate slots of the limit NAME (its token bucket, or the grants in its window), debts
+    included, so that it admits again at once; for a template, of every key. Slots held by leases
+    stay. For when a caller settled a reservation far above its estimate."""
+    try:
+        cleared = state.client.clear_debt(name)
+    except pgslots.LimitNotFoundError:
+        fail(f"Global concurrency limit {name!r} not found.")
+    click.echo(f"Cleared {number(round(cleared, 2))} rate slot(s) of {name!r}: it admits again at once.")
 
 
 def _toggle(state: State, name: str, active: bool) -> None:

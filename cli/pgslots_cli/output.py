@@ -11,11 +11,14 @@ from typing import Any
 
 import click
 
+from pgslots._text import ESCAPES, shown
 from pgslots.client import LimitInfo
 
 # Characters that would break a message over several lines (str.splitlines splits on all of them),
-# or move the cursor: shown escaped, so an error is always one line whatever a name contains.
-_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, 0x85]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+# move the cursor or act on the terminal: shown escaped, so a line is one line whatever a name holds.
+_UNPRINTABLE = ESCAPES
+# In JSON, the same characters as JSON escapes (the output stays valid JSON, and reads back as it was).
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in ESCAPES if c >= 0x7F}  # json escapes C0 itself
 
 
 def to_jsonable(value: Any) -> Any:
@@ -33,7 +36,8 @@ def to_jsonable(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(to_jsonable(value), indent=2, sort_keys=True, ensure_ascii=False)
+    """JSON for scripts; a caller-named control character appears only as a JSON escape."""
+    return json.dumps(to_jsonable(value), indent=2, sort_keys=True, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 def number(value: float) -> str:
@@ -80,7 +84,7 @@ def bar(used: float, limit: int, width: int = 20) -> str:
 
 
 def one_line(message: str) -> str:
-    return message.strip().translate(_UNPRINTABLE)
+    return shown(message.strip())
 
 
 def echo_error(message: str) -> None:
@@ -116,4 +120,5 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "template": info.template,
         "is_template": info.is_template,
         "instances": info.instances,
+        "max_keys": info.max_keys,
     }

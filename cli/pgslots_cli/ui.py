@@ -49,13 +49,33 @@ def _used(info: LimitInfo, keys: dict[str, list[LimitInfo]]) -> float:
     return sum(k.active_slots for k in keys.get(info.name, [])) if info.is_template else info.active_slots
 
 
+MAX_BODY = 65536  # bytes of an admin action's JSON
+
+
 def _loopback(host: str) -> bool:
-    if host == "localhost":
+    """True for exactly "localhost" and loopback addresses (127.0.0.0/8, ::1): no other name, so a
+    page whose name merely starts like one (127.0.0.1.attacker.example) is not served."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a Host header without its port ("[::1]:8787" -> "::1"); None when malformed."""
+    header = header.strip()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1 :] if end > 0 else "?"
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        return header[1:end]
+    name, colon, port = header.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name
 
 
 class Sampler:
@@ -232,10 +252,10 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
             # name as Host: only loopback names are served.
             if not board.loopback:
                 return True
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-            if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+            host = _host_name(self.headers.get("Host") or "")
+            if host is not None and _loopback(host):
                 return True
-            self._json(403, {"error": f"Host {host!r} is not a loopback name: open http://127.0.0.1:PORT/."})
+            self._json(403, {"error": f"Host {self.headers.get('Host')!r} is not a loopback name: open http://127.0.0.1:PORT/."})
             return False
 
         def _readable(self) -> bool:
@@ -275,10 +295,13 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
             if not board.authorized(self.headers.get("Authorization")):
                 self._json(401, {"error": "Admin actions need the token printed when pgslots ui started (Authorization: Bearer TOKEN)."})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not declared.isascii() or not declared.isdigit() or int(declared) > MAX_BODY:
+                self._json(400, {"error": f"Content-Length must be a number of bytes from 0 to {MAX_BODY}."})
+                return
             try:
-                body = json.loads(self.rfile.read(length) or b"{}") if length <= 65536 else None
-            except json.JSONDecodeError:
+                body = json.loads(self.rfile.read(int(declared)) or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 body = None
             if not isinstance(body, dict):
                 self._json(400, {"error": "Send a JSON object (at most 64 KiB)."})

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import click
 
+from pgslots._text import shown
 from pgslots.client import Client, LimitInfo
 
 from .app import State, cli, pass_state
@@ -45,7 +46,8 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
             lines.append(f"{'':{width}}    {lease.slots} slot(s)  {who}  held {age}{expired}")
         if len(held) > HOLDERS_SHOWN:
             lines.append(f"{'':{width}}    ... and {len(held) - HOLDERS_SHOWN} more lease(s)")
-    return "\n".join(lines)
+    # Names, hosts and keys are the callers' words: no character of theirs acts on the terminal.
+    return "\n".join(shown(line) for line in lines)
 
 
 def _state(info: LimitInfo) -> str:

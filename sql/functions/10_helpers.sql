@@ -100,27 +100,39 @@ LANGUAGE sql VOLATILE
 AS $$ SELECT pg_catalog.pg_advisory_xact_lock_shared(1885827953, pg_catalog.hashtext(target::text)) $$;
 
 -- Liveness. A lease taken for a session (a client process that calls keep_alive) is dead once the
--- session has not been seen for liveness_seconds and the backend it last called from is gone: the
--- process died, or was cut off for longer than it could hold on (its client gives the leases up
--- before then). A session without a backend (kept alive through a pooler) is judged by time alone.
--- A backend still there (a paused process) keeps its leases until they expire.
-CREATE FUNCTION pgslots._backend_alive(pid integer) RETURNS boolean
-LANGUAGE sql STABLE
-AS $$ SELECT pid IS NOT NULL AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(pid) a) $$;
+-- session has not been seen for liveness_seconds and the connection it last called keep_alive from
+-- is gone: the process died, or was cut off for longer than it could hold on (its client gives the
+-- leases up before then). A session without a connection of its own (kept alive through a pooler)
+-- is judged by time alone. A connection still there (a paused process) keeps its leases until they
+-- expire.
+--
+-- The connection is known by an advisory lock, not by its backend PID: keep_alive takes the
+-- session's lock, shared, for the life of its connection, and a connection that ends lets it go.
+-- A PID can be reused by another connection after the holder died; a lock held by nobody cannot.
+CREATE FUNCTION pgslots._session_lock(session uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT ('x' || pg_catalog.left(pg_catalog.replace(session::text, '-', ''), 16))::bit(64)::bigint $$;
+
+-- True while a connection holds the session's lock. Probing takes the lock exclusively when it is
+-- free, until the end of the caller's transaction: a keep_alive meanwhile cannot take it, but that
+-- keep_alive marks the session seen, which keeps it alive just the same.
+CREATE FUNCTION pgslots._connected(session uuid) RETURNS boolean
+LANGUAGE sql VOLATILE
+AS $$ SELECT NOT pg_catalog.pg_try_advisory_xact_lock(pgslots._session_lock(session)) $$;
 
 CREATE FUNCTION pgslots._session_dead(session uuid, at timestamptz, liveness_seconds float8) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE sql VOLATILE
 AS $$
     SELECT EXISTS (SELECT 1 FROM pgslots.sessions s
                    WHERE s.id = session AND s.seen_at <= at - make_interval(secs => liveness_seconds)
-                     AND NOT pgslots._backend_alive(s.backend_pid))
+                     AND (s.backend_pid IS NULL OR NOT pgslots._connected(s.id)))
 $$;
 
 -- A lease row whose slots may be taken back: expired, or its session dead (and the lease older than
 -- liveness_seconds: a session silent for a while, e.g. idle between two leases, does not doom a new one).
 CREATE FUNCTION pgslots._lease_gone(expires_at timestamptz, session uuid, acquired_at timestamptz,
                                     at timestamptz, liveness_seconds float8) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE sql VOLATILE
 AS $$
     SELECT expires_at <= at
         OR (session IS NOT NULL AND acquired_at <= at - make_interval(secs => liveness_seconds)
@@ -266,6 +278,41 @@ BEGIN
 END
 $$;
 
+-- Gives one grant of a window limit's log (whose row lock the caller holds) its settled cost. A
+-- grant settled to nothing leaves the log. Grants of less than one slot are folded into the newest
+-- of them, so their slots leave the window later, never sooner: the log holds at most one grant of
+-- less than a slot, and so no more grants than the slots in the window, plus one.
+CREATE FUNCTION pgslots._window_settle(target uuid, grant_id bigint, granted_at timestamptz, slots float8) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    newest record;
+    folded float8;
+BEGIN
+    IF slots <= 0 THEN
+        DELETE FROM pgslots.window_grants g
+        WHERE g.limit_id = target AND g.granted_at = _window_settle.granted_at AND g.id = grant_id;
+        RETURN;
+    END IF;
+    UPDATE pgslots.window_grants g SET slots = _window_settle.slots
+    WHERE g.limit_id = target AND g.granted_at = _window_settle.granted_at AND g.id = grant_id;
+    IF slots < 1 THEN
+        SELECT g.granted_at, g.id INTO newest FROM pgslots.window_grants g
+        WHERE g.limit_id = target AND g.slots < 1
+        ORDER BY g.granted_at DESC, g.id DESC LIMIT 1;
+        WITH f AS (
+            DELETE FROM pgslots.window_grants g
+            WHERE g.limit_id = target AND g.slots < 1 AND (g.granted_at, g.id) <> (newest.granted_at, newest.id)
+            RETURNING g.slots)
+        SELECT sum(f.slots) INTO folded FROM f;
+        IF folded IS NOT NULL THEN
+            UPDATE pgslots.window_grants g SET slots = g.slots + folded
+            WHERE g.limit_id = target AND g.granted_at = newest.granted_at AND g.id = newest.id;
+        END IF;
+    END IF;
+END
+$$;
+
 -- Seconds until `shortfall` slots of a window limit have left its window: the oldest grants leave
 -- first, each exactly `window` seconds after it was made. Exact; when the window holds fewer slots
 -- than that (slots of waiters ahead count too), a whole window.
@@ -370,16 +417,20 @@ BEGIN
     RETURN QUERY
     SELECT r.id, r.slots,
            pg_catalog.row_number() OVER (ORDER BY r.level DESC, r.round, r.served_at, r.first, r.id)
-    FROM (SELECT q.id, q.slots, q.level, coalesce(s.served_at, '-infinity') AS served_at,
+    FROM (SELECT q.id, q.slots, q.level,
+                 -- A key goes by when it was last served; a key not served while it waited (a new
+                 -- key, or one whose history was pruned) by when its first waiter arrived. So a new
+                 -- key per request earns no earlier place than first come, first served.
+                 coalesce(s.served_at, min(q.enqueued_at) OVER (PARTITION BY q.k)) AS served_at,
                  pg_catalog.row_number() OVER w AS round, min(q.id) OVER w AS first
-          FROM (SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k,
+          FROM (SELECT w.id, w.slots, coalesce(w.fairness_key, '') AS k, w.enqueued_at,
                        w.priority + CASE WHEN aging > 0
                            THEN floor(greatest(0, pg_catalog.date_part('epoch', at - w.enqueued_at)) / aging)
                            ELSE 0 END AS level
                 FROM pgslots.waiters w
                 WHERE w.limit_id = target AND (w.expires_at > at OR w.id = ticket)
                 UNION ALL
-                SELECT coalesce(ticket, 9223372036854775807), 0, coalesce(fairness_key, ''), priority
+                SELECT coalesce(ticket, 9223372036854775807), 0, coalesce(fairness_key, ''), at, priority
                 WHERE priority IS NOT NULL
                   AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ticket)) q
           LEFT JOIN pgslots.served_keys s ON s.limit_id = target AND s.fairness_key = q.k
@@ -430,16 +481,36 @@ $$;
 
 -- Remembers that `fairness_key` was served on these limits now, when others wait there and keys or
 -- priorities are in play (the caller's or a waiter's): the next round of their round-robin then
--- starts with another key. Plain queues skip the write.
+-- starts with another key. Plain queues skip the write. The history of a limit is kept to about
+-- 1024 keys: past that, each new key removes the rows of a few keys served longest ago that wait
+-- no more (such a key, queued again, goes by its first waiter's arrival, see _queue).
 CREATE FUNCTION pgslots._served(ids uuid[], fairness_key text, at timestamptz) RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    grown uuid[];
 BEGIN
-    INSERT INTO pgslots.served_keys AS s (limit_id, fairness_key, served_at)
-    SELECT i, coalesce(_served.fairness_key, ''), at FROM unnest(ids) AS i
-    WHERE EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = i)
-      AND (_served.fairness_key IS NOT NULL OR NOT pgslots._plain_queue(i))
-    ON CONFLICT ON CONSTRAINT served_keys_pkey DO UPDATE SET served_at = excluded.served_at;
+    WITH written AS (
+        INSERT INTO pgslots.served_keys AS s (limit_id, fairness_key, served_at)
+        SELECT i, coalesce(_served.fairness_key, ''), at FROM unnest(ids) AS i
+        WHERE EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = i)
+          AND (_served.fairness_key IS NOT NULL OR NOT pgslots._plain_queue(i))
+        ON CONFLICT ON CONSTRAINT served_keys_pkey DO UPDATE SET served_at = excluded.served_at
+        RETURNING s.limit_id, (s.xmax = 0) AS inserted)
+    SELECT array_agg(w.limit_id) INTO grown FROM written w WHERE w.inserted;
+    IF grown IS NOT NULL THEN
+        DELETE FROM pgslots.served_keys s
+        WHERE (s.limit_id, s.fairness_key) IN (
+            SELECT x.limit_id, x.fairness_key
+            FROM unnest(grown) AS g(id)
+            CROSS JOIN LATERAL (
+                SELECT k.limit_id, k.fairness_key FROM pgslots.served_keys k
+                WHERE k.limit_id = g.id
+                  AND (SELECT count(*) FROM (SELECT 1 FROM pgslots.served_keys c WHERE c.limit_id = g.id LIMIT 1025) n) > 1024
+                  AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                                  WHERE w.limit_id = k.limit_id AND coalesce(w.fairness_key, '') = k.fairness_key)
+                ORDER BY k.served_at LIMIT 4) x);
+    END IF;
 END
 $$;
 
@@ -466,12 +537,33 @@ $$;
 -- template's values; returns how many it created. Race-free: two callers creating one name get one
 -- row (the second waits for the first's insert, then finds it). Names are inserted in name order,
 -- the one order every creator uses, so two callers creating the same names never deadlock.
+-- A template at its number of live keys (max_keys, else settings.max_keys_per_template) first
+-- drops a few idle ones; a new key that still finds no room is refused with PS016.
 CREATE FUNCTION pgslots._create_instances(names text[], at timestamptz) RETURNS integer
 LANGUAGE plpgsql
 AS $$
 DECLARE
     created integer;
+    tpl record;
 BEGIN
+    FOR tpl IN SELECT n.template, min(n.name) AS example,
+                    coalesce(min(l.max_keys), (SELECT s.max_keys_per_template FROM pgslots.settings s)) AS most,
+                    min(l.name) AS template_name
+             FROM (SELECT u.name, pgslots._template_for(u.name) AS template
+                   FROM unnest(names) AS u(name)
+                   WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
+             JOIN pgslots.limits l ON l.id = n.template
+             GROUP BY n.template LOOP
+        IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+            PERFORM pgslots._drop_idle(tpl.template, at, 8);
+            IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+                RAISE EXCEPTION 'Template % has % live keys, its most: key % cannot be created now.',
+                    quote_literal(tpl.template_name), tpl.most, quote_literal(left(tpl.example, 80))
+                    USING ERRCODE = 'PS016',
+                          HINT = 'Try again once keys are idle, or raise the template''s max_keys (update_limit) or settings.max_keys_per_template.';
+            END IF;
+        END IF;
+    END LOOP;
     INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
                                      decayed_at, created, updated, template_id)
     SELECT n.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
@@ -486,15 +578,24 @@ BEGIN
 END
 $$;
 
+-- The live keys of a template, counted up to `most` (an index-only walk of at most that many entries).
+CREATE FUNCTION pgslots._keys_of(template uuid, most integer) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT count(*) FROM (SELECT 1 FROM pgslots.limits l WHERE l.template_id = template LIMIT most) k
+$$;
+
 -- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
--- lease, no waiter, no rate slot left after decay or in its window.
+-- lease, no waiter, and no rate slot left after decay or in its window; a retiring instance's rate
+-- slots (a debt, say) go with it, as its template is gone.
 CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
-       AND CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
-                ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END
+       AND (l.retiring
+            OR CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
+                    ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END)
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
 END
@@ -508,12 +609,28 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     gone uuid[];
+    start uuid;
 BEGIN
-    gone := ARRAY(SELECT l.id FROM pgslots.limits l
-                  WHERE l.template_id IS NOT NULL AND (template IS NULL OR l.template_id = template)
-                    AND pgslots._idle(l, at)
-                  LIMIT most
-                  FOR UPDATE SKIP LOCKED);
+    IF template IS NULL OR most IS NULL THEN
+        gone := ARRAY(SELECT l.id FROM pgslots.limits l
+                      WHERE l.template_id IS NOT NULL AND (template IS NULL OR l.template_id = template)
+                        AND pgslots._idle(l, at)
+                      LIMIT most
+                      FOR UPDATE SKIP LOCKED);
+    ELSE
+        -- A few keys from a random point of the template's keys (wrapping around), never all of
+        -- them: a template with many busy keys costs a new key as little as one with none.
+        start := gen_random_uuid();
+        gone := ARRAY(SELECT c.id FROM pgslots.limits c
+                      WHERE c.id IN ((SELECT l.id FROM pgslots.limits l
+                                      WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 8 * most)
+                                     UNION ALL
+                                     (SELECT l.id FROM pgslots.limits l
+                                      WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 8 * most))
+                        AND pgslots._idle(c, at)
+                      LIMIT most
+                      FOR UPDATE SKIP LOCKED);
+    END IF;
     IF cardinality(gone) > 0 THEN
         -- Their counters stay in their template's totals (a retiring key's template is gone: the
         -- foreign key then finds no row, and the counters go with the template).
@@ -552,10 +669,20 @@ AS $$
     FROM pg_catalog.unnest(names) WITH ORDINALITY AS u(n, ord)
 $$;
 
+-- True when a text holds a character that moves or hides what a terminal or a line-based reader
+-- shows: C0 and C1 controls, DEL, line and paragraph separators, bidirectional overrides.
+CREATE FUNCTION pgslots._unprintable(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT t ~ '[\x01-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]' $$;
+
 -- True when a name breaks the naming rule; _check_name says how.
 CREATE FUNCTION pgslots._bad_name(name text) RETURNS boolean
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT name IS NULL OR name = '' OR name ~ '[/%&><]' OR pg_catalog.char_length(name) > 255 $$;
+AS $$
+    SELECT name IS NULL OR name = '' OR name ~ '[/%&><]' OR pg_catalog.char_length(name) > 255
+        OR pgslots._unprintable(name) OR name !~ '[^[:space:]]'
+$$;
+
 
 CREATE FUNCTION pgslots._check_name(name text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
@@ -569,6 +696,15 @@ BEGIN
         RAISE EXCEPTION 'Limit name % contains a forbidden character: names must not contain any of / %% & > <.',
             quote_literal(left(name, 80))
             USING ERRCODE = 'PS001', HINT = 'Choose a name without / % & > <.';
+    END IF;
+    IF pgslots._unprintable(name) THEN
+        RAISE EXCEPTION 'Limit name % contains a control character (a newline, a tab, an escape or the like): names must be printable.',
+            quote_literal(pg_catalog.regexp_replace(left(name, 80), '[^[:print:]]', '?', 'g'))
+            USING ERRCODE = 'PS001', HINT = 'Choose a name of printable characters, e.g. ''tenant:acme''.';
+    END IF;
+    IF name !~ '[^[:space:]]' THEN
+        RAISE EXCEPTION 'A limit name must not be blank: it is made of spaces only.'
+            USING ERRCODE = 'PS001', HINT = 'Give the limit a name, e.g. ''api''.';
     END IF;
     IF char_length(name) > 255 THEN
         RAISE EXCEPTION 'Limit name ''%...'' is % characters long: names are at most 255 characters.',
@@ -684,18 +820,29 @@ BEGIN
 END
 $$;
 
--- Priorities are -100..100; a fairness key is NULL (no key) or a text of 1 to 255 characters.
+-- Priorities are -100..settings.max_priority; a fairness key is NULL (no key) or a text of 1 to 255
+-- printable characters.
 CREATE FUNCTION pgslots._check_queue_args(priority integer, fairness_key text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql STABLE
 AS $$
+DECLARE
+    highest integer;
 BEGIN
     IF priority IS NULL OR priority < -100 OR priority > 100 THEN
         RAISE EXCEPTION 'priority must be a whole number from -100 to 100 (higher is served first), got %.',
             coalesce(priority::text, 'NULL')
-            USING ERRCODE = 'PS015', HINT = 'Use 0 for normal work, e.g. 10 for urgent and -10 for batch work.';
+            USING ERRCODE = 'PS015', HINT = 'Use 0 for normal work, e.g. 5 for urgent and -10 for batch work.';
     END IF;
-    IF fairness_key = '' OR pg_catalog.char_length(fairness_key) > 255 THEN
-        RAISE EXCEPTION 'fairness_key must be NULL (no key) or a text of 1 to 255 characters, got % characters.',
+    IF priority > 0 THEN
+        highest := (SELECT s.max_priority FROM pgslots.settings s);
+        IF priority > highest THEN
+            RAISE EXCEPTION 'priority % is above the highest this database allows (max_priority %).', priority, highest
+                USING ERRCODE = 'PS015',
+                      HINT = 'Use a priority from -100 to max_priority; an operator can raise pgslots.settings.max_priority.';
+        END IF;
+    END IF;
+    IF fairness_key = '' OR pg_catalog.char_length(fairness_key) > 255 OR pgslots._unprintable(fairness_key) THEN
+        RAISE EXCEPTION 'fairness_key must be NULL (no key) or a text of 1 to 255 characters, all printable, got % characters.',
             pg_catalog.char_length(fairness_key)
             USING ERRCODE = 'PS015', HINT = 'Use a short identifier such as a tenant or user id.';
     END IF;
@@ -716,6 +863,16 @@ BEGIN
             quote_literal(left(name, 80)), quote_literal(left(name, -1))
             USING ERRCODE = 'PS016', HINT = 'End the template''s name in a single *, e.g. ''tenant:*''.';
     END IF;
+END
+$$;
+
+-- A session id that another login role keeps alive: it cannot bind this caller's leases.
+CREATE FUNCTION pgslots._not_your_session(session uuid) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Session % belongs to another role.', session USING ERRCODE = 'PS014',
+        HINT = 'Use a new random UUID for your session, and keep it alive with keep_alive.';
 END
 $$;
 

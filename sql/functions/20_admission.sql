@@ -274,6 +274,10 @@ BEGIN
     IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
         PERFORM pgslots._check_queue_args(priority, fairness_key);
     END IF;
+    -- A session binds only leases of the role that keeps it alive.
+    IF session IS NOT NULL AND EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user) THEN
+        PERFORM pgslots._not_your_session(session);
+    END IF;
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
         SELECT * INTO cfg FROM pgslots.settings;
         IF pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
@@ -431,16 +435,15 @@ BEGIN
     INTO granted, retry_after, missing, blocked_by, waiter, counted
     FROM pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
                         coalesce(priority, 0), fairness_key, reservation_id) AS a;
-    IF reserving AND granted THEN
+    -- A reservation that counted on no limit (its names have none, or none is active) has nothing
+    -- to settle: nothing is stored, and reservation_id is NULL.
+    IF reserving AND granted AND cardinality(counted) > 0 THEN
         SELECT * INTO cfg FROM pgslots.settings;
         at := pgslots._clock(cfg.clock_offset);
-        INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner)
-        VALUES (reservation_id, coalesce(counted, '{}'), slots, at,
-                at + make_interval(secs => cfg.reservation_seconds), session_user);
-        -- Reservations past settling go a few at a time, so the table holds about one period's worth.
-        DELETE FROM pgslots.reservations r
-        WHERE r.id IN (SELECT x.id FROM pgslots.reservations x WHERE x.expires_at <= at
-                       ORDER BY x.expires_at LIMIT 4 FOR UPDATE SKIP LOCKED);
+        INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner, held, held_at, shard)
+        VALUES (reservation_id, counted, slots, at, at + make_interval(secs => cfg.reservation_seconds), session_user,
+                array_fill(slots::float8, ARRAY[cardinality(counted)]), at, pg_backend_pid() % 16);
+        PERFORM pgslots._count_reservation(reservation_id, at, cfg);
     ELSE
         reservation_id := NULL;
     END IF;
@@ -502,17 +505,70 @@ COMMENT ON FUNCTION pgslots.reserve(text[], integer, boolean, bigint, uuid, floa
 'granted, returns a reservation_id to pass to settle with the actual cost, within '
 'settings.reservation_seconds (default 3600). A reservation never settled costs its estimate.';
 
+-- Counts a new reservation in its role's shard, and keeps the role within max_reservations_per_role:
+-- first its reservations of this shard past settling go (a few at a time, more than one reserve
+-- adds), then, while the role has more than its most, its oldest of this shard (they can no longer
+-- be settled: their estimates stay their costs). Never waits for a row another call holds.
+CREATE FUNCTION pgslots._count_reservation(new_id uuid, at timestamptz, cfg pgslots.settings) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    mine smallint := pg_backend_pid() % 16;
+    total bigint;
+    gone bigint;
+BEGIN
+    INSERT INTO pgslots.role_reservations AS c (owner, shard, open) VALUES (session_user, mine, 1)
+    ON CONFLICT (owner, shard) DO UPDATE SET open = c.open + 1;
+    WITH old AS (
+        DELETE FROM pgslots.reservations r
+        WHERE r.id IN (SELECT x.id FROM pgslots.reservations x
+                       WHERE x.owner = session_user AND x.shard = mine
+                         AND x.reserved_at <= at - make_interval(secs => cfg.reservation_seconds)
+                         AND x.expires_at <= at
+                       ORDER BY x.reserved_at LIMIT 8 FOR UPDATE SKIP LOCKED)
+        RETURNING 1)
+    SELECT count(*) INTO gone FROM old;
+    total := (SELECT sum(c.open) FROM pgslots.role_reservations c WHERE c.owner = session_user) - gone;
+    IF total > cfg.max_reservations_per_role THEN
+        WITH oldest AS (
+            DELETE FROM pgslots.reservations r
+            WHERE r.id IN (SELECT x.id FROM pgslots.reservations x
+                           WHERE x.owner = session_user AND x.shard = mine AND x.id <> new_id
+                           ORDER BY x.reserved_at
+                           LIMIT least(8, total - cfg.max_reservations_per_role) FOR UPDATE SKIP LOCKED)
+            RETURNING 1)
+        SELECT gone + count(*) INTO gone FROM oldest;
+    END IF;
+    IF gone > 0 THEN
+        UPDATE pgslots.role_reservations c SET open = greatest(0, c.open - gone)
+        WHERE c.owner = session_user AND c.shard = mine;
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgslots.settle(reservation_id uuid, actual float8, wait_seconds float8 DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+-- Per limit, what the reservation still holds there decides a refund: on a bucket, `held` (its
+-- slots at held_at) decays at the limit's rate as if its own slots left first, so a refund never
+-- gives back slots that already left the bucket; on a window limit, its grant still in the window.
+-- A debt is capped so that the limit's rate slots stay within twice its limit: a debt closes a
+-- limit for at most twice the time a full bucket takes to drain, or until its grant leaves the
+-- window.
 DECLARE
     prior_lock_timeout text;
     r record;
     diff float8;
     at timestamptz;
     lim record;
+    holds float8[];
+    since timestamptz;
+    kept float8;
+    moved float8;
+    used float8;
+    g record;
 BEGIN
     IF wait_seconds IS NOT NULL THEN
         prior_lock_timeout := pgslots._bound_waits(wait_seconds);
@@ -538,32 +594,40 @@ BEGIN
                   HINT = 'Settle sooner, or raise settings.reservation_seconds.';
     END IF;
     diff := actual - r.slots;   -- 0: settled with this value already, nothing changes
-    FOR lim IN SELECT l.id, l.slot_decay_per_second, l.window_seconds FROM pgslots.limits l
-               WHERE diff <> 0 AND l.id = ANY (r.limit_ids) ORDER BY l.id FOR UPDATE LOOP
+    holds := coalesce(r.held, array_fill(r.slots, ARRAY[cardinality(r.limit_ids)]));
+    since := coalesce(r.held_at, r.reserved_at);
+    FOR lim IN SELECT l.id, l."limit", l.slot_decay_per_second, l.window_seconds, u.ord::integer AS ord
+               FROM pgslots.limits l JOIN unnest(r.limit_ids) WITH ORDINALITY AS u(id, ord) ON u.id = l.id
+               WHERE diff <> 0 ORDER BY l.id FOR UPDATE OF l LOOP
         IF lim.window_seconds > 0 THEN
             -- The cost counts when the grant was made: while that grant is in the window.
-            UPDATE pgslots.window_grants g SET slots = actual
-            WHERE g.limit_id = lim.id AND g.reservation_id = settle.reservation_id
-                AND g.granted_at > at - make_interval(secs => lim.window_seconds);
+            PERFORM pgslots._window_purge(lim.id, lim.window_seconds, at);
+            SELECT x.id, x.granted_at, x.slots INTO g FROM pgslots.window_grants x
+            WHERE x.limit_id = lim.id AND x.reservation_id = settle.reservation_id;
             IF FOUND THEN
-                UPDATE pgslots.limits l
-                SET unleased_slots = greatest(0, l.unleased_slots + diff)
+                used := (SELECT l.unleased_slots FROM pgslots.limits l WHERE l.id = lim.id);
+                moved := CASE WHEN diff < 0 THEN greatest(diff, -g.slots)
+                              ELSE least(diff, greatest(0, 2.0 * lim."limit" - used)) END;
+                PERFORM pgslots._window_settle(lim.id, g.id, g.granted_at, g.slots + moved);
+                UPDATE pgslots.limits l SET unleased_slots = greatest(0, l.unleased_slots + moved)
                 WHERE l.id = lim.id;
             END IF;
         ELSIF lim.slot_decay_per_second > 0 THEN
-            -- A refund cannot take the bucket below empty; a debt must decay before the next grant.
-            UPDATE pgslots.limits l
-            SET unleased_slots = greatest(0,
-                    pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) + diff),
-                decayed_at = at
+            kept := greatest(0, holds[lim.ord] - lim.slot_decay_per_second * greatest(0, date_part('epoch', at - since)));
+            SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) INTO used
+            FROM pgslots.limits l WHERE l.id = lim.id;
+            moved := CASE WHEN diff < 0 THEN greatest(diff, -least(kept, used))
+                          ELSE least(diff, greatest(0, 2.0 * lim."limit" - used)) END;
+            UPDATE pgslots.limits l SET unleased_slots = greatest(0, used + moved), decayed_at = at
             WHERE l.id = lim.id;
+            holds[lim.ord] := greatest(0, kept + moved);
         END IF;
         IF diff < 0 THEN
             PERFORM pgslots._wake(lim.id, at);
         END IF;
     END LOOP;
     IF diff <> 0 THEN
-        UPDATE pgslots.reservations x SET slots = actual WHERE x.id = r.id;
+        UPDATE pgslots.reservations x SET slots = actual, held = holds, held_at = at WHERE x.id = r.id;
     END IF;
     IF prior_lock_timeout IS NOT NULL THEN
         PERFORM set_config('lock_timeout', prior_lock_timeout, true);
@@ -573,7 +637,10 @@ END
 $$;
 COMMENT ON FUNCTION pgslots.settle(uuid, float8, float8) IS
 'Makes `actual` (0 to 1e9) the final cost of a reservation: each of its limits changes by actual '
-'minus the cost settled last (the estimate at first): a refund when lower (a bucket never goes '
-'below empty), a debt that must decay, or leave the window with the grant, when higher. Settling '
-'again with the same value changes nothing and returns false; true when the cost changed. Only '
-'the role that reserved can settle, within settings.reservation_seconds: otherwise SQLSTATE PS017.';
+'minus the cost settled last (the estimate at first): a refund when lower, a debt that must decay, '
+'or leave the window with the grant, when higher. A refund gives back only what the reservation '
+'still holds (on a bucket, its slots that have not decayed yet; on a window limit, its grant while '
+'in the window), never below empty. A debt stops where the limit''s rate slots reach twice its '
+'limit. Settling again with the same value changes nothing and returns false; true when the cost '
+'changed. Only the role that reserved can settle, within settings.reservation_seconds: otherwise '
+'SQLSTATE PS017.';

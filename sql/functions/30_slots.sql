@@ -169,7 +169,13 @@ BEGIN
             AND EXISTS (SELECT 1 FROM pgslots.window_grants g
                         WHERE g.limit_id = m.id AND g.granted_at <= at - make_interval(secs => m.window_seconds))
           ORDER BY m.id FOR UPDATE SKIP LOCKED) l;
-    DELETE FROM pgslots.reservations r WHERE r.expires_at <= at;
+    WITH gone AS (DELETE FROM pgslots.reservations r WHERE r.expires_at <= at RETURNING r.owner, r.shard),
+         counted AS (SELECT g.owner, g.shard, count(*) AS n FROM gone g GROUP BY g.owner, g.shard),
+         locked AS (SELECT c.owner, c.shard FROM pgslots.role_reservations c
+                    WHERE (c.owner, c.shard) IN (SELECT n.owner, n.shard FROM counted n)
+                    ORDER BY c.owner, c.shard FOR UPDATE)
+    UPDATE pgslots.role_reservations c SET open = greatest(0, c.open - n.n)
+    FROM counted n WHERE c.owner = n.owner AND c.shard = n.shard AND (c.owner, c.shard) IN (SELECT * FROM locked);
     -- Instances nobody uses (and retiring ones), and round-robin history of queues now empty.
     PERFORM pgslots._drop_idle(NULL, at, NULL);
     DELETE FROM pgslots.served_keys k
@@ -199,19 +205,23 @@ BEGIN
             HINT = 'Pass the random UUID you give acquire as session.';
     END IF;
     -- The first caller of a session id owns it; no other login role can keep it alive or move it.
-    INSERT INTO pgslots.sessions AS s (id, owner, backend_pid, seen_at)
-    VALUES (session, session_user, CASE WHEN bind THEN pg_backend_pid() END, at)
-    ON CONFLICT (id) DO UPDATE SET backend_pid = excluded.backend_pid, seen_at = excluded.seen_at
-    WHERE s.owner = excluded.owner;
+    UPDATE pgslots.sessions s SET backend_pid = CASE WHEN bind THEN pg_backend_pid() END, seen_at = at
+    WHERE s.id = keep_alive.session AND s.owner = session_user;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Session % belongs to another role.', session USING ERRCODE = 'PS014',
-            HINT = 'Use a new random UUID for your session.';
+        PERFORM pgslots._new_session(session, bind, at);
+    END IF;
+    IF bind THEN
+        -- Held, shared, as long as this connection lives (see _connected). Taken again on every
+        -- call: a prober may have held it for a moment; holding it twice costs nothing.
+        PERFORM pg_try_advisory_lock_shared(pgslots._session_lock(session));
     END IF;
     liveness_seconds := (SELECT s.liveness_seconds FROM pgslots.settings s);
-    -- Of the leases the caller believes it holds, those that are gone (reclaimed, released by an
-    -- operator, or never replicated to this server after a failover).
+    -- Of the leases the caller believes it holds for this session, those that are gone (reclaimed,
+    -- released by an operator, or never replicated to this server after a failover). Only leases of
+    -- this session count as held: an id of anyone else's lease is answered as gone, like a made-up one.
     lost := ARRAY(SELECT g.id FROM unnest(leases) AS g(id)
-                  WHERE NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.id = g.id AND x.expires_at > at));
+                  WHERE NOT EXISTS (SELECT 1 FROM pgslots.leases x
+                                    WHERE x.id = g.id AND x.expires_at > at AND x.session_id = keep_alive.session));
     -- Leases of this session the caller no longer holds (a release lost in a failover, a lease it
     -- gave up): kept alive by the session, they would wait for their expiry. Only those older than
     -- liveness_seconds, so none that is being granted right now.
@@ -222,6 +232,43 @@ BEGIN
     END IF;
 END
 $$;
+
+-- A session id seen for the first time: it belongs to the calling role from now on. A role has at
+-- most settings.max_sessions_per_role sessions; at that number, its sessions that have gone quiet
+-- for liveness_seconds, hold no lease and have no connection are removed to make room, and a new
+-- session that still finds none is refused (PS019).
+CREATE FUNCTION pgslots._new_session(session uuid, bind boolean, at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cfg pgslots.settings;
+BEGIN
+    SELECT * INTO cfg FROM pgslots.settings;
+    IF (SELECT count(*) FROM (SELECT 1 FROM pgslots.sessions s WHERE s.owner = session_user
+                              LIMIT cfg.max_sessions_per_role) n) >= cfg.max_sessions_per_role THEN
+        DELETE FROM pgslots.sessions s
+        WHERE s.id IN (SELECT x.id FROM pgslots.sessions x
+                       WHERE x.owner = session_user AND x.seen_at <= at - make_interval(secs => cfg.liveness_seconds)
+                         AND NOT EXISTS (SELECT 1 FROM pgslots.leases l WHERE l.session_id = x.id)
+                         AND (x.backend_pid IS NULL OR NOT pgslots._connected(x.id))
+                       ORDER BY x.seen_at LIMIT 16 FOR UPDATE SKIP LOCKED);
+        IF (SELECT count(*) FROM (SELECT 1 FROM pgslots.sessions s WHERE s.owner = session_user
+                                  LIMIT cfg.max_sessions_per_role) n) >= cfg.max_sessions_per_role THEN
+            RAISE EXCEPTION 'This role keeps % sessions alive, its most (settings.max_sessions_per_role): session % is not started.',
+                cfg.max_sessions_per_role, session
+                USING ERRCODE = 'PS019',
+                      HINT = 'Reuse one session per process (a client does), or ask an operator to raise max_sessions_per_role.';
+        END IF;
+    END IF;
+    INSERT INTO pgslots.sessions AS s (id, owner, backend_pid, seen_at)
+    VALUES (session, session_user, CASE WHEN bind THEN pg_backend_pid() END, at)
+    ON CONFLICT (id) DO NOTHING;
+    IF NOT FOUND THEN
+        PERFORM pgslots._not_your_session(session);
+    END IF;
+END
+$$;
+
 COMMENT ON FUNCTION pgslots.keep_alive(uuid, uuid[], boolean) IS
 'Keeps a session alive: call it at least every second from a connection that stays open, and pass '
 'the same UUID as acquire''s session. Its leases then live while it does: once it has not been '

@@ -2,7 +2,8 @@
 
 CREATE FUNCTION pgslots.create_limit(
     name text, "limit" integer, slot_decay_per_second float8 DEFAULT 0, active boolean DEFAULT true,
-    active_slots integer DEFAULT 0, window_seconds float8 DEFAULT 0, shadow boolean DEFAULT false)
+    active_slots integer DEFAULT 0, window_seconds float8 DEFAULT 0, shadow boolean DEFAULT false,
+    max_keys integer DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -21,6 +22,7 @@ BEGIN
         RAISE EXCEPTION 'active_slots must be 0 or more, got %.', coalesce(active_slots::text, 'NULL')
             USING ERRCODE = 'PS002';
     END IF;
+    PERFORM pgslots._check_max_keys(max_keys, template);
     IF template THEN
         PERFORM pgslots._check_template_name(name);
         IF active_slots > 0 THEN
@@ -42,9 +44,9 @@ BEGIN
         END IF;
     END IF;
     INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
-                                     decayed_at, created, updated, is_template)
+                                     decayed_at, created, updated, is_template, max_keys)
     VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(window_seconds, 0),
-            coalesce(shadow, false), coalesce(active, true), at, at, at, template)
+            coalesce(shadow, false), coalesce(active, true), at, at, at, template, nullif(max_keys, 0))
     ON CONFLICT ON CONSTRAINT limits_name_key DO NOTHING
     RETURNING l.id INTO new_id;
     IF new_id IS NULL THEN
@@ -63,7 +65,7 @@ BEGIN
     RETURN new_id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer, float8, boolean) IS
+COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer, float8, boolean, integer) IS
 'Creates a limit of "limit" slots; returns its id. Names are unique, non-empty, at most 255 '
 'characters, without / % & > <. A decay > 0 makes it usable for rate limits (a token bucket); '
 'window_seconds > 0 instead makes it a window limit: at most "limit" slots granted in any span of '
@@ -71,7 +73,24 @@ COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer
 'those it would have refused (shadow_refusals in status). A name ending in * '
 '(tenant:*) creates a template: every name that starts with its prefix (tenant:acme) gets a limit '
 'of its own with these values on first use; the longest matching prefix wins. A plain limit named '
-'like a key (tenant:acme) is an override: it wins over every template.';
+'like a key (tenant:acme) is an override: it wins over every template. max_keys (templates only) '
+'caps its live keys (NULL or 0: settings.max_keys_per_template); a new key beyond it is refused.';
+
+-- max_keys: NULL (unchanged, or the setting), 0 (the setting) or a number of keys, for templates only.
+CREATE FUNCTION pgslots._check_max_keys(max_keys integer, template boolean) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF max_keys < 0 THEN
+        RAISE EXCEPTION 'max_keys must be 1 or more (0: the default of settings.max_keys_per_template), got %.', max_keys
+            USING ERRCODE = 'PS002', HINT = 'Pass how many live keys the template may have, e.g. 10000.';
+    END IF;
+    IF max_keys > 0 AND NOT template THEN
+        RAISE EXCEPTION 'max_keys is for templates (names ending in *): a plain limit has no keys.'
+            USING ERRCODE = 'PS002', HINT = 'Leave max_keys out, or set it on the template, e.g. ''tenant:*''.';
+    END IF;
+END
+$$;
 
 -- Adds `slots` occupied slots to a limit (whose row the caller has locked or created): rate slots
 -- that decay, or for a window limit one grant made now.
@@ -111,7 +130,7 @@ $$;
 CREATE FUNCTION pgslots.update_limit(
     name text, "limit" integer DEFAULT NULL, slot_decay_per_second float8 DEFAULT NULL,
     active boolean DEFAULT NULL, active_slots integer DEFAULT NULL, new_name text DEFAULT NULL,
-    window_seconds float8 DEFAULT NULL, shadow boolean DEFAULT NULL)
+    window_seconds float8 DEFAULT NULL, shadow boolean DEFAULT NULL, max_keys integer DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -148,6 +167,10 @@ BEGIN
             USING ERRCODE = 'PS016',
                   HINT = 'Change the template, or give this key a limit of its own with create_limit (an override).';
     END IF;
+    IF max_keys IS NOT NULL THEN
+        PERFORM pgslots._check_max_keys(max_keys, lim.is_template);
+        UPDATE pgslots.limits l SET max_keys = nullif(update_limit.max_keys, 0) WHERE l.id = lim.id;
+    END IF;
     IF lim.is_template AND active_slots IS NOT NULL THEN
         RAISE EXCEPTION 'A template holds no slots itself: set active slots on one of its keys.'
             USING ERRCODE = 'PS002';
@@ -182,13 +205,14 @@ BEGIN
     RETURN lim.id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text, float8, boolean) IS
+COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text, float8, boolean, integer) IS
 'Changes a limit; NULL arguments leave a field as it is. A limit has decay or a window, not both: '
 'to switch, set the other to 0 in the same call (what it holds carries over). Lowering the limit '
 'below the slots held '
 'pre-empts nobody. active_slots sets the occupied count (it cannot go below the leased slots). '
 'Raising the limit or activating it wakes the waiters that now fit. Changing a template changes '
-'every key of it at once; a key itself follows its template (only its active_slots can be set).';
+'every key of it at once; a key itself follows its template (only its active_slots can be set). '
+'max_keys (templates only; 0: back to settings.max_keys_per_template) caps its live keys.';
 
 CREATE FUNCTION pgslots.delete_limit(name text) RETURNS uuid
 LANGUAGE plpgsql
@@ -238,6 +262,38 @@ COMMENT ON FUNCTION pgslots.delete_limit(text) IS
 'Deletes a limit with its leases and queue; returns its id. Holders of its leases are not '
 'interrupted; their release is a no-op. Deleting a template makes its keys'' names missing again '
 '(or matched by another template); each key is deleted once nobody holds it.';
+
+CREATE FUNCTION pgslots.clear_debt(name text) RETURNS float8
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    at timestamptz := pgslots._now();
+    target record;
+    ids uuid[];
+    cleared float8;
+BEGIN
+    SELECT l.id, l.is_template INTO target FROM pgslots.limits l
+    WHERE l.name = clear_debt.name AND NOT l.retiring;
+    IF NOT FOUND THEN
+        PERFORM pgslots._limit_not_found(name);
+    END IF;
+    ids := ARRAY(SELECT l.id FROM pgslots.limits l
+                 WHERE l.id = target.id OR (target.is_template AND l.template_id = target.id)
+                 ORDER BY l.id FOR UPDATE);
+    SELECT coalesce(sum(CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
+                             ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) END), 0)
+    INTO cleared FROM pgslots.limits l WHERE l.id = ANY (ids);
+    DELETE FROM pgslots.window_grants g WHERE g.limit_id = ANY (ids);
+    UPDATE pgslots.limits l SET unleased_slots = 0, decayed_at = at WHERE l.id = ANY (ids);
+    PERFORM pgslots._wake(i, at) FROM unnest(ids) AS i;
+    RETURN cleared;
+END
+$$;
+COMMENT ON FUNCTION pgslots.clear_debt(text) IS
+'Empties the rate slots of a limit (its token bucket, or its window''s grants), debts included, so '
+'that it admits again at once; for a template, of every key. Leased slots stay. Returns the slots '
+'removed. For an operator after a caller settled a cost far above its estimate.';
 
 CREATE FUNCTION pgslots.lock_for_apply() RETURNS void
 LANGUAGE sql

@@ -32,7 +32,9 @@ SELECT l.id,
        t.wait_seconds_total,
        t.expired_leases_total,
        (SELECT array_agg(DISTINCT w.priority ORDER BY w.priority DESC) FROM pgslots.waiters w
-        WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer[] AS waiter_priorities
+        WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer[] AS waiter_priorities,
+       CASE WHEN l.is_template THEN coalesce(l.max_keys, (SELECT s.max_keys_per_template FROM pgslots.settings s)) END
+           AS max_keys
 FROM pgslots.limits l,
      LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
      LATERAL (SELECT CASE WHEN l.window_seconds > 0

@@ -289,6 +289,8 @@ class Attempts:
     pending_lease: uuid.UUID | None = None
     warned: bool = False
     outage_since: float | None = None
+    # Since when the database has not answered at all (only that may fail open).
+    unreachable_since: float | None = None
     outage_retries: int = 0
     missing: tuple[str, ...] = ()
     liveness_seconds: float | None = None
@@ -421,7 +423,7 @@ class Attempts:
         logger.warning(
             "pgslots: the database has been unreachable for %.1f s: failing open, running without a slot on %s "
             "(fail_open is on; nothing limits this body).",
-            time.monotonic() - (self.outage_since or self.started),
+            time.monotonic() - (self.unreachable_since or self.started),
             list_literal(r.names),
         )
         return Lease(None, None, None, r.names, r.slots, r.lease_seconds, failed_open=True)
@@ -441,22 +443,31 @@ class Attempts:
             if isinstance(exc, LockWaitTimeoutError) and self.deadline is not None:
                 return timeout_error(self.request.timeout_seconds)  # blocked by another session up to the deadline
             return exc
-        if exc.pool_exhausted and self.deadline is not None and time.monotonic() >= self.deadline:
+        if (exc.pool_exhausted or exc.answered) and self.deadline is not None and time.monotonic() >= self.deadline:
             return timeout_error(self.request.timeout_seconds)  # the caller's timeout, not an outage
-        if self.pending_lease is not None:
+        if exc.answered:
+            # Busy, not down: the statement never ran or was rolled back, and nothing fails open.
+            if self.ticket is None:
+                self.pending_lease = None
+        elif self.pending_lease is not None:
             lease, self.pending_lease = self.pending_lease, None
             return Later(q.RELEASE, release_params(lease))
         now = time.monotonic()
+        started = now if self.call_started is None else self.call_started
         if self.outage_since is None:
-            self.outage_since = now if self.call_started is None else self.call_started
-        if self.fail_open_after is not None and now - self.outage_since >= self.fail_open_after:
+            self.outage_since = started
+        if exc.answered:
+            self.unreachable_since = None
+        elif self.unreachable_since is None:
+            self.unreachable_since = started
+        if self.fail_open_after is not None and self.unreachable_since is not None and now - self.unreachable_since >= self.fail_open_after:
             return self.failed_open()
         if now - self.outage_since > RECONNECT_SECONDS:
             return exc
         self.outage_retries += 1
         pause: float = min(1.0, 0.05 * 2**self.outage_retries) * random.uniform(0.5, 1.0)
-        if self.fail_open_after is not None:
-            pause = max(0.0, min(pause, self.outage_since + self.fail_open_after - now))
+        if self.fail_open_after is not None and self.unreachable_since is not None:
+            pause = max(0.0, min(pause, self.unreachable_since + self.fail_open_after - now))
         remaining = self.remaining()
         return pause if remaining is None else min(pause, remaining)
 
@@ -466,13 +477,13 @@ class Attempts:
         self.call_started = time.monotonic()
         timeout = self.remaining()
         if self.fail_open_after is not None:
-            since = self.call_started if self.outage_since is None else self.outage_since
+            since = self.call_started if self.unreachable_since is None else self.unreachable_since
             left = max(0.1, since + self.fail_open_after - self.call_started)
             timeout = left if timeout is None else min(timeout, left)
         return timeout
 
     def reconnected(self) -> None:
-        self.outage_since = None
+        self.outage_since = self.unreachable_since = None
         self.outage_retries = 0
 
 

@@ -32,13 +32,14 @@ LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s, %(queue_cli
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
 CREATE_LIMIT: LiteralString = (
     "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s,"
-    " %(window_seconds)s, %(shadow)s)"
+    " %(window_seconds)s, %(shadow)s, %(max_keys)s)"
 )
 UPDATE_LIMIT: LiteralString = (
     "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s,"
-    " %(window_seconds)s, %(shadow)s)"
+    " %(window_seconds)s, %(shadow)s, %(max_keys)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
+CLEAR_DEBT: LiteralString = "SELECT pgslots.clear_debt(%(name)s) AS cleared"
 GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s, %(with_instances)s)"
 GET_INSTANCES: LiteralString = "SELECT * FROM pgslots.get_instances(%(template)s, %(busiest)s)"
 # apply: serializes appliers for the rest of the transaction.

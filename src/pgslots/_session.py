@@ -25,8 +25,8 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import _queries as q
 from ._config import configured_dsn, resolve_dsn
 from ._engine import Engine, connection_timeouts
-from ._translate import database_errors
-from .errors import MIGRATE_HINT, SchemaNotInstalledError
+from ._translate import database_errors, server_answered
+from .errors import MIGRATE_HINT, DatabaseUnavailableError, SchemaNotInstalledError
 from .migrate import LATEST_VERSION
 
 logger = logging.getLogger("pgslots")
@@ -262,16 +262,44 @@ class Session:
 
     def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection."""
-        with database_errors(), self.pool().connection(timeout=timeout) as conn:
-            cur = conn.execute(query, _adapt(params))
-            return _dicts(cur.description, cur.fetchall() if cur.description else [])
+        try:
+            with database_errors(), self.pool().connection(timeout=timeout) as conn:
+                cur = conn.execute(query, _adapt(params))
+                return _dicts(cur.description, cur.fetchall() if cur.description else [])
+        except DatabaseUnavailableError as exc:
+            if exc.pool_exhausted and self._server_answers():
+                raise self._busy_pool(exc) from exc.__cause__
+            raise
 
     async def acall(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        with database_errors():
-            apool = await self.apool()
-            async with apool.connection(timeout=timeout) as conn:
-                cur = await conn.execute(query, _adapt(params))
-                return _dicts(cur.description, await cur.fetchall() if cur.description else [])
+        try:
+            with database_errors():
+                apool = await self.apool()
+                async with apool.connection(timeout=timeout) as conn:
+                    cur = await conn.execute(query, _adapt(params))
+                    return _dicts(cur.description, await cur.fetchall() if cur.description else [])
+        except DatabaseUnavailableError as exc:
+            if exc.pool_exhausted and await asyncio.to_thread(self._server_answers):
+                raise self._busy_pool(exc) from exc.__cause__
+            raise
+
+    def _server_answers(self) -> bool:
+        """After no pooled connection was free in time: does the server answer a new connection? Its
+        answer, even a refusal such as "too many clients", means the database is busy, not down."""
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, **{**self._probe_kwargs(), "connect_timeout": 2}):
+                return True
+        except psycopg.Error as exc:
+            return server_answered(exc)
+
+    def _busy_pool(self, exc: DatabaseUnavailableError) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(
+            f"All {self.max_connections} pooled connections of this client stayed busy (another session may hold a "
+            "lock they wait for) while the database answers: nothing was changed. Try again, raise the client's "
+            "max_connections, or look for long transactions in pg_stat_activity.",
+            pool_exhausted=True,
+            answered=True,
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:

@@ -74,11 +74,35 @@ def translate(exc: psycopg.Error) -> PgSlotsError | None:
             "idle_in_transaction_session_timeout."
         )
     if isinstance(exc, psycopg.OperationalError):
+        if server_answered(exc):
+            return DatabaseUnavailableError(
+                f"The database is too busy to take this call ({_first_line(exc)}). Nothing was changed; try again, "
+                "or see its max_connections and the sessions in pg_stat_activity.",
+                answered=True,
+            )
         return DatabaseUnavailableError(
             f"Cannot reach the database ({_first_line(exc)}). Check --dsn, PGSLOTS_DSN or DATABASE_URL, and that the server is running.",
             pool_exhausted=isinstance(exc, PoolTimeout),
         )
     return None
+
+
+# A server that is starting up, shutting down or recovering refuses connections with FATAL too:
+# that is an outage, not an answer.
+_NOT_SERVING = ("starting up", "shutting down", "recovery mode", "accepting connections")
+
+
+def server_answered(exc: psycopg.Error) -> bool:
+    """True when the server itself answered with this error, so it is reachable: out of connection
+    slots or another resource (class 53), a statement cancelled (57014), or a connection refused by
+    the server with its own FATAL message ("too many connections for role", an unknown role; libpq
+    gives no SQLSTATE for those). A connection refused by the network, lost or timed out, and a
+    server starting up, shutting down or recovering, carries no such answer."""
+    state = getattr(exc, "sqlstate", None) or ""
+    if state:
+        return state.startswith("53") or state == "57014"
+    text = str(exc)
+    return "FATAL:" in text and not any(phrase in text for phrase in _NOT_SERVING)
 
 
 def from_database(exc: psycopg.Error) -> PgSlotsError:

@@ -36,7 +36,8 @@ from . import _queries as q
 from .client import Client, LimitInfo
 from .errors import InvalidArgumentError
 
-FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow")
+FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow", "max_keys")
+LARGEST = 2**31 - 1  # limits and key counts are PostgreSQL integers
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Desired:
     window_seconds: float = 0.0
     active: bool = True
     shadow: bool = False
+    #: For a template: how many live keys it may have (None: not declared, the database's default).
+    max_keys: int | None = None
 
 
 @dataclass
@@ -70,6 +73,8 @@ def load(path: str | Path) -> list[Desired]:
         raise InvalidArgumentError(f"No such file: {path}.") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"{path} is not valid TOML: {exc}.") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{path} is nested too deeply to be a limits file: it has one table per limit.") from None
     desired = []
     for name, table in data.items():
         where = f"{path}: [{name}]"
@@ -79,14 +84,19 @@ def load(path: str | Path) -> list[Desired]:
         if unknown:
             raise InvalidArgumentError(f"{where} has unknown keys {unknown}; allowed: {', '.join(FIELDS)}.")
         limit = table.get("limit")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise InvalidArgumentError(f"{where}: limit must be a whole number >= 0, got {limit!r}.")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= LARGEST:
+            raise InvalidArgumentError(f"{where}: limit must be a whole number >= 0 and at most {LARGEST}, got {limit!r}.")
         decay = _seconds(table, "slot_decay_per_second", where)
         window = _seconds(table, "window_seconds", where)
         if decay > 0 and window > 0:
             raise InvalidArgumentError(f"{where}: a limit has slot_decay_per_second or window_seconds, not both.")
         active, shadow = _flag(table, "active", True, where), _flag(table, "shadow", False, where)
-        desired.append(Desired(name, limit, decay, window, active, shadow))
+        max_keys = table.get("max_keys")
+        if max_keys is not None and (isinstance(max_keys, bool) or not isinstance(max_keys, int) or not 1 <= max_keys <= LARGEST):
+            raise InvalidArgumentError(f"{where}: max_keys must be a whole number from 1 to {LARGEST}, got {max_keys!r}.")
+        if max_keys is not None and not name.endswith("*"):
+            raise InvalidArgumentError(f"{where}: max_keys is for templates (names ending in *), and {name!r} is a plain limit.")
+        desired.append(Desired(name, limit, decay, window, active, shadow, max_keys))
     return desired
 
 
@@ -112,7 +122,9 @@ def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
         if have is None:
             result.create.append(want)
             continue
-        changes = {f: (getattr(have, f), getattr(want, f)) for f in FIELDS if getattr(have, f) != getattr(want, f)}
+        # An undeclared max_keys leaves the template's as it is.
+        declared = [f for f in FIELDS if f != "max_keys" or want.max_keys is not None]
+        changes = {f: (getattr(have, f), getattr(want, f)) for f in declared if getattr(have, f) != getattr(want, f)}
         if changes:
             result.change.append((want, changes))
         else:
@@ -124,40 +136,55 @@ def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
 
 
 def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_run: bool = False) -> Plan:
-    """Computes the plan and, unless dry_run, carries it out in one transaction."""
+    """Computes the plan and carries it out in one transaction. With dry_run, the plan is carried out
+    all the same and then rolled back: the database refuses exactly what it would refuse for real,
+    and nothing changes."""
     session = client._session
     with session.transaction() as conn:
         session.call_on(conn, q.LOCK_FOR_APPLY)
         # Keys of templates are not declared: they come and go with use.
         current = [LimitInfo(**row) for row in session.call_on(conn, q.GET_LIMITS, {"names": None, "with_instances": False})]
         todo = plan(current, desired, prune)
-        if dry_run:
-            return todo
-        for want in todo.create:
-            session.call_on(
-                conn,
-                q.CREATE_LIMIT,
-                {
-                    "name": want.name,
-                    "limit": want.limit,
-                    "slot_decay_per_second": want.slot_decay_per_second,
-                    "active": want.active,
-                    "active_slots": 0,
-                    "window_seconds": want.window_seconds,
-                    "shadow": want.shadow,
-                },
-            )
-        for want, changes in todo.change:
-            session.call_on(
-                conn,
-                q.UPDATE_LIMIT,
-                {
-                    "name": want.name,
-                    **{f: changes[f][1] if f in changes else None for f in FIELDS},
-                    "active_slots": None,
-                    "new_name": None,
-                },
-            )
-        for name in todo.delete:
-            session.call_on(conn, q.DELETE_LIMIT, {"name": name})
+        try:
+            with conn.transaction():
+                _carry_out(session, conn, todo)
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
     return todo
+
+
+class _DryRun(Exception):
+    """Rolls a dry run's changes back."""
+
+
+def _carry_out(session: Any, conn: Any, todo: Plan) -> None:
+    for want in todo.create:
+        session.call_on(
+            conn,
+            q.CREATE_LIMIT,
+            {
+                "name": want.name,
+                "limit": want.limit,
+                "slot_decay_per_second": want.slot_decay_per_second,
+                "active": want.active,
+                "active_slots": 0,
+                "window_seconds": want.window_seconds,
+                "shadow": want.shadow,
+                "max_keys": want.max_keys,
+            },
+        )
+    for want, changes in todo.change:
+        session.call_on(
+            conn,
+            q.UPDATE_LIMIT,
+            {
+                "name": want.name,
+                **{f: changes[f][1] if f in changes else None for f in FIELDS},
+                "active_slots": None,
+                "new_name": None,
+            },
+        )
+    for name in todo.delete:
+        session.call_on(conn, q.DELETE_LIMIT, {"name": name})

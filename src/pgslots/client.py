@@ -64,6 +64,8 @@ class LimitInfo:
     expired_leases_total: int = 0
     #: The distinct priorities of the waiters now, highest first.
     waiter_priorities: list[int] | None = None
+    #: For a template: how many live keys it may have (its own max_keys, else the database's setting).
+    max_keys: int | None = None
 
 
 @dataclass(frozen=True)
@@ -166,12 +168,19 @@ class Client:
         active_slots: int = 0,
         window_seconds: float = 0.0,
         shadow: bool = False,
+        max_keys: int | None = None,
     ) -> LimitInfo:
         """Creates a limit. ``slot_decay_per_second`` > 0 makes it a token bucket for rate limits;
         ``window_seconds`` > 0 instead grants at most ``limit`` slots in any span of that length.
-        ``shadow=True`` grants everything and counts what it would have refused."""
+        ``shadow=True`` grants everything and counts what it would have refused. ``max_keys`` (for
+        a template) caps how many live keys it may have (None: the database's
+        ``max_keys_per_template``)."""
         _check_limit_args(
-            limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots, window_seconds=window_seconds
+            limit=limit,
+            slot_decay_per_second=slot_decay_per_second,
+            active_slots=active_slots,
+            window_seconds=window_seconds,
+            max_keys=max_keys,
         )
         self._call(
             q.CREATE_LIMIT,
@@ -183,6 +192,7 @@ class Client:
                 "active_slots": active_slots,
                 "window_seconds": float(window_seconds),
                 "shadow": _check_flag("shadow", shadow),
+                "max_keys": max_keys,
             },
         )
         return self.read_limit(name)
@@ -198,11 +208,16 @@ class Client:
         new_name: str | None = None,
         window_seconds: float | None = None,
         shadow: bool | None = None,
+        max_keys: int | None = None,
     ) -> LimitInfo:
         """Changes the given fields. A limit has decay or a window, not both: to switch, set the
-        other to 0 in the same call."""
+        other to 0 in the same call. ``max_keys=0`` puts a template back on the database's default."""
         _check_limit_args(
-            limit=limit, slot_decay_per_second=slot_decay_per_second, active_slots=active_slots, window_seconds=window_seconds
+            limit=limit,
+            slot_decay_per_second=slot_decay_per_second,
+            active_slots=active_slots,
+            window_seconds=window_seconds,
+            max_keys=max_keys,
         )
         self._call(
             q.UPDATE_LIMIT,
@@ -215,12 +230,18 @@ class Client:
                 "new_name": new_name,
                 "window_seconds": None if window_seconds is None else float(window_seconds),
                 "shadow": None if shadow is None else _check_flag("shadow", shadow),
+                "max_keys": max_keys,
             },
         )
         return self.read_limit(new_name or name)
 
     def delete_limit(self, name: str) -> None:
         self._call(q.DELETE_LIMIT, {"name": name})
+
+    def clear_debt(self, name: str) -> float:
+        """Empties a limit's rate slots (its bucket, or its window's grants), debts included, so that
+        it admits again at once; for a template, of every key. Returns the slots removed."""
+        return float(self._call(q.CLEAR_DEBT, {"name": name})[0]["cleared"])
 
     def read_limit(self, name: str) -> LimitInfo:
         found = self.read_limits([name])
@@ -261,7 +282,7 @@ class Client:
 
 def _check_limit_args(**values: Any) -> None:
     for label, value in values.items():
-        check_number(label, value, minimum=0, integer=label in ("limit", "active_slots"), allow_none=True)
+        check_number(label, value, minimum=0, integer=label in ("limit", "active_slots", "max_keys"), allow_none=True)
 
 
 def _check_flag(label: str, value: Any) -> bool:

@@ -43,11 +43,16 @@ class ConfigurationError(PgSlotsError):
 
 class DatabaseUnavailableError(ConfigurationError):
     """The database cannot be reached now: refused, lost or timed-out connections, no pooled
-    connection free in time (``pool_exhausted``). Waiting flows retry these for a while."""
+    connection free in time (``pool_exhausted``). Waiting flows retry these for a while.
 
-    def __init__(self, message: str, *, pool_exhausted: bool = False) -> None:
+    ``answered`` is True when the server did answer (no pooled connection was free while the
+    server accepts connections, it has no connection slot left, or a statement was cancelled): it is
+    busy, not unreachable, so such an error never makes a call fail open."""
+
+    def __init__(self, message: str, *, pool_exhausted: bool = False, answered: bool = False) -> None:
         super().__init__(message)
         self.pool_exhausted = pool_exhausted
+        self.answered = answered
 
 
 class DatabaseError(PgSlotsError):

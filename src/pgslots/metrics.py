@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from ._text import ESCAPES
 from .client import Client, LimitInfo
 
 _GAUGES = (
@@ -31,8 +32,18 @@ _COUNTERS = (
 )
 
 
+# A label value escapes backslash, quote and newline as the format says. Every other character that
+# a line-based reader (or a terminal) takes for a line break or a control, which the format has no
+# escape for, is written as visible text: an escaped backslash then "x0d", read back as "\x0d".
+_LABEL_ESCAPES = {c: "\\" + escape for c, escape in ESCAPES.items()} | {
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+    ord("\n"): "\\n",
+}
+
+
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value.translate(_LABEL_ESCAPES)
 
 
 def _number(value: float) -> str:
