@@ -26,6 +26,7 @@ from psycopg import sql as pgsql
 
 from pgslots._cluster import LocalCluster, find_bindir, server_user
 from pgslots.migrate import migrate
+from sqlhelp import Roles, two_plain_roles
 
 TEMPLATE = "pgslots_template"
 
@@ -163,3 +164,9 @@ def client(fresh_dsn: str) -> Iterator[Any]:
 def set_min_lease(dsn: str, seconds: float) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE pgslots.settings SET min_lease_seconds = %s", [seconds])
+
+
+@pytest.fixture
+def roles(fresh_dsn: str) -> Iterator[Roles]:
+    """A victim and an attacker, two login roles of pgslots_user, on a fresh database."""
+    yield from two_plain_roles(fresh_dsn)

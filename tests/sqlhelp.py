@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -86,3 +87,22 @@ def login_role(admin_dsn: str, group: str) -> Iterator[str]:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(pgsql.SQL("DROP OWNED BY {}").format(pgsql.Identifier(name)))
             conn.execute(pgsql.SQL("DROP ROLE {}").format(pgsql.Identifier(name)))
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Two plain roles of pgslots_user against each other, and the schema owner."""
+
+    owner: str  # the schema owner: creates limits and looks at the tables
+    victim: str
+    attacker: str
+
+
+def two_plain_roles(admin_dsn: str) -> Iterator[Roles]:
+    victims = login_role(admin_dsn, "pgslots_user")
+    attackers = login_role(admin_dsn, "pgslots_user")
+    try:
+        yield Roles(admin_dsn, next(victims), next(attackers))
+    finally:
+        for role in (victims, attackers):
+            next(role, None)

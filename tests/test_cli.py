@@ -11,25 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
+from clihelp import one_line_error, run
 from pgslots.client import Client
 from pgslots.sync import concurrency
 from pgslots_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(dsn: str, *args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(cli, ["--dsn", dsn, *args], input=input, catch_exceptions=False)
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_create_ls_inspect(fresh_dsn: str) -> None:

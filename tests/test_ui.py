@@ -4,12 +4,9 @@ admin actions that need the token."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgslots.client import Client
 from pgslots.sync import concurrency
 from pgslots_cli.main import cli
+from uihelp import Served, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -78,54 +76,14 @@ def test_ui_refuses_to_listen_beyond_loopback_without_a_token(fresh_dsn: str) ->
     assert short.exit_code == 1 and "at least 16 characters" in short.output
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], url: str, token: str | None) -> None:
-        self.proc, self.url, self.token = proc, url, token
-
-    def request(self, path: str, method: str = "GET", token: str | None = None, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, method=method)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                raw = r.read().decode()
-                return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read().decode() or "{}")
-
-
-def _serve(dsn: str, *args: str) -> Iterator[Served]:
-    env = {**os.environ, "PGSLOTS_DSN": dsn}
-    env.pop("PGSLOTS_UI_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgslots_cli", "ui", "--port", "0", "--interval", "0.5", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert first.startswith("pgslots ui: http://127.0.0.1:"), first
-        url = first.split()[2]
-        second = proc.stdout.readline()
-        token = second.split("token: ")[1].strip() if "token: " in second else None
-        yield Served(proc, url, token)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @pytest.fixture
 def admin_ui(fresh_dsn: str) -> Iterator[Served]:
-    yield from _serve(fresh_dsn, "--allow-admin")
+    yield from serve(fresh_dsn, "--allow-admin")
 
 
 @pytest.fixture
 def read_only_ui(fresh_dsn: str) -> Iterator[Served]:
-    yield from _serve(fresh_dsn)
+    yield from serve(fresh_dsn)
 
 
 def test_read_only_ui_serves_json_and_metrics_and_refuses_changes(read_only_ui: Served, fresh_dsn: str) -> None:

@@ -18,8 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -30,28 +28,10 @@ from psycopg import sql as pgsql
 import pgslots
 from pgslots._flow import RELEASE_WAIT_SECONDS
 from pgslots.sync import concurrency
-from sqlhelp import acquire, create, login_role, one, rows, snapshot, status
+from sqlhelp import Roles, acquire, create, one, rows, snapshot, status
 
 Conn = psycopg.Connection[Any]
 QUEUE_LOCK_CLASS = 1885827953  # sql/functions/10_helpers.sql: _lock_queue
-
-
-@dataclass(frozen=True)
-class Roles:
-    owner: str  # the schema owner: creates limits and looks at the tables
-    victim: str
-    attacker: str
-
-
-@pytest.fixture
-def roles(fresh_dsn: str) -> Iterator[Roles]:
-    victims = login_role(fresh_dsn, "pgslots_user")
-    attackers = login_role(fresh_dsn, "pgslots_user")
-    try:
-        yield Roles(fresh_dsn, next(victims), next(attackers))
-    finally:
-        for role in (victims, attackers):
-            next(role, None)
 
 
 def _conn(dsn: str) -> Conn:

@@ -12,8 +12,6 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,27 +21,9 @@ from psycopg import sql as pgsql
 
 import pgslots
 from pgslots.sync import concurrency
-from sqlhelp import acquire, advance_clock, create, login_role, one, rate_limit, rows, status
+from sqlhelp import Roles, acquire, advance_clock, create, one, rate_limit, rows, status
 
 Conn = psycopg.Connection[Any]
-
-
-@dataclass(frozen=True)
-class Roles:
-    owner: str  # the schema owner: creates limits, changes settings, looks at the tables
-    victim: str
-    attacker: str
-
-
-@pytest.fixture
-def roles(fresh_dsn: str) -> Iterator[Roles]:
-    victims = login_role(fresh_dsn, "pgslots_user")
-    attackers = login_role(fresh_dsn, "pgslots_user")
-    try:
-        yield Roles(fresh_dsn, next(victims), next(attackers))
-    finally:
-        for role in (victims, attackers):
-            next(role, None)
 
 
 def _conn(dsn: str) -> Conn:
@@ -177,9 +157,8 @@ def test_a_role_out_of_connections_never_fails_open(roles: Roles) -> None:
     ran = False
     try:
         started = time.monotonic()
-        with pytest.raises(pgslots.PgSlotsError) as caught:
-            with concurrency("one", timeout_seconds=3, client=client):
-                ran = True
+        with pytest.raises(pgslots.PgSlotsError) as caught, concurrency("one", timeout_seconds=3, client=client):
+            ran = True
         assert not ran, "the body ran without a slot"
         assert isinstance(caught.value, (pgslots.AcquireConcurrencySlotTimeoutError, pgslots.DatabaseUnavailableError))
         assert time.monotonic() - started < 20
@@ -191,7 +170,9 @@ def test_a_role_out_of_connections_never_fails_open(roles: Roles) -> None:
 
 def test_an_unreachable_database_still_fails_open() -> None:
     """What fail-open is for: nothing listens on the port, the body runs after fail_open_after_seconds."""
-    client = pgslots.Client("host=127.0.0.1 port=9 user=nobody dbname=nothing connect_timeout=1", fail_open=True, fail_open_after_seconds=0.5)
+    client = pgslots.Client(
+        "host=127.0.0.1 port=9 user=nobody dbname=nothing connect_timeout=1", fail_open=True, fail_open_after_seconds=0.5
+    )
     try:
         with concurrency("anything", timeout_seconds=10, client=client) as lease:
             assert lease.failed_open

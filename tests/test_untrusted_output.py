@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,18 +19,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as pgsql
 
+from clihelp import one_line_error, run
 from pgslots._text import UNPRINTABLE
-from pgslots_cli.main import cli
 from sqlhelp import acquire, create, login_role, one
+from uihelp import Served, serve
 
 Conn = psycopg.Connection[Any]
 
 # What the attack sent: a window title (OSC 0), the clipboard (OSC 52), a cleared screen, hidden
 # text, CSI in its 8-bit form, a carriage return, and the separators only some readers split on.
+TOKEN = "a-token-for-the-test-0123456789"
 HOSTILE = "\x1b]0;pwned\x07\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x1b[8mhidden\x9b31m\rX\x0bY\x0cZ\x85\u2028\u2029\u202e"
 
 
@@ -44,10 +43,6 @@ def plain(fresh_dsn: str) -> Iterator[str]:
         yield next(roles)
     finally:
         next(roles, None)
-
-
-def run(dsn: str, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--dsn", dsn, *args], catch_exceptions=False)
 
 
 def _assert_inert(text: str) -> None:
@@ -147,31 +142,13 @@ def test_metrics_lines_split_the_same_for_every_reader(fresh_dsn: str, plain: st
 # ---- the page: exact loopback names, sane request bodies ------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def ui(fresh_dsn: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    port = _free_port()
-    env = {**os.environ, "PGSLOTS_DSN": fresh_dsn}
-    env.pop("PGSLOTS_UI_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgslots_cli", "ui", "--port", str(port), "--allow-admin"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("pgslots ui: http://127.0.0.1:")
-        yield port, proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def ui(fresh_dsn: str) -> Iterator[Served]:
+    yield from serve(fresh_dsn, "--allow-admin", "--token", TOKEN)
+
+
+def _port(served: Served) -> int:
+    return int(served.url.split("http://127.0.0.1:")[1].split("/")[0])
 
 
 def _get(port: int, host: str, path: str = "/api/limits") -> int:
@@ -185,8 +162,8 @@ def _get(port: int, host: str, path: str = "/api/limits") -> int:
         conn.close()
 
 
-def test_the_page_serves_only_exact_loopback_names(ui: tuple[int, subprocess.Popen[str]]) -> None:
-    port, _ = ui
+def test_the_page_serves_only_exact_loopback_names(ui: Served) -> None:
+    port = _port(ui)
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "[::1]", "127.0.0.2"):
         assert _get(port, host) == 200, host
     for host in (
@@ -200,51 +177,28 @@ def test_the_page_serves_only_exact_loopback_names(ui: tuple[int, subprocess.Pop
         assert _get(port, host) == 403, host
 
 
-def _post_raw(port: int, length: str) -> tuple[int, float]:
-    started = time.monotonic()
+def _post(port: int, length: str, token: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(
-            f"POST /api/limits/create HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer x\r\n"
+            f"POST /api/limits/create HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Length: {length}\r\n\r\n".encode()
         )
-        reply = s.recv(4096).decode(errors="replace")
-    return int(reply.split()[1]), time.monotonic() - started
+        return s.recv(4096).decode(errors="replace")
 
 
-def test_a_bad_content_length_is_a_clear_400(ui: tuple[int, subprocess.Popen[str]], fresh_dsn: str) -> None:
-    port, proc = ui
-    for length in ("abc", "-1", "99999999999", "1e3", " "):
-        status, took = _post_raw(port, length)
-        # 401: the token is checked first; with the right token the length is checked (below).
-        assert status in (400, 401) and took < 5, (length, status, took)
-    token_proc = subprocess.Popen(
-        [sys.executable, "-m", "pgslots_cli", "ui", "--port", str(_free_port()), "--allow-admin", "--token", "t0ken-of-sixteen-chars"],
-        env={**os.environ, "PGSLOTS_DSN": fresh_dsn},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert token_proc.stdout is not None
-        first = token_proc.stdout.readline()
-        token_port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
-        for length in ("abc", "-1", "99999999999"):
-            started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", token_port), timeout=10) as s:
-                s.sendall(
-                    f"POST /api/limits/create HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t0ken-of-sixteen-chars\r\n"
-                    f"Content-Length: {length}\r\n\r\n".encode()
-                )
-                reply = s.recv(4096).decode(errors="replace")
-            assert reply.split()[1] == "400", (length, reply)
-            assert "Content-Length" in reply and time.monotonic() - started < 5
-    finally:
-        token_proc.terminate()
-        output, _ = token_proc.communicate(timeout=10)
+def test_a_bad_content_length_is_a_clear_400(ui: Served) -> None:
+    """A Content-Length of "abc" printed a traceback, "-1" blocked a thread."""
+    port = _port(ui)
+    for length in ("abc", "-1", "99999999999", "1e3", "+5", "٣"):
+        started = time.monotonic()
+        reply = _post(port, length, "wrong")
+        assert reply.split()[1] == "401", (length, reply)  # the token is checked first
+        reply = _post(port, length, TOKEN)
+        assert reply.split()[1] == "400" and "Content-Length" in reply, (length, reply)
+        assert time.monotonic() - started < 5
+    ui.proc.terminate()
+    output, _ = ui.proc.communicate(timeout=10)
     assert "Traceback" not in output
-    proc.terminate()
-    rest, _ = proc.communicate(timeout=10)
-    assert "Traceback" not in rest
 
 
 # ---- the CLI on odd input -------------------------------------------------------------------------
@@ -256,21 +210,13 @@ def _apply(dsn: str, tmp_path: Path, text: str, *extra: str) -> Result:
     return run(dsn, "apply", str(spec), *extra)
 
 
-def _one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 def test_apply_on_deeply_nested_toml_is_a_clear_error(fresh_dsn: str, tmp_path: Path) -> None:
     nested = "a = " + "[" * 5000 + "]" * 5000 + "\n"
-    assert "nested too deeply" in _one_line_error(_apply(fresh_dsn, tmp_path, nested))
+    assert "nested too deeply" in one_line_error(_apply(fresh_dsn, tmp_path, nested))
 
 
 def test_a_limit_beyond_an_integer_is_named_as_such(fresh_dsn: str, tmp_path: Path) -> None:
-    message = _one_line_error(_apply(fresh_dsn, tmp_path, "[big]\nlimit = 2147483648\n"))
+    message = one_line_error(_apply(fresh_dsn, tmp_path, "[big]\nlimit = 2147483648\n"))
     assert "at most 2147483647" in message and "schema" not in message
     for args in (["create", "big", "-l", "2147483648"], ["update", "big", "-l", "99999999999"]):
         result = run(fresh_dsn, *args)
@@ -289,8 +235,8 @@ def test_a_limit_beyond_an_integer_is_named_as_such(fresh_dsn: str, tmp_path: Pa
     ],
 )
 def test_apply_dry_run_refuses_what_the_real_run_refuses(fresh_dsn: str, tmp_path: Path, text: str, expected: str) -> None:
-    dry = _one_line_error(_apply(fresh_dsn, tmp_path, text, "--dry-run"))
-    real = _one_line_error(_apply(fresh_dsn, tmp_path, text))
+    dry = one_line_error(_apply(fresh_dsn, tmp_path, text, "--dry-run"))
+    real = one_line_error(_apply(fresh_dsn, tmp_path, text))
     assert expected in dry and dry == real
     _assert_inert(dry)
     assert json.loads(run(fresh_dsn, "ls", "-o", "json").output) == []
@@ -313,4 +259,4 @@ def test_clear_debt_from_the_command_line(fresh_dsn: str) -> None:
         one(owner, "SELECT pgslots.settle(%s, 1000) AS c", [reservation])
     result = run(fresh_dsn, "clear-debt", "calls")
     assert result.exit_code == 0 and result.output.startswith("Cleared 10 rate slot(s) of 'calls'"), result.output
-    assert "not found" in _one_line_error(run(fresh_dsn, "clear-debt", "nope"))
+    assert "not found" in one_line_error(run(fresh_dsn, "clear-debt", "nope"))

@@ -675,12 +675,17 @@ CREATE FUNCTION pgslots._unprintable(t text) RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT t ~ '[\x01-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]' $$;
 
+-- True when a text is made of spaces alone (of any width, zero included): it would show as nothing.
+CREATE FUNCTION pgslots._blank(t text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT t !~ '[^ \u00a0\u1680\u2000-\u200d\u202f\u205f\u3000]' $$;
+
 -- True when a name breaks the naming rule; _check_name says how.
 CREATE FUNCTION pgslots._bad_name(name text) RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT name IS NULL OR name = '' OR name ~ '[/%&><]' OR pg_catalog.char_length(name) > 255
-        OR pgslots._unprintable(name) OR name !~ '[^[:space:]]'
+        OR pgslots._unprintable(name) OR pgslots._blank(name)
 $$;
 
 
@@ -702,7 +707,7 @@ BEGIN
             quote_literal(pg_catalog.regexp_replace(left(name, 80), '[^[:print:]]', '?', 'g'))
             USING ERRCODE = 'PS001', HINT = 'Choose a name of printable characters, e.g. ''tenant:acme''.';
     END IF;
-    IF name !~ '[^[:space:]]' THEN
+    IF pgslots._blank(name) THEN
         RAISE EXCEPTION 'A limit name must not be blank: it is made of spaces only.'
             USING ERRCODE = 'PS001', HINT = 'Give the limit a name, e.g. ''api''.';
     END IF;

@@ -606,10 +606,13 @@ BEGIN
             WHERE x.limit_id = lim.id AND x.reservation_id = settle.reservation_id;
             IF FOUND THEN
                 used := (SELECT l.unleased_slots FROM pgslots.limits l WHERE l.id = lim.id);
-                moved := CASE WHEN diff < 0 THEN greatest(diff, -g.slots)
-                              ELSE least(diff, greatest(0, 2.0 * lim."limit" - used)) END;
-                PERFORM pgslots._window_settle(lim.id, g.id, g.granted_at, g.slots + moved);
-                UPDATE pgslots.limits l SET unleased_slots = greatest(0, l.unleased_slots + moved)
+                kept := greatest(0, 2.0 * lim."limit" - used);   -- room for a debt
+                -- The grant's new cost: `actual` itself when nothing capped it (exact), else capped.
+                kept := CASE WHEN g.slots = r.slots AND diff <= kept THEN actual
+                             WHEN diff < 0 THEN greatest(0, g.slots + diff)
+                             ELSE g.slots + least(diff, kept) END;
+                PERFORM pgslots._window_settle(lim.id, g.id, g.granted_at, kept);
+                UPDATE pgslots.limits l SET unleased_slots = greatest(0, l.unleased_slots + (kept - g.slots))
                 WHERE l.id = lim.id;
             END IF;
         ELSIF lim.slot_decay_per_second > 0 THEN

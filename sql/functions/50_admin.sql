@@ -261,7 +261,8 @@ $$;
 COMMENT ON FUNCTION pgslots.delete_limit(text) IS
 'Deletes a limit with its leases and queue; returns its id. Holders of its leases are not '
 'interrupted; their release is a no-op. Deleting a template makes its keys'' names missing again '
-'(or matched by another template); each key is deleted once nobody holds it.';
+'(or matched by another template); its keys nobody holds are deleted at once, rate slots and debts '
+'included, the others once nobody holds them.';
 
 CREATE FUNCTION pgslots.clear_debt(name text) RETURNS float8
 LANGUAGE plpgsql
