@@ -143,7 +143,7 @@ def rows_stored(server: Server, seconds: float) -> list[str]:
 def many_keys(server: Server, keys: int) -> str:
     with plain_role(server, "attack_keys") as (admin, plain), psycopg.connect(plain, autocommit=True) as conn:
         with psycopg.connect(admin, autocommit=True) as a:
-            a.execute("SELECT pgslots.create_limit('tenant:*', 1, 1.0)")
+            a.execute("SELECT pgslots.create_limit('tenant:*', 1, 1.0, max_keys => %s)", [keys + 100])
             # The keys, in use (a rate slot each): made in bulk, as the attack made them one by one.
             a.execute(
                 "INSERT INTO pgslots.limits (name, \"limit\", slot_decay_per_second, unleased_slots, decayed_at, created, updated, template_id)"
@@ -158,7 +158,17 @@ def many_keys(server: Server, keys: int) -> str:
             conn.execute("SELECT * FROM pgslots.acquire(%s)", [[f"tenant:new{i}"]])
             times.append(time.perf_counter() - started)
         times.sort()
-        return f"{keys:,} keys of one template: a new key's acquire takes {times[len(times) // 2] * 1000:.2f} ms (median of 30)"
+        with psycopg.connect(admin, autocommit=True) as a:
+            a.execute("SELECT pgslots.update_limit('tenant:*', max_keys => %s)", [keys])
+        try:
+            conn.execute("SELECT * FROM pgslots.acquire('{tenant:one-more}')")
+            capped = "granted"
+        except psycopg.Error as exc:
+            capped = f"refused ({exc.sqlstate})"
+        return (
+            f"{keys:,} keys of one template in use: a new key's acquire takes {times[len(times) // 2] * 1000:.2f} ms "
+            f"(median of 30); with max_keys at {keys:,}, one more key is {capped}"
+        )
 
 
 def main() -> None:

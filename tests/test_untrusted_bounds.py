@@ -332,7 +332,7 @@ def test_a_template_caps_its_keys_and_new_keys_stay_cheap(roles: Roles) -> None:
         assert one(victim, "SELECT pgslots.release(%s) AS r", [mine["lease_id"]])["r"]
         assert acquire(victim, ["tenant:victim"])["granted"], "a key in use stays usable"
         one(owner, "SELECT pgslots.update_limit('tenant:*', max_keys => 0) AS id")
-        assert status(owner, "tenant:*")["max_keys"] == 100000, "back to the setting"
+        assert status(owner, "tenant:*")["max_keys"] == 10000, "back to the setting"
         _error(owner, "PS002", "SELECT pgslots.create_limit('plain', 1, max_keys => 5)")
 
 

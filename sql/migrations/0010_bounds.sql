@@ -19,7 +19,7 @@ ALTER TABLE pgslots.settings
     ADD COLUMN max_priority integer NOT NULL DEFAULT 10,
     ADD COLUMN max_sessions_per_role integer NOT NULL DEFAULT 1000,
     ADD COLUMN max_reservations_per_role integer NOT NULL DEFAULT 100000,
-    ADD COLUMN max_keys_per_template integer NOT NULL DEFAULT 100000,
+    ADD COLUMN max_keys_per_template integer NOT NULL DEFAULT 10000,
     ADD CONSTRAINT settings_max_priority CHECK (max_priority >= 0 AND max_priority <= 100),
     ADD CONSTRAINT settings_max_sessions CHECK (max_sessions_per_role >= 1),
     ADD CONSTRAINT settings_max_reservations CHECK (max_reservations_per_role >= 1),
