@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
-from run import Server  # type: ignore[import-not-found]  # benchmarks/run.py, beside this file
+from run import Server  # benchmarks/run.py, beside this file
 
 from pgslots.migrate import migrate
 
@@ -61,7 +61,10 @@ def late_refunds(server: Server) -> str:
             conn.execute("SELECT pgslots.settle(%s, 0)", [r])
         extra = sum(1 for _ in range(40) if value(conn, "SELECT granted FROM pgslots.rate_limit('{bucket}')"))
         took = time.monotonic() - started
-        return f"late refunds: {refill} grants to refill, then {extra} grants from 10 refunds settled 5 s late in {took:.2f} s (bucket of 10, 2/s)"
+        return (
+            f"late refunds: {refill} grants to refill, then {extra} grants from 10 refunds settled 5 s late "
+            f"in {took:.2f} s (bucket of 10, 2/s)"
+        )
 
 
 def debts(server: Server) -> str:
@@ -86,57 +89,60 @@ def debts(server: Server) -> str:
 
 def rows_stored(server: Server, seconds: float) -> list[str]:
     out = []
-    with plain_role(server, "attack_rows") as (admin, plain), psycopg.connect(plain, autocommit=True) as conn:
-        with psycopg.connect(admin, autocommit=True) as a:
-            a.execute("SELECT pgslots.create_limit('minute', 100, window_seconds => 60)")
-            a.execute("SELECT pgslots.create_limit('api', 1)")
-            a.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 600, priority_aging_seconds = 0")
+    with (
+        plain_role(server, "attack_rows") as (admin, plain),
+        psycopg.connect(plain, autocommit=True) as conn,
+        psycopg.connect(admin, autocommit=True) as a,
+    ):
+        a.execute("SELECT pgslots.create_limit('minute', 100, window_seconds => 60)")
+        a.execute("SELECT pgslots.create_limit('api', 1)")
+        a.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 600, priority_aging_seconds = 0")
 
-            def count(table: str) -> int:
-                return int(value(a, pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier("pgslots", table))))
+        def count(table: str) -> int:
+            return int(value(a, pgsql.SQL("SELECT count(*) FROM {}").format(pgsql.Identifier("pgslots", table))))
 
-            calls, stop = 0, time.monotonic() + seconds
-            while time.monotonic() < stop:
-                conn.execute("SELECT * FROM pgslots.reserve('{no-such-limit}', 1)")
-                calls += 1
-            out.append(f"reserve on a name without a limit: {calls / seconds:,.0f} calls/s, {count('reservations')} rows stored")
+        calls, stop = 0, time.monotonic() + seconds
+        while time.monotonic() < stop:
+            conn.execute("SELECT * FROM pgslots.reserve('{no-such-limit}', 1)")
+            calls += 1
+        out.append(f"reserve on a name without a limit: {calls / seconds:,.0f} calls/s, {count('reservations')} rows stored")
 
-            calls, refused, stop = 0, 0, time.monotonic() + seconds
-            while time.monotonic() < stop:
-                try:
-                    conn.execute("SELECT * FROM pgslots.keep_alive(%s, '{}', false)", [uuid.uuid4()])
-                except psycopg.Error:
-                    refused += 1
-                calls += 1
-            out.append(
-                f"keep_alive with a fresh session per call: {calls / seconds:,.0f} calls/s, {count('sessions')} rows stored, {refused} refused"
-            )
+        calls, refused, stop = 0, 0, time.monotonic() + seconds
+        while time.monotonic() < stop:
+            try:
+                conn.execute("SELECT * FROM pgslots.keep_alive(%s, '{}', false)", [uuid.uuid4()])
+            except psycopg.Error:
+                refused += 1
+            calls += 1
+        out.append(
+            f"keep_alive with a fresh session per call: {calls / seconds:,.0f} calls/s, {count('sessions')} rows stored, {refused} refused"
+        )
 
-            calls, stop = 0, time.monotonic() + seconds
-            while time.monotonic() < stop:
-                r = value(conn, "SELECT reservation_id FROM pgslots.reserve('{minute}', 1)")
-                if r is not None:
-                    conn.execute("SELECT pgslots.settle(%s, 0)", [r])
-                calls += 1
-            started = time.perf_counter()
-            for _ in range(20):
-                conn.execute("SELECT * FROM pgslots.rate_limit('{minute}', 100)")
-            refusal_ms = (time.perf_counter() - started) / 20 * 1000
-            out.append(
-                f"reserve + settle(0) on a window of 100: {calls / seconds:,.0f} cycles/s, {count('window_grants')} log rows, "
-                f"a refused rate_limit then takes {refusal_ms:.2f} ms"
-            )
+        calls, stop = 0, time.monotonic() + seconds
+        while time.monotonic() < stop:
+            r = value(conn, "SELECT reservation_id FROM pgslots.reserve('{minute}', 1)")
+            if r is not None:
+                conn.execute("SELECT pgslots.settle(%s, 0)", [r])
+            calls += 1
+        started = time.perf_counter()
+        for _ in range(20):
+            conn.execute("SELECT * FROM pgslots.rate_limit('{minute}', 100)")
+        refusal_ms = (time.perf_counter() - started) / 20 * 1000
+        out.append(
+            f"reserve + settle(0) on a window of 100: {calls / seconds:,.0f} cycles/s, {count('window_grants')} log rows, "
+            f"a refused rate_limit then takes {refusal_ms:.2f} ms"
+        )
 
-            lease = value(a, "SELECT lease_id FROM pgslots.acquire('{api}')")
-            a.execute("SELECT * FROM pgslots.acquire('{api}', queue_client => %s, priority => -5)", [uuid.uuid4()])
-            a.execute("SELECT pgslots.release(%s)", [lease])
-            calls, stop = 0, time.monotonic() + seconds
-            while time.monotonic() < stop:
-                got = conn.execute("SELECT granted, lease_id FROM pgslots.acquire('{api}', fairness_key => %s)", [f"k{calls}"]).fetchone()
-                if got and got[0]:
-                    conn.execute("SELECT pgslots.release(%s)", [got[1]])
-                calls += 1
-            out.append(f"a new fairness key per grant while someone waits: {calls / seconds:,.0f} grants/s, {count('served_keys')} rows")
+        lease = value(a, "SELECT lease_id FROM pgslots.acquire('{api}')")
+        a.execute("SELECT * FROM pgslots.acquire('{api}', queue_client => %s, priority => -5)", [uuid.uuid4()])
+        a.execute("SELECT pgslots.release(%s)", [lease])
+        calls, stop = 0, time.monotonic() + seconds
+        while time.monotonic() < stop:
+            got = conn.execute("SELECT granted, lease_id FROM pgslots.acquire('{api}', fairness_key => %s)", [f"k{calls}"]).fetchone()
+            if got and got[0]:
+                conn.execute("SELECT pgslots.release(%s)", [got[1]])
+            calls += 1
+        out.append(f"a new fairness key per grant while someone waits: {calls / seconds:,.0f} grants/s, {count('served_keys')} rows")
     return out
 
 
@@ -146,7 +152,8 @@ def many_keys(server: Server, keys: int) -> str:
             a.execute("SELECT pgslots.create_limit('tenant:*', 1, 1.0, max_keys => %s)", [keys + 100])
             # The keys, in use (a rate slot each): made in bulk, as the attack made them one by one.
             a.execute(
-                "INSERT INTO pgslots.limits (name, \"limit\", slot_decay_per_second, unleased_slots, decayed_at, created, updated, template_id)"
+                'INSERT INTO pgslots.limits (name, "limit", slot_decay_per_second, unleased_slots, decayed_at,'
+                " created, updated, template_id)"
                 " SELECT 'tenant:k' || i, 1, 1.0, 1, now() + interval '1 hour', now(), now(), t.id"
                 " FROM generate_series(1, %s) i, pgslots.limits t WHERE t.name = 'tenant:*'",
                 [keys],

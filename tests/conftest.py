@@ -70,7 +70,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             shutil.rmtree(root, ignore_errors=True)
         return
     if _docker_answers():
-        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+        from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16", driver=None) as container:
             yield {"dsn": container.get_connection_url(), "cluster": None}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ def expect_error(conn: psycopg.Connection[Any], sqlstate: str, query: str, param
     raise AssertionError(f"no error from {query} {params}")
 
 
-def login_role(admin_dsn: str, group: str) -> Iterator[str]:
+def login_role(admin_dsn: str, group: str) -> Generator[str, None, None]:
     """A new login role in `group` (pgslots_user or pgslots_admin) for the length of a test: its DSN."""
     name = f"pgslots_test_{group}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:

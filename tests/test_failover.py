@@ -173,7 +173,7 @@ def _run(pair: Pair, body: float, seconds: float, before_failover: Any) -> tuple
     while not told.empty():
         told_at.append(told.get())
     assert [p.exitcode for p in procs] == [0] * WORKERS
-    return max(peak.value, bodies.peak), list(counts), bodies.over, failed_over_at, promoted_at, told_at
+    return max(peak.value, bodies.peak), counts[:], bodies.over, failed_over_at, promoted_at, told_at
 
 
 def _no_leak(dsn: str, seconds: float) -> None:

@@ -250,8 +250,11 @@ def test_decorators(client: Client) -> None:
         assert held(client, "deco") == 1
         return x * 3
 
+    async def twice() -> int:
+        return await awork(2)
+
     assert work(2) == 4 and work(3) == 6
-    assert asyncio.run(awork(2)) == 6
+    assert asyncio.run(twice()) == 6
     assert held(client, "deco") == 0
 
 

@@ -262,6 +262,7 @@ def test_killed_holder_slots_come_back_at_lease_expiry(client: Client, fresh_dsn
     assert holding.wait(10)
     time.sleep(1.8)  # its renewal (every 1.5 s) has run: the lease is alive because it is kept alive
     assert client.read_limit("fragile").expired_leases == 0
+    assert proc.pid is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(5)
     killed_at = time.monotonic()

@@ -152,6 +152,7 @@ def test_keep_alive_names_the_orphans_of_its_session(fresh_dsn: str) -> None:
                 while one(admin, "SELECT count(*) AS n FROM pgslots.leases WHERE id = %s", [stray])["n"]:
                     assert time.monotonic() < deadline, "the orphan was never released"
                     time.sleep(0.1)
+                assert lease is not None
                 assert one(admin, "SELECT count(*) AS n FROM pgslots.leases WHERE id = %s", [lease.lease_id])["n"] == 1
     finally:
         client.close()
@@ -235,6 +236,7 @@ def test_sigkilled_holders_slots_come_back_within_liveness_plus_one_second(fresh
     time.sleep(0.5)
     killed_at = time.time()
     for p in holders:
+        assert p.pid is not None
         os.kill(p.pid, signal.SIGKILL)
     granted = sorted(got.get(timeout=liveness + 10) - killed_at for _ in range(3))
     for p in holders + waiters:

@@ -136,7 +136,7 @@ def test_upgrade_from_0003_with_a_holder_and_a_waiter_live(empty_dsn: str) -> No
     assert pgslots.migration_plan(empty_dsn).up_to_date
 
     with psycopg.connect(empty_dsn, autocommit=True) as conn, psycopg.connect(empty_dsn, autocommit=True) as lis:
-        bodies = dict(
+        bodies: dict[Any, Any] = dict(
             conn.execute(
                 "SELECT proname, count(*) FROM pg_proc WHERE pronamespace = 'pgslots'::regnamespace"
                 " AND proname IN ('acquire', 'heartbeat', '_admit', 'release') GROUP BY proname"

@@ -74,6 +74,7 @@ def bouncer(fresh_dsn: str) -> Iterator[dict[str, str]]:
     command = [binary, str(home / "pgbouncer.ini")]
     if os.geteuid() == 0:  # PgBouncer will not run as root
         user = server_user()
+        assert user is not None
         shutil.chown(home, user)
         for f in home.iterdir():
             shutil.chown(f, user)

@@ -27,7 +27,7 @@ def queue(conn: Conn, name: str, priority: int = 0, key: str | None = None, clie
 
 def served_order(conn: Conn, first: Any, leases: dict[uuid.UUID, str]) -> list[str]:
     """Releases the held lease, then each lease handed over in turn; returns the labels in grant order."""
-    order = []
+    order: list[str] = []
     current = first
     while True:
         one(conn, "SELECT pgslots.release(%s) AS r", [current])
@@ -219,10 +219,10 @@ def test_python_checks_priority_and_fairness_key(client: Any) -> None:
         {"fairness_key": "x" * 256},
     ]
     for bad in bad_values:
-        with pytest.raises(pgslots.InvalidArgumentError), concurrency("api", client=client, **bad):  # type: ignore[arg-type]
+        with pytest.raises(pgslots.InvalidArgumentError), concurrency("api", client=client, **bad):
             pass
         with pytest.raises(pgslots.InvalidArgumentError):
-            rate_limit("api", client=client, **bad)  # type: ignore[arg-type]
+            rate_limit("api", client=client, **bad)
     with concurrency("api", client=client, priority=7, fairness_key="tenant-a", timeout_seconds=5) as lease:
         assert lease is not None
     rate_limit("api", client=client, priority=-3, fairness_key="tenant-b", timeout_seconds=5)

@@ -235,7 +235,7 @@ def _wait_until(predicate: Any, seconds: float) -> bool:
         if predicate():
             return True
         time.sleep(0.05)
-    return predicate()
+    return bool(predicate())
 
 
 def _leases_of(owner_dsn: str, name: str) -> int:

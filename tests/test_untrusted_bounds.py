@@ -175,7 +175,7 @@ def test_an_unreachable_database_still_fails_open() -> None:
     )
     try:
         with concurrency("anything", timeout_seconds=10, client=client) as lease:
-            assert lease.failed_open
+            assert lease is not None and lease.failed_open
     finally:
         client.close()
 

@@ -18,6 +18,8 @@ from pgslots.client import LimitInfo
 
 from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add their commands to cli
 from .app import State, check_output, cli, fail, output_options, pass_state
+
+__all__ = ["cli", "main"]
 from .output import dumps, limit_json, number, seconds, table
 
 # ---- schema ---------------------------------------------------------------------------------
