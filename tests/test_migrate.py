@@ -177,3 +177,70 @@ def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
             "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgslots'::regnamespace AND has_function_privilege('public', oid, 'EXECUTE')"
         ).fetchone()
         assert public == (0,)
+
+
+# Everything a schema is made of, as the catalogs describe it (names, definitions, privileges), and
+# the settings row: what a fresh install and an upgrade must agree on.
+_CATALOG = {
+    "columns": """
+        SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid)
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'pgslots'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c WHERE c.connamespace = 'pgslots'::regnamespace ORDER BY 1, 2""",
+    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgslots' ORDER BY 1",
+    "relations": """
+        SELECT c.relname, c.relkind, coalesce(c.relacl::text, '') FROM pg_class c
+        WHERE c.relnamespace = 'pgslots'::regnamespace ORDER BY 1""",
+    "functions": """
+        SELECT p.oid::regprocedure::text, md5(pg_get_functiondef(p.oid)), p.prosecdef, coalesce(p.proacl::text, '')
+        FROM pg_proc p WHERE p.pronamespace = 'pgslots'::regnamespace ORDER BY 1""",
+    "settings": "SELECT to_jsonb(s) - 'singleton' FROM pgslots.settings s",
+}
+
+
+def _catalog(dsn: str) -> dict[str, list[Any]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {what: conn.execute(query).fetchall() for what, query in _CATALOG.items()}
+
+
+def _install_up_to(dsn: str, version: int) -> None:
+    """The tables of schema version `version`: its migrations, recorded as the migrator records them."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute("CREATE SCHEMA pgslots")
+        conn.execute(
+            "CREATE TABLE pgslots.migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute("SET LOCAL search_path = pg_catalog, pgslots, pg_temp")
+        for m in migrations():
+            if m.version <= version:
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO pgslots.migrations (version, name) VALUES (%s, %s)", [m.version, m.name])
+
+
+def test_every_upgrade_path_ends_in_the_fresh_schema(pg_server: dict[str, Any], empty_dsn: str) -> None:
+    """From each earlier schema version, migrating gives exactly what a fresh install gives:
+    columns, defaults, constraints, indexes, functions, privileges and settings."""
+    pgslots.migrate(empty_dsn)
+    fresh = _catalog(empty_dsn)
+    admin = pg_server["dsn"]
+    for version in range(1, LATEST_VERSION):
+        name = f"pgslots_upgrade_from_{version}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+        dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
+        try:
+            _install_up_to(dsn, version)
+            pgslots.migrate(dsn)
+            upgraded = _catalog(dsn)
+            for what in _CATALOG:
+                assert upgraded[what] == fresh[what], f"from version {version}: {what} differ"
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,4 +1,4 @@
-"""The exceptions pgslots raises, and the one place that maps database errors onto them.
+"""The exceptions pgslots raises.
 
 ::
 
@@ -10,12 +10,13 @@
     ├── SchemaNotInstalledError              schema missing or older than this library
     ├── InvalidArgumentError (ValueError)    bad slots, lease seconds or other argument
     │   ├── InvalidLimitNameError            a name breaks the naming rule
-    │   └── InvalidLimitValueError           a negative limit, a NaN or infinite decay, ...
+    │   ├── InvalidLimitValueError           a negative limit, a NaN or infinite decay, ...
+    │   └── TemplateError                    a template or one of its keys misused, or a key beyond max_keys
     ├── LimitExistsError                     create of a name that is taken
     ├── LimitNotFoundError                   update/delete/inspect of an unknown name
     ├── LeaseLostError                       renew of a lease that expired or was released
-    ├── ReservationError                     settle of an unknown or expired reservation
     │   └── LeaseRenewalFailedError          raised in a sync body whose lease could not be renewed
+    ├── ReservationError                     settle of an unknown or expired reservation
     ├── ConcurrencySlotAcquisitionError      an acquire that cannot succeed
     │   ├── SlotsExceedLimitError            more slots than the limit has
     │   ├── MissingLimitsError               strict acquire of limits that do not exist
