@@ -31,7 +31,7 @@ from pgslots.sync import concurrency
 from sqlhelp import Roles, acquire, create, one, rows, snapshot, status
 
 Conn = psycopg.Connection[Any]
-QUEUE_LOCK_CLASS = 1885827953  # sql/functions/10_helpers.sql: _lock_queue
+QUEUE_LOCK_CLASS = 1885827953  # sql/functions/10_decision.sql: _lock_queue
 
 
 def _conn(dsn: str) -> Conn:

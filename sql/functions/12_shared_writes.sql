@@ -1,0 +1,102 @@
+-- Writes every admission path shares: queue places, the lock-wait bound, refusal pressure, reclaims.
+
+-- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
+-- With a named lease, it leaves what a release needs to grant that lease directly. The ticket is
+-- always one this caller owns (see _own_ticket) or a new one: a place is never taken over, and a
+-- place keeps the priority and fairness key it was queued with.
+CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
+                                 at timestamptz, ttl_seconds float8, lease_id uuid,
+                                 lease_seconds float8, holder jsonb, session uuid,
+                                 priority integer, fairness_key text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
+                                      parts, lease_id, lease_seconds, host, pid,
+                                      application_name, holder, owner, session_id, priority, fairness_key)
+    SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
+           cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
+           pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
+           pgslots._application_name(), _enqueue.holder, session_user, session,
+           coalesce(_enqueue.priority, 0), _enqueue.fairness_key
+    FROM unnest(ids) AS i
+    ON CONFLICT (limit_id, id) DO UPDATE
+    SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
+        lease_seconds = excluded.lease_seconds, owner = excluded.owner
+    WHERE w.client_id = excluded.client_id AND pgslots._by_caller(w.owner);
+END
+$$;
+
+-- A queue place taken by the calling login role (those queued before places had owners count as
+-- anyone's: their random client id is their proof).
+CREATE FUNCTION pgslots._by_caller(owner name) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT coalesce(owner, session_user) = session_user $$;
+
+-- The ticket a caller passed back, if it is still queued and was issued to this client and login
+-- role; NULL otherwise, and the caller is then a new arrival. So no caller can take over, move or
+-- plant a place in the queue by passing a ticket number.
+CREATE FUNCTION pgslots._own_ticket(ticket bigint, queue_client uuid) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT min(w.id) FROM pgslots.waiters w
+    WHERE w.id = ticket AND w.client_id = queue_client AND pgslots._by_caller(w.owner)
+$$;
+
+-- Bounds every lock wait of the calling function's transaction by wait_seconds (lock_timeout), so
+-- a call blocked behind another session's open transaction or advisory lock gives up in time,
+-- changing nothing. Returns the lock_timeout to put back before the function returns.
+CREATE FUNCTION pgslots._bound_waits(wait_seconds float8) RETURNS text
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    prior text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    IF NOT (wait_seconds >= 0 AND wait_seconds < 'Infinity'::float8) THEN
+        RAISE EXCEPTION 'wait_seconds must be a finite number >= 0 (or NULL: no bound), got %.', wait_seconds
+            USING ERRCODE = 'PS012', HINT = 'Pass how long the call may wait for locks, e.g. 5.';
+    END IF;
+    -- lock_timeout counts in whole milliseconds, and 0 would mean no bound at all.
+    PERFORM pg_catalog.set_config('lock_timeout',
+        least(2147483647, greatest(1, ceil(wait_seconds * 1000)))::bigint::text || 'ms', true);
+    RETURN prior;
+END
+$$;
+
+-- Refusal pressure, counted beside the limits so that counting needs no lock on their rows.
+CREATE FUNCTION pgslots._count_refusal(ids uuid[], slots integer) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO pgslots.refusals AS r (limit_id, denied_slots, refusals_total)
+    SELECT i, slots, 1 FROM unnest(ids) AS i
+    ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots,
+                                         refusals_total = r.refusals_total + 1;
+END
+$$;
+
+-- Deletes the lease rows of one limit (whose row lock the caller holds) that expired or whose
+-- session died; returns the slots.
+CREATE FUNCTION pgslots._reclaim(target uuid, at timestamptz) RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    freed bigint;
+    taken bigint;
+    liveness float8 := (SELECT s.liveness_seconds FROM pgslots.settings s);
+BEGIN
+    WITH gone AS (
+        DELETE FROM pgslots.leases x
+        WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, liveness)
+        RETURNING x.slots
+    )
+    SELECT coalesce(sum(gone.slots), 0), count(*) INTO freed, taken FROM gone;
+    IF taken > 0 THEN
+        UPDATE pgslots.limits l SET leased_slots = greatest(0, l.leased_slots - freed),
+                                    expired_leases_total = l.expired_leases_total + taken
+        WHERE l.id = target;
+    END IF;
+    RETURN freed;
+END
+$$;

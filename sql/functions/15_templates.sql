@@ -1,0 +1,140 @@
+-- Templates and their keys: which template a name belongs to, creating keys, dropping idle ones.
+
+-- The template whose prefix is the longest that `name` starts with (names ending in `*` are never
+-- keys, and a key is longer than the prefix); NULL when none.
+CREATE FUNCTION pgslots._template_for(name text) RETURNS uuid
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN (SELECT t.id FROM pgslots.limits t
+            WHERE t.is_template AND pg_catalog.right(_template_for.name, 1) <> '*'
+              AND pg_catalog.char_length(_template_for.name) >= pg_catalog.char_length(t.name)
+              AND pg_catalog.starts_with(_template_for.name, pg_catalog.left(t.name, -1))
+            ORDER BY pg_catalog.char_length(t.name) DESC
+            LIMIT 1);
+END
+$$;
+
+-- Creates the instances of the names that have no limit row and match a template, with the
+-- template's values; returns how many it created. Race-free: two callers creating one name get one
+-- row (the second waits for the first's insert, then finds it). Names are inserted in name order,
+-- the one order every creator uses, so two callers creating the same names never deadlock.
+-- A template at its number of live keys (max_keys, else settings.max_keys_per_template) first
+-- drops a few idle ones; a new key that still finds no room is refused with PS016.
+CREATE FUNCTION pgslots._create_instances(names text[], at timestamptz) RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    created integer;
+    tpl record;
+BEGIN
+    FOR tpl IN SELECT n.template, min(n.name) AS example,
+                    coalesce(min(l.max_keys), (SELECT s.max_keys_per_template FROM pgslots.settings s)) AS most,
+                    min(l.name) AS template_name
+             FROM (SELECT u.name, pgslots._template_for(u.name) AS template
+                   FROM unnest(names) AS u(name)
+                   WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
+             JOIN pgslots.limits l ON l.id = n.template
+             GROUP BY n.template LOOP
+        IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+            PERFORM pgslots._drop_idle(tpl.template, at, 8);
+            IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+                RAISE EXCEPTION 'Template % has % live keys, its most: key % cannot be created now.',
+                    quote_literal(tpl.template_name), tpl.most, quote_literal(left(tpl.example, 80))
+                    USING ERRCODE = 'PS016',
+                          HINT = 'Try again once keys are idle, or raise the template''s max_keys (update_limit) or settings.max_keys_per_template.';
+            END IF;
+        END IF;
+    END LOOP;
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
+                                     decayed_at, created, updated, template_id)
+    SELECT n.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
+    FROM (SELECT u.name, pgslots._template_for(u.name) AS template
+          FROM unnest(names) AS u(name)
+          WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
+    JOIN pgslots.limits t ON t.id = n.template
+    ORDER BY n.name
+    ON CONFLICT (name) DO NOTHING;
+    GET DIAGNOSTICS created = ROW_COUNT;
+    RETURN created;
+END
+$$;
+
+-- The live keys of a template, counted up to `most` (an index-only walk of at most that many entries).
+CREATE FUNCTION pgslots._keys_of(template uuid, most integer) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT count(*) FROM (SELECT 1 FROM pgslots.limits l WHERE l.template_id = template LIMIT most) k
+$$;
+
+-- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
+-- lease, no waiter, and no rate slot left after decay or in its window; a retiring instance's rate
+-- slots (a debt, say) go with it, as its template is gone.
+CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
+       AND (l.retiring
+            OR CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
+                    ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END)
+       AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
+       AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
+END
+$$;
+
+-- Deletes up to `most` idle instances of one template (NULL: of every template, and retiring ones),
+-- skipping rows another transaction has locked (someone is using them): it never waits. Returns how
+-- many it deleted.
+CREATE FUNCTION pgslots._drop_idle(template uuid, at timestamptz, most integer) RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    gone uuid[];
+    start uuid;
+BEGIN
+    IF template IS NULL OR most IS NULL THEN
+        gone := ARRAY(SELECT l.id FROM pgslots.limits l
+                      WHERE l.template_id IS NOT NULL AND (template IS NULL OR l.template_id = template)
+                        AND pgslots._idle(l, at)
+                      LIMIT most
+                      FOR UPDATE SKIP LOCKED);
+    ELSE
+        -- A few keys from a random point of the template's keys (wrapping around), never all of
+        -- them: a template with many busy keys costs a new key as little as one with none.
+        start := gen_random_uuid();
+        gone := ARRAY(SELECT c.id FROM pgslots.limits c
+                      WHERE c.id IN ((SELECT l.id FROM pgslots.limits l
+                                      WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 8 * most)
+                                     UNION ALL
+                                     (SELECT l.id FROM pgslots.limits l
+                                      WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 8 * most))
+                        AND pgslots._idle(c, at)
+                      LIMIT most
+                      FOR UPDATE SKIP LOCKED);
+    END IF;
+    IF cardinality(gone) > 0 THEN
+        -- Their counters stay in their template's totals (a retiring key's template is gone: the
+        -- foreign key then finds no row, and the counters go with the template).
+        INSERT INTO pgslots.retired_counters AS c (template_id, grants_total, refusals_total, wait_seconds_total,
+                                                   expired_leases_total, shadow_refusals)
+        SELECT l.template_id, sum(l.grants_total),
+               coalesce(sum((SELECT r.refusals_total FROM pgslots.refusals r WHERE r.limit_id = l.id)), 0),
+               sum(l.wait_seconds_total), sum(l.expired_leases_total), sum(l.shadow_refusals)
+        FROM pgslots.limits l
+        WHERE l.id = ANY (gone) AND NOT l.retiring AND EXISTS (SELECT 1 FROM pgslots.limits t WHERE t.id = l.template_id)
+        GROUP BY l.template_id
+        ORDER BY l.template_id
+        ON CONFLICT (template_id) DO UPDATE
+        SET grants_total = c.grants_total + excluded.grants_total,
+            refusals_total = c.refusals_total + excluded.refusals_total,
+            wait_seconds_total = c.wait_seconds_total + excluded.wait_seconds_total,
+            expired_leases_total = c.expired_leases_total + excluded.expired_leases_total,
+            shadow_refusals = c.shadow_refusals + excluded.shadow_refusals;
+        DELETE FROM pgslots.limits l WHERE l.id = ANY (gone) AND pgslots._idle(l, at);
+        DELETE FROM pgslots.refusals r WHERE r.limit_id = ANY (gone);
+        DELETE FROM pgslots.served_keys s WHERE s.limit_id = ANY (gone);
+    END IF;
+    RETURN cardinality(gone);
+END
+$$;
