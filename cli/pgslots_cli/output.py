@@ -14,9 +14,6 @@ import click
 from pgslots._text import ESCAPES, shown
 from pgslots.client import LimitInfo
 
-# Characters that would break a message over several lines (str.splitlines splits on all of them),
-# move the cursor or act on the terminal: shown escaped, so a line is one line whatever a name holds.
-_UNPRINTABLE = ESCAPES
 # In JSON, the same characters as JSON escapes (the output stays valid JSON, and reads back as it was).
 _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in ESCAPES if c >= 0x7F}  # json escapes C0 itself
 
@@ -59,7 +56,7 @@ def seconds(value: float | None) -> str:
 
 def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
     """A plain table; column `shrink` is cut to make the table fit the terminal's width."""
-    rows = [[c.translate(_UNPRINTABLE) for c in r] for r in rows]
+    rows = [[shown(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     room = shutil.get_terminal_size((100, 24)).columns
     excess = sum(widths) + 2 * (len(widths) - 1) - room
@@ -67,7 +64,7 @@ def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
         widths[shrink] = max(8, widths[shrink] - excess)
 
     def fit(text: str, width: int) -> str:
-        text = text.translate(_UNPRINTABLE)
+        text = shown(text)
         return text if len(text) <= width else text[: width - 1] + "…"
 
     lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(headers, widths, strict=True))]

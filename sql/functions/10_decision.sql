@@ -37,6 +37,12 @@ RETURNS float8
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT leased + unleased + queued + slots - capacity::float8 $$;
 
+-- How many more rate slots a settle may charge a limit whose rate slots are `used`: a debt stops
+-- where they reach twice the limit, so no one settle closes a limit for long.
+CREATE FUNCTION pgslots._debt_room(capacity integer, used float8) RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT greatest(0::float8, 2.0 * capacity - used) $$;
+
 -- The grant test. The tolerance absorbs the rounding of continuous decay.
 CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean
 LANGUAGE sql IMMUTABLE

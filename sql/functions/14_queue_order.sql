@@ -103,6 +103,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     grown uuid[];
+    target uuid;
 BEGIN
     WITH written AS (
         INSERT INTO pgslots.served_keys AS s (limit_id, fairness_key, served_at)
@@ -112,19 +113,18 @@ BEGIN
         ON CONFLICT ON CONSTRAINT served_keys_pkey DO UPDATE SET served_at = excluded.served_at
         RETURNING s.limit_id, (s.xmax = 0) AS inserted)
     SELECT array_agg(w.limit_id) INTO grown FROM written w WHERE w.inserted;
-    IF grown IS NOT NULL THEN
+    FOREACH target IN ARRAY coalesce(grown, '{}') LOOP
+        CONTINUE WHEN (SELECT count(*) FROM (SELECT 1 FROM pgslots.served_keys c
+                                             WHERE c.limit_id = target LIMIT 1025) n) <= 1024;
         DELETE FROM pgslots.served_keys s
-        WHERE (s.limit_id, s.fairness_key) IN (
-            SELECT x.limit_id, x.fairness_key
-            FROM unnest(grown) AS g(id)
-            CROSS JOIN LATERAL (
-                SELECT k.limit_id, k.fairness_key FROM pgslots.served_keys k
-                WHERE k.limit_id = g.id
-                  AND (SELECT count(*) FROM (SELECT 1 FROM pgslots.served_keys c WHERE c.limit_id = g.id LIMIT 1025) n) > 1024
-                  AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
-                                  WHERE w.limit_id = k.limit_id AND coalesce(w.fairness_key, '') = k.fairness_key)
-                ORDER BY k.served_at LIMIT 4) x);
-    END IF;
+        WHERE s.limit_id = target
+          AND s.fairness_key IN (SELECT k.fairness_key FROM pgslots.served_keys k
+                                 WHERE k.limit_id = target
+                                   AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w
+                                                   WHERE w.limit_id = k.limit_id
+                                                     AND coalesce(w.fairness_key, '') = k.fairness_key)
+                                 ORDER BY k.served_at LIMIT 4);
+    END LOOP;
 END
 $$;
 

@@ -26,16 +26,24 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     created integer;
+    new_keys text[];
+    their_templates uuid[];
     tpl record;
 BEGIN
-    FOR tpl IN SELECT n.template, min(n.name) AS example,
-                    coalesce(min(l.max_keys), (SELECT s.max_keys_per_template FROM pgslots.settings s)) AS most,
-                    min(l.name) AS template_name
-             FROM (SELECT u.name, pgslots._template_for(u.name) AS template
-                   FROM unnest(names) AS u(name)
-                   WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
-             JOIN pgslots.limits l ON l.id = n.template
-             GROUP BY n.template LOOP
+    SELECT array_agg(n.name ORDER BY n.name), array_agg(n.template ORDER BY n.name)
+    INTO new_keys, their_templates
+    FROM (SELECT u.name, pgslots._template_for(u.name) AS template
+          FROM unnest(names) AS u(name)
+          WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
+    WHERE n.template IS NOT NULL;
+    IF new_keys IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR tpl IN SELECT k.template, min(k.name) AS example, min(t.name) AS template_name,
+                      coalesce(min(t.max_keys), (SELECT s.max_keys_per_template FROM pgslots.settings s)) AS most
+               FROM unnest(new_keys, their_templates) AS k(name, template)
+               JOIN pgslots.limits t ON t.id = k.template
+               GROUP BY k.template LOOP
         IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
             PERFORM pgslots._drop_idle(tpl.template, at, 8);
             IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
@@ -48,12 +56,10 @@ BEGIN
     END LOOP;
     INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
                                      decayed_at, created, updated, template_id)
-    SELECT n.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
-    FROM (SELECT u.name, pgslots._template_for(u.name) AS template
-          FROM unnest(names) AS u(name)
-          WHERE NOT EXISTS (SELECT 1 FROM pgslots.limits x WHERE x.name = u.name)) n
-    JOIN pgslots.limits t ON t.id = n.template
-    ORDER BY n.name
+    SELECT k.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
+    FROM unnest(new_keys, their_templates) AS k(name, template)
+    JOIN pgslots.limits t ON t.id = k.template
+    ORDER BY k.name
     ON CONFLICT (name) DO NOTHING;
     GET DIAGNOSTICS created = ROW_COUNT;
     RETURN created;

@@ -567,6 +567,8 @@ DECLARE
     since timestamptz;
     kept float8;
     moved float8;
+    room float8;
+    cost float8;
     used float8;
     g record;
 BEGIN
@@ -605,14 +607,13 @@ BEGIN
             SELECT x.id, x.granted_at, x.slots INTO g FROM pgslots.window_grants x
             WHERE x.limit_id = lim.id AND x.reservation_id = settle.reservation_id;
             IF FOUND THEN
-                used := (SELECT l.unleased_slots FROM pgslots.limits l WHERE l.id = lim.id);
-                kept := greatest(0, 2.0 * lim."limit" - used);   -- room for a debt
+                room := pgslots._debt_room(lim."limit", (SELECT l.unleased_slots FROM pgslots.limits l WHERE l.id = lim.id));
                 -- The grant's new cost: `actual` itself when nothing capped it (exact), else capped.
-                kept := CASE WHEN g.slots = r.slots AND diff <= kept THEN actual
+                cost := CASE WHEN g.slots = r.slots AND diff <= room THEN actual
                              WHEN diff < 0 THEN greatest(0, g.slots + diff)
-                             ELSE g.slots + least(diff, kept) END;
-                PERFORM pgslots._window_settle(lim.id, g.id, g.granted_at, kept);
-                UPDATE pgslots.limits l SET unleased_slots = greatest(0, l.unleased_slots + (kept - g.slots))
+                             ELSE g.slots + least(diff, room) END;
+                PERFORM pgslots._window_settle(lim.id, g.id, g.granted_at, cost);
+                UPDATE pgslots.limits l SET unleased_slots = greatest(0, l.unleased_slots + (cost - g.slots))
                 WHERE l.id = lim.id;
             END IF;
         ELSIF lim.slot_decay_per_second > 0 THEN
@@ -620,7 +621,7 @@ BEGIN
             SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) INTO used
             FROM pgslots.limits l WHERE l.id = lim.id;
             moved := CASE WHEN diff < 0 THEN greatest(diff, -least(kept, used))
-                          ELSE least(diff, greatest(0, 2.0 * lim."limit" - used)) END;
+                          ELSE least(diff, pgslots._debt_room(lim."limit", used)) END;
             UPDATE pgslots.limits l SET unleased_slots = greatest(0, used + moved), decayed_at = at
             WHERE l.id = lim.id;
             holds[lim.ord] := greatest(0, kept + moved);
