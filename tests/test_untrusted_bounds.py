@@ -200,6 +200,9 @@ def test_a_debt_is_bounded_and_an_admin_clears_it(roles: Roles) -> None:
             assert cleared == pytest.approx(20, abs=0.1)
         assert rate_limit(victim, ["tenant:bob"])["granted"], "open again at once"
         _error(attacker, "42501", "SELECT pgslots.clear_debt('tenant:*')")  # an admin's tool only
+    with _conn(roles.owner) as owner:
+        _error(owner, "PS004", "SELECT pgslots.clear_debt(NULL)")
+        _error(owner, "PS004", "SELECT pgslots.clear_debt('tenant:nobody-uses-this')")
 
 
 def test_a_window_debt_is_bounded_too(roles: Roles) -> None:
@@ -334,6 +337,10 @@ def test_a_template_caps_its_keys_and_new_keys_stay_cheap(roles: Roles) -> None:
         one(owner, "SELECT pgslots.update_limit('tenant:*', max_keys => 0) AS id")
         assert status(owner, "tenant:*")["max_keys"] == 10000, "back to the setting"
         _error(owner, "PS002", "SELECT pgslots.create_limit('plain', 1, max_keys => 5)")
+        _error(owner, "PS002", "SELECT pgslots.update_limit('tenant:*', max_keys => -1)")
+        # Beyond an integer, PostgreSQL itself finds no such function; Python and the CLI check first.
+        _error(owner, "42883", "SELECT pgslots.create_limit('big:*', 1, max_keys => 2147483648)")
+        _error(attacker, "42501", "SELECT pgslots.update_limit('tenant:*', max_keys => 1000000)")
 
 
 # ---- 5 and 6. the queue: no reward for new keys, no starvation by priority ------------------------
