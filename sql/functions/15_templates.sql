@@ -67,10 +67,13 @@ END
 $$;
 
 -- The live keys of a template, counted up to `most` (an index-only walk of at most that many entries).
+-- PL/pgSQL, not SQL: a SQL function that is not inlined is planned again on every call.
 CREATE FUNCTION pgslots._keys_of(template uuid, most integer) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT count(*) FROM (SELECT 1 FROM pgslots.limits l WHERE l.template_id = template LIMIT most) k
+BEGIN
+    RETURN (SELECT count(*) FROM (SELECT 1 FROM pgslots.limits l WHERE l.template_id = template LIMIT most) k);
+END
 $$;
 
 -- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
@@ -81,9 +84,9 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
-       AND (l.retiring
-            OR CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
-                    ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END)
+       AND CASE WHEN l.retiring THEN true
+                WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
+                ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
 END
@@ -98,6 +101,7 @@ AS $$
 DECLARE
     gone uuid[];
     start uuid;
+    candidate pgslots.limits;
 BEGIN
     IF template IS NULL OR most IS NULL THEN
         gone := ARRAY(SELECT l.id FROM pgslots.limits l
@@ -107,17 +111,20 @@ BEGIN
                       FOR UPDATE SKIP LOCKED);
     ELSE
         -- A few keys from a random point of the template's keys (wrapping around), never all of
-        -- them: a template with many busy keys costs a new key as little as one with none.
+        -- them: a template with many busy keys costs a new key as little as one with none. The
+        -- loop stops at the first `most` idle keys it meets.
+        gone := '{}';
         start := gen_random_uuid();
-        gone := ARRAY(SELECT c.id FROM pgslots.limits c
-                      WHERE c.id IN ((SELECT l.id FROM pgslots.limits l
-                                      WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 8 * most)
-                                     UNION ALL
-                                     (SELECT l.id FROM pgslots.limits l
-                                      WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 8 * most))
-                        AND pgslots._idle(c, at)
-                      LIMIT most
-                      FOR UPDATE SKIP LOCKED);
+        FOR candidate IN (SELECT l.* FROM pgslots.limits l
+                          WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 4 * most)
+                         UNION ALL
+                         (SELECT l.* FROM pgslots.limits l
+                          WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 4 * most) LOOP
+            CONTINUE WHEN NOT pgslots._idle(candidate, at);
+            gone := gone || candidate.id;
+            EXIT WHEN cardinality(gone) >= most;
+        END LOOP;
+        gone := ARRAY(SELECT l.id FROM pgslots.limits l WHERE l.id = ANY (gone) FOR UPDATE SKIP LOCKED);
     END IF;
     IF cardinality(gone) > 0 THEN
         -- Their counters stay in their template's totals (a retiring key's template is gone: the
