@@ -417,8 +417,8 @@ def _attacker(dsn: str, leaked: Any, holding: Any, peak: Any, done: Any, deadlin
                 time.sleep(0.002)
                 with holding.get_lock():
                     holding.value -= 1
-            if stay and not got["granted"]:
-                return int(got["waiter"])
+            if stay and not got["granted"] and got["waiter"] is not None:
+                return int(got["waiter"])  # (no waiter: room appeared as it looked, it was told to ask again)
             leave(got["waiter"], lease)
             return None
 
