@@ -311,7 +311,9 @@ def _worker(dsn: str, held: Any, peaks: Any, total: Any, total_peak: Any, bodies
                     total.value += 1
                     total_peak.value = max(total_peak.value, total.value)
                     bodies.value += 1
-                time.sleep(rng.uniform(0, 0.01))
+                # Bodies long against a hand-off (a few ms on a busy machine), so that the global
+                # limit does fill up with 8 processes, whatever the scheduling.
+                time.sleep(rng.uniform(0.005, 0.03))
                 with held.get_lock():
                     held[k] -= 1
                     total.value -= 1

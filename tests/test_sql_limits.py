@@ -155,3 +155,20 @@ def test_inactive_limit_enforces_nothing(sql: Conn) -> None:
 def test_inactive_rate_limit_does_not_need_decay(sql: Conn) -> None:
     create(sql, "ioff", 1, active=False)
     assert rate_limit(sql, ["ioff"])["granted"]
+
+
+def test_reading_status_is_never_jit_compiled(fresh_dsn: str) -> None:
+    """A fresh database has never been analyzed: the planner guesses hundreds of rows for the
+    one-row settings table. The status view must still plan below jit_above_cost (compiling it took
+    0.5-1.3 s for a read of a few rows), and the read functions switch JIT off outright."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        for name in ("a", "b", "c"):
+            create(conn, name, 2)
+        plan = one(conn, "EXPLAIN (FORMAT JSON) SELECT * FROM pgslots.status")["QUERY PLAN"][0]["Plan"]
+        threshold = float(one(conn, "SELECT current_setting('jit_above_cost') AS c")["c"])
+        assert plan["Total Cost"] < threshold
+        readers = conn.execute(
+            "SELECT p.proname, p.proconfig FROM pg_proc p WHERE p.pronamespace = 'pgslots'::regnamespace "
+            "AND p.proname IN ('get_limits', 'get_instances', 'list_leases')"
+        ).fetchall()
+        assert len(readers) == 3 and all("jit=off" in (config or []) for _, config in readers), readers

@@ -36,7 +36,9 @@ SELECT l.id,
        CASE WHEN l.is_template THEN coalesce(l.max_keys, (SELECT s.max_keys_per_template FROM pgslots.settings s)) END
            AS max_keys
 FROM pgslots.limits l,
-     LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s) c,
+     -- One row (LIMIT 1): the planner cannot know that settings holds one, and a guess of hundreds
+     -- multiplies the view's estimated cost past jit_above_cost on a fresh database.
+     LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s LIMIT 1) c,
      LATERAL (SELECT CASE WHEN l.window_seconds > 0
                           THEN (SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
                                 WHERE g.limit_id = l.id AND g.granted_at > c.at - make_interval(secs => l.window_seconds))
@@ -74,6 +76,7 @@ CREATE FUNCTION pgslots.get_limits(names text[] DEFAULT NULL, with_instances boo
 RETURNS SETOF pgslots.status
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
+SET jit = off  -- a read of a few rows per limit; compiling it would cost more than running it
 AS $$
     SELECT * FROM pgslots.status s
     WHERE (names IS NULL OR s.name = ANY (names))
@@ -88,6 +91,7 @@ CREATE FUNCTION pgslots.get_instances(template text, busiest integer DEFAULT NUL
 RETURNS SETOF pgslots.status
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
+SET jit = off
 AS $$
 BEGIN
     IF busiest < 1 THEN
@@ -113,6 +117,7 @@ RETURNS TABLE (lease_id uuid, limit_names text[], slots integer, fencing_token b
                host text, pid integer, application_name text, holder jsonb)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgslots, pg_temp
+SET jit = off
 AS $$
     SELECT x.id, array_agg(l.name ORDER BY l.name), min(x.slots), min(x.fencing_token),
            min(x.acquired_at), min(x.expires_at), min(x.expires_at) <= pgslots._now(),
