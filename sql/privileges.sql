@@ -15,12 +15,12 @@
 
 DO $$
 DECLARE
-    user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'heartbeat',
+    user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
                                    'leave_queue', 'keep_alive', 'get_limits', 'get_instances',
                                    'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',
                                     'list_leases', 'lock_for_apply', 'clear_debt'];
-    view_helpers text[] := ARRAY['_clock', '_decayed'];
+    view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased'];
     f record;
     has_user boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user');
     has_admin boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_admin');

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,23 @@ def one(conn: psycopg.Connection[Any], query: str, params: Any = None) -> dict[s
         row = cur.fetchone()
         assert row is not None
         return row
+
+
+def woken(payload: str) -> list[int]:
+    """The tickets a wake-up notification tells to ask again (see sql/functions/40_queue.sql)."""
+    return list(json.loads(payload)["wake"])
+
+
+def handed(payload: str) -> dict[str, Any]:
+    """The grant a hand-off notification carries: ticket, lease_id, fencing_token, expires_epoch,
+    term_seconds."""
+    return dict(json.loads(payload)["grant"])
+
+
+def grant_note(ticket: int, lease_id: Any, fencing_token: Any, expires_epoch: float, term_seconds: float) -> str:
+    """A hand-off notification as the database sends it (to forge one)."""
+    grant = {"ticket": ticket, "lease_id": str(lease_id), "fencing_token": fencing_token}
+    return json.dumps({"grant": grant | {"expires_epoch": expires_epoch, "term_seconds": term_seconds}})
 
 
 def rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[dict[str, Any]]:

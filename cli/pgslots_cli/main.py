@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 import pgslots
-from pgslots.apply import LARGEST
-from pgslots.client import LimitInfo
+from pgslots._validate import LARGEST
+from pgslots.types import LimitInfo
 
 from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add their commands to cli
 from .app import State, check_output, cli, fail, output_options, pass_state

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from pgslots._text import ESCAPES, shown
-from pgslots.client import LimitInfo
+from pgslots.types import LimitInfo
 
 # In JSON, the same characters as JSON escapes (the output stays valid JSON, and reads back as it was).
 _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in ESCAPES if c >= 0x7F}  # json escapes C0 itself

@@ -24,8 +24,9 @@ from urllib.parse import unquote, urlsplit
 import click
 
 import pgslots
-from pgslots.client import Client, LeaseInfo, LimitInfo
+from pgslots.client import Client
 from pgslots.metrics import exposition
+from pgslots.types import LeaseInfo, LimitInfo
 
 from .app import State, cli, fail, pass_state
 from .output import dumps, limit_json

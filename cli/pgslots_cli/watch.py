@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import click
 
 from pgslots._text import shown
-from pgslots.client import Client, LimitInfo
+from pgslots.client import Client
+from pgslots.types import LimitInfo
 
 from .app import State, cli, pass_state
 from .output import bar, number, seconds

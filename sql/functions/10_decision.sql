@@ -43,6 +43,17 @@ CREATE FUNCTION pgslots._debt_room(capacity integer, used float8) RETURNS float8
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT greatest(0::float8, 2.0 * capacity - used) $$;
 
+-- The same two for a limit's row, the forms the admission stages use: the rate slots a bucket still
+-- holds at `at` (decayed), and the shortfall of a request on it. Whole-row arguments cost nothing:
+-- inlined, (l).column is the column itself.
+CREATE FUNCTION pgslots._unleased(l pgslots.limits, at timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) $$;
+
+CREATE FUNCTION pgslots._short(l pgslots.limits, at timestamptz, queued bigint, slots integer) RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT pgslots._shortfall(l."limit", l.leased_slots, pgslots._unleased(l, at), queued, slots) $$;
+
 -- The grant test. The tolerance absorbs the rounding of continuous decay.
 CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean
 LANGUAGE sql IMMUTABLE

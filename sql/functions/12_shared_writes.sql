@@ -44,23 +44,39 @@ AS $$
     WHERE w.id = ticket AND w.client_id = queue_client AND pgslots._by_caller(w.owner)
 $$;
 
--- Bounds every lock wait of the calling function's transaction by wait_seconds (lock_timeout), so
--- a call blocked behind another session's open transaction or advisory lock gives up in time,
--- changing nothing. Returns the lock_timeout to put back before the function returns.
+-- The lock-wait bound of every call that takes wait_seconds, written once: _bound_waits at its
+-- start bounds each lock wait of the call's transaction by wait_seconds (lock_timeout), so a call
+-- blocked behind another session's open transaction or advisory lock gives up in time, changing
+-- nothing; _unbound_waits at its end puts back the caller's lock_timeout, which _bound_waits
+-- returned. NULL: no bound, nothing changed.
 CREATE FUNCTION pgslots._bound_waits(wait_seconds float8) RETURNS text
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    prior text := pg_catalog.current_setting('lock_timeout');
+    prior text;
 BEGIN
+    IF wait_seconds IS NULL THEN
+        RETURN NULL;
+    END IF;
     IF NOT (wait_seconds >= 0 AND wait_seconds < 'Infinity'::float8) THEN
         RAISE EXCEPTION 'wait_seconds must be a finite number >= 0 (or NULL: no bound), got %.', wait_seconds
             USING ERRCODE = 'PS012', HINT = 'Pass how long the call may wait for locks, e.g. 5.';
     END IF;
+    prior := pg_catalog.current_setting('lock_timeout');
     -- lock_timeout counts in whole milliseconds, and 0 would mean no bound at all.
     PERFORM pg_catalog.set_config('lock_timeout',
         least(2147483647, greatest(1, ceil(wait_seconds * 1000)))::bigint::text || 'ms', true);
     RETURN prior;
+END
+$$;
+
+CREATE FUNCTION pgslots._unbound_waits(prior text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF prior IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('lock_timeout', prior, true);
+    END IF;
 END
 $$;
 

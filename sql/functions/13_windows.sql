@@ -108,14 +108,14 @@ BEGIN
         INSERT INTO pgslots.window_grants (limit_id, granted_at, slots)
         SELECT l.id, at, d.held
         FROM pgslots.limits l,
-             LATERAL (SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS held) d
+             LATERAL (SELECT pgslots._unleased(l, at) AS held) d
         WHERE l.id = ANY (ids) AND l.window_seconds = 0 AND d.held > 1e-9;
     END IF;
     UPDATE pgslots.limits l SET
         unleased_slots = CASE
             WHEN l.window_seconds > 0 AND coalesce(_set_values.window_seconds, l.window_seconds) > 0 THEN l.unleased_slots
             WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
-            ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) END,
+            ELSE pgslots._unleased(l, at) END,
         decayed_at = at,
         "limit" = coalesce(_set_values."limit", l."limit"),
         slot_decay_per_second = coalesce(_set_values.slot_decay_per_second, l.slot_decay_per_second),

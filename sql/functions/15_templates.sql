@@ -86,7 +86,7 @@ BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
        AND CASE WHEN l.retiring THEN true
                 WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
-                ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) <= 1e-9 END
+                ELSE pgslots._unleased(l, at) <= 1e-9 END
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
 END
@@ -149,5 +149,21 @@ BEGIN
         DELETE FROM pgslots.served_keys s WHERE s.limit_id = ANY (gone);
     END IF;
     RETURN cardinality(gone);
+END
+$$;
+
+-- max_keys: NULL (unchanged, or the setting), 0 (the setting) or a number of keys, for templates only.
+CREATE FUNCTION pgslots._check_max_keys(max_keys integer, template boolean) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF max_keys < 0 THEN
+        RAISE EXCEPTION 'max_keys must be 1 or more (0: the default of settings.max_keys_per_template), got %.', max_keys
+            USING ERRCODE = 'PS002', HINT = 'Pass how many live keys the template may have, e.g. 10000.';
+    END IF;
+    IF max_keys > 0 AND NOT template THEN
+        RAISE EXCEPTION 'max_keys is for templates (names ending in *): a plain limit has no keys.'
+            USING ERRCODE = 'PS002', HINT = 'Leave max_keys out, or set it on the template, e.g. ''tenant:*''.';
+    END IF;
 END
 $$;

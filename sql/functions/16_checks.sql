@@ -220,13 +220,61 @@ BEGIN
 END
 $$;
 
--- Acquiring a template's own name: it has no slots of its own.
-CREATE FUNCTION pgslots._template_not_acquirable(name text) RETURNS void
+-- The caller's queue arguments and session, checked by acquire before anything is locked.
+CREATE FUNCTION pgslots._check_caller(priority integer, fairness_key text, session uuid) RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    RAISE EXCEPTION '% is a template: acquire one of its keys instead, e.g. %.',
-        quote_literal(name), quote_literal(left(name, -1) || 'example')
-        USING ERRCODE = 'PS016', HINT = 'Each key that starts with the template''s prefix gets its own limit on first use.';
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
+    END IF;
+    -- A session binds only leases of the role that keeps it alive.
+    IF EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user) THEN
+        PERFORM pgslots._not_your_session(session);
+    END IF;
+END
+$$;
+
+-- Why a locked limit can never admit this request: a template's own name (it has no slots of its
+-- own), more slots than the limit, or concurrency on a window limit.
+CREATE FUNCTION pgslots._not_admissible(name text, is_template boolean, "limit" integer, window_seconds float8,
+                                        slots integer) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF is_template THEN
+        RAISE EXCEPTION '% is a template: acquire one of its keys instead, e.g. %.',
+            quote_literal(name), quote_literal(left(name, -1) || 'example')
+            USING ERRCODE = 'PS016', HINT = 'Each key that starts with the template''s prefix gets its own limit on first use.';
+    END IF;
+    IF slots > "limit" THEN
+        RAISE EXCEPTION 'Unable to acquire concurrency slots on %: slots requested is greater than the limit (% > %)',
+            pgslots._list_literal(ARRAY[name]), slots, "limit"
+            USING ERRCODE = 'PS006', HINT = 'Ask for fewer slots or raise the limit; this request can never succeed.';
+    END IF;
+    RAISE EXCEPTION '% is a window limit (at most % slots in any % s): its slots are never released, so concurrency() cannot hold them. Use rate_limit() or reserve() on it.',
+        quote_literal(name), "limit", window_seconds
+        USING ERRCODE = 'PS018',
+              HINT = 'Use rate_limit() (or reserve()) on a window limit; concurrency() needs a limit without a window.';
+END
+$$;
+
+CREATE FUNCTION pgslots._missing_limits(missing text[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Concurrency limits % must be created before acquiring slots', pgslots._list_literal(missing)
+        USING ERRCODE = 'PS008', HINT = 'Create the limits first (create_limit), or acquire without strict.';
+END
+$$;
+
+CREATE FUNCTION pgslots._no_decay(names text[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Only concurrency limits with slot decay can be used for rate limiting. The following limits do not have a decay configured: %',
+        (SELECT string_agg(quote_literal(n), ', ') FROM unnest(names) AS n)
+        USING ERRCODE = 'PS009',
+              HINT = 'Give the limits a slot_decay_per_second or a window_seconds above 0 (update_limit).';
 END
 $$;

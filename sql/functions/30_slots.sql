@@ -13,11 +13,8 @@ DECLARE
     commit_mode text := current_setting('synchronous_commit');
     target uuid;
     freed integer;
-    prior_lock_timeout text;
+    prior text := pgslots._bound_waits(wait_seconds);
 BEGIN
-    IF wait_seconds IS NOT NULL THEN
-        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
-    END IF;
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
         -- keeps the slot taken until its lease expires: slower, never over-admitting.
@@ -79,9 +76,7 @@ BEGIN
         -- Handing slots over grants a lease: that must survive a crash like any grant.
         PERFORM set_config('synchronous_commit', commit_mode, true);
     END IF;
-    IF prior_lock_timeout IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
-    END IF;
+    PERFORM pgslots._unbound_waits(prior);
     RETURN released;
 END
 $$;
@@ -106,11 +101,8 @@ DECLARE
     renewed integer;
     expected integer;
     new_expiry timestamptz;
-    prior_lock_timeout text;
+    prior text := pgslots._bound_waits(wait_seconds);
 BEGIN
-    IF wait_seconds IS NOT NULL THEN
-        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
-    END IF;
     SELECT * INTO cfg FROM pgslots.settings;
     PERFORM pgslots._check_lease_seconds(lease_seconds, cfg);
     at := pgslots._clock(cfg.clock_offset);
@@ -127,9 +119,7 @@ BEGIN
             USING ERRCODE = 'PS010',
                   HINT = 'Stop the work that needed the slots and acquire them again.';
     END IF;
-    IF prior_lock_timeout IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
-    END IF;
+    PERFORM pgslots._unbound_waits(prior);
     RETURN new_expiry;
 END
 $$;
@@ -137,6 +127,52 @@ COMMENT ON FUNCTION pgslots.renew(uuid, float8, float8) IS
 'Extends a live lease to now + lease_seconds and returns the new expiry. A lease that expired or '
 'was released is lost: renewing it raises SQLSTATE PS010 and changes nothing. wait_seconds bounds '
 'each lock wait as in acquire.';
+
+-- Renewals of one process, in one call: every live lease named is extended to now + its
+-- lease_seconds; the leases returned are lost (expired, released, or partly taken back), and for
+-- those nothing changed. Lease rows are locked in id order, as every batch locks them.
+CREATE FUNCTION pgslots.renew_leases(lease_ids uuid[], lease_seconds float8[], wait_seconds float8 DEFAULT NULL)
+RETURNS uuid[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    prior text := pgslots._bound_waits(wait_seconds);
+    cfg pgslots.settings;
+    at timestamptz;
+    lost uuid[];
+BEGIN
+    IF lease_ids IS NULL OR lease_seconds IS NULL OR cardinality(lease_ids) <> cardinality(lease_seconds)
+       OR cardinality(lease_ids) > 10000 THEN
+        RAISE EXCEPTION 'renew_leases takes one lease_seconds per lease id, at most 10000 of each, got % ids and % durations.',
+            coalesce(cardinality(lease_ids)::text, 'NULL'), coalesce(cardinality(lease_seconds)::text, 'NULL')
+            USING ERRCODE = 'PS011', HINT = 'Pass two arrays of the same length, e.g. ARRAY[id1, id2] and ARRAY[300, 300].';
+    END IF;
+    SELECT * INTO cfg FROM pgslots.settings;
+    PERFORM pgslots._check_lease_seconds(s, cfg) FROM unnest(lease_seconds) AS s;
+    at := pgslots._clock(cfg.clock_offset);
+    WITH wanted AS (
+        SELECT DISTINCT ON (u.id) u.id, u.secs FROM unnest(lease_ids, lease_seconds) AS u(id, secs)
+        WHERE u.id IS NOT NULL ORDER BY u.id),
+    rows_ AS (
+        SELECT x.ctid AS row_id, x.id, x.parts, x.expires_at > at AS live FROM pgslots.leases x
+        WHERE x.id IN (SELECT w.id FROM wanted w) ORDER BY x.id, x.limit_id FOR UPDATE OF x),
+    whole AS (
+        SELECT r.id FROM rows_ r GROUP BY r.id HAVING bool_and(r.live) AND count(*) = min(r.parts)),
+    renewed AS (
+        UPDATE pgslots.leases x SET expires_at = at + make_interval(secs => w.secs)
+        FROM wanted w WHERE x.id = w.id AND x.id IN (SELECT h.id FROM whole h)
+        RETURNING x.id)
+    SELECT coalesce(array_agg(w.id ORDER BY w.id) FILTER (WHERE w.id NOT IN (SELECT h.id FROM whole h)), '{}')
+    INTO lost FROM wanted w;
+    PERFORM pgslots._unbound_waits(prior);
+    RETURN lost;
+END
+$$;
+COMMENT ON FUNCTION pgslots.renew_leases(uuid[], float8[], float8) IS
+'Renews many leases in one call: each live lease in lease_ids is extended to now + its lease_seconds '
+'(the same position in the second array). Returns the ids that were lost (expired, released, or '
+'partly taken back): those changed nothing. At most 10000 leases; wait_seconds as in acquire.';
 
 CREATE FUNCTION pgslots.sweep() RETURNS integer
 LANGUAGE plpgsql
@@ -191,89 +227,3 @@ COMMENT ON FUNCTION pgslots.sweep() IS
 'waiters and sessions, grants that left their window and reservations past settling, and deletes '
 'the instances of templates nobody uses (no lease, no waiter, no rate slot left); returns how many leases it reclaimed. Not required for correctness (a full '
 'limit reclaims its own); for cron.';
-
-CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,
-                                   OUT liveness_seconds float8, OUT lost uuid[], OUT orphans uuid[])
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pgslots, pg_temp
-AS $$
-DECLARE
-    at timestamptz := pgslots._now();
-BEGIN
-    IF session IS NULL THEN
-        RAISE EXCEPTION 'session must be a UUID, not NULL.' USING ERRCODE = 'PS011',
-            HINT = 'Pass the random UUID you give acquire as session.';
-    END IF;
-    -- The first caller of a session id owns it; no other login role can keep it alive or move it.
-    UPDATE pgslots.sessions s SET backend_pid = CASE WHEN bind THEN pg_backend_pid() END, seen_at = at
-    WHERE s.id = keep_alive.session AND s.owner = session_user;
-    IF NOT FOUND THEN
-        PERFORM pgslots._new_session(session, bind, at);
-    END IF;
-    IF bind THEN
-        -- Held, shared, as long as this connection lives (see _connected). Taken again on every
-        -- call: a prober may have held it for a moment; holding it twice costs nothing.
-        PERFORM pg_try_advisory_lock_shared(pgslots._session_lock(session));
-    END IF;
-    liveness_seconds := (SELECT s.liveness_seconds FROM pgslots.settings s);
-    -- Of the leases the caller believes it holds for this session, those that are gone (reclaimed,
-    -- released by an operator, or never replicated to this server after a failover). Only leases of
-    -- this session count as held: an id of anyone else's lease is answered as gone, like a made-up one.
-    lost := ARRAY(SELECT g.id FROM unnest(leases) AS g(id)
-                  WHERE NOT EXISTS (SELECT 1 FROM pgslots.leases x
-                                    WHERE x.id = g.id AND x.expires_at > at AND x.session_id = keep_alive.session));
-    -- Leases of this session the caller no longer holds (a release lost in a failover, a lease it
-    -- gave up): kept alive by the session, they would wait for their expiry. Only those older than
-    -- liveness_seconds, so none that is being granted right now.
-    IF leases IS NOT NULL THEN
-        orphans := ARRAY(SELECT DISTINCT x.id FROM pgslots.leases x
-                         WHERE x.session_id = keep_alive.session AND x.id <> ALL (leases)
-                           AND x.acquired_at <= at - make_interval(secs => liveness_seconds));
-    END IF;
-END
-$$;
-
--- A session id seen for the first time: it belongs to the calling role from now on. A role has at
--- most settings.max_sessions_per_role sessions; at that number, its sessions that have gone quiet
--- for liveness_seconds, hold no lease and have no connection are removed to make room, and a new
--- session that still finds none is refused (PS019).
-CREATE FUNCTION pgslots._new_session(session uuid, bind boolean, at timestamptz) RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    cfg pgslots.settings;
-BEGIN
-    SELECT * INTO cfg FROM pgslots.settings;
-    IF (SELECT count(*) FROM (SELECT 1 FROM pgslots.sessions s WHERE s.owner = session_user
-                              LIMIT cfg.max_sessions_per_role) n) >= cfg.max_sessions_per_role THEN
-        DELETE FROM pgslots.sessions s
-        WHERE s.id IN (SELECT x.id FROM pgslots.sessions x
-                       WHERE x.owner = session_user AND x.seen_at <= at - make_interval(secs => cfg.liveness_seconds)
-                         AND NOT EXISTS (SELECT 1 FROM pgslots.leases l WHERE l.session_id = x.id)
-                         AND (x.backend_pid IS NULL OR NOT pgslots._connected(x.id))
-                       ORDER BY x.seen_at LIMIT 16 FOR UPDATE SKIP LOCKED);
-        IF (SELECT count(*) FROM (SELECT 1 FROM pgslots.sessions s WHERE s.owner = session_user
-                                  LIMIT cfg.max_sessions_per_role) n) >= cfg.max_sessions_per_role THEN
-            RAISE EXCEPTION 'This role keeps % sessions alive, its most (settings.max_sessions_per_role): session % is not started.',
-                cfg.max_sessions_per_role, session
-                USING ERRCODE = 'PS019',
-                      HINT = 'Reuse one session per process (a client does), or ask an operator to raise max_sessions_per_role.';
-        END IF;
-    END IF;
-    INSERT INTO pgslots.sessions AS s (id, owner, backend_pid, seen_at)
-    VALUES (session, session_user, CASE WHEN bind THEN pg_backend_pid() END, at)
-    ON CONFLICT (id) DO NOTHING;
-    IF NOT FOUND THEN
-        PERFORM pgslots._not_your_session(session);
-    END IF;
-END
-$$;
-
-COMMENT ON FUNCTION pgslots.keep_alive(uuid, uuid[], boolean) IS
-'Keeps a session alive: call it at least every second from a connection that stays open, and pass '
-'the same UUID as acquire''s session. Its leases then live while it does: once it has not been '
-'seen for liveness_seconds (returned) and the backend it last called from is gone, they are dead '
-'and their slots go to whoever needs them. Give up the leases yourself if you cannot call it for '
-'liveness_seconds - 1. Returns, of `leases` (all the leases the caller holds), those that are gone, '
-'and the orphans: leases of the session older than liveness_seconds that are not in `leases` (release '
-'them). bind => false (a connection through a transaction pooler): judge the session by time alone.';

@@ -2,11 +2,12 @@
 --
 -- Waiters of a limit are served in the order of _queue: priority (with aging), then round-robin
 -- across fairness keys, then ticket order. Wake-ups go to each waiting client's own channel,
--- "pgslots:<queue_client>". Payload, comma-separated entries:
---   <ticket>                             look again: the freed slots may fit you now
---   <ticket>:<lease_id>:<fencing_token>:<expires_epoch>:<seconds>
---                                        the lease you named is granted; it expires at
---                                        expires_epoch (<seconds> from now)
+-- "pgslots:<queue_client>" (its session). Payload, one JSON object:
+--   {"wake": [12, 13]}                   tickets 12 and 13: look again, the freed slots may fit you
+--   {"grant": {"ticket": 13, "lease_id": "<uuid>", "fencing_token": 77,
+--              "expires_epoch": 1700000000.5, "term_seconds": 6}}
+--                                        ticket 13: the lease you named is granted; it expires at
+--                                        expires_epoch (term_seconds from now)
 -- Anyone may NOTIFY any channel: a client believes a grant only when it names the lease the client
 -- itself chose (a random UUID nobody else has seen), and otherwise just asks again.
 
@@ -30,7 +31,7 @@ BEGIN
                              WHERE x.limit_id = target
                                AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
                AS live_leased,
-           pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
+           pgslots._unleased(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     FOR w IN SELECT q.id, q.slots
              FROM pgslots._queue(target, at, (SELECT s.priority_aging_seconds FROM pgslots.settings s),
@@ -58,10 +59,10 @@ BEGIN
     PERFORM pgslots._lock_queue(target);
     woken := pgslots._wakeable(target, at);
     IF cardinality(woken) > 0 THEN
-        FOR c IN SELECT w.client_id, string_agg(w.id::text, ',' ORDER BY w.id) AS tickets
+        FOR c IN SELECT w.client_id, json_build_object('wake', json_agg(w.id ORDER BY w.id))::text AS note
                  FROM pgslots.waiters w WHERE w.limit_id = target AND w.id = ANY (woken)
                  GROUP BY w.client_id LOOP
-            PERFORM pg_notify(pgslots._channel(c.client_id), c.tickets);
+            PERFORM pg_notify(pgslots._channel(c.client_id), c.note);
         END LOOP;
     END IF;
 END
@@ -98,7 +99,7 @@ BEGIN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow,
-           pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) AS unleased
+           pgslots._unleased(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF NOT FOUND OR NOT lim.active OR lim.shadow THEN
         -- Deleted, disabled or in shadow mode: every waiter must look again.
@@ -147,7 +148,9 @@ BEGIN
             granted := granted + 1;
             waited := waited + date_part('epoch', at - w.enqueued_at);
             PERFORM pg_notify(pgslots._channel(w.client_id),
-                              format('%s:%s:%s:%s:%s', w.id, w.lease_id, token, extract(epoch FROM expiry), run_for));
+                              json_build_object('grant', json_build_object(
+                                  'ticket', w.id, 'lease_id', w.lease_id, 'fencing_token', token,
+                                  'expires_epoch', extract(epoch FROM expiry), 'term_seconds', run_for))::text);
         END IF;
         DELETE FROM pgslots.waiters x WHERE x.id = w.id;
         IF keyed THEN
@@ -219,11 +222,8 @@ DECLARE
     at timestamptz;
     left_limit uuid;
     was_queued boolean := false;
-    prior_lock_timeout text;
+    prior text := pgslots._bound_waits(wait_seconds);
 BEGIN
-    IF wait_seconds IS NOT NULL THEN
-        prior_lock_timeout := pgslots._bound_waits(wait_seconds);
-    END IF;
     -- Lock the ticket's limits first, as a release does: a release that is handing this ticket its
     -- lease right now finishes first, so the caller's release of that lease, next, finds it.
     PERFORM 1 FROM pgslots.limits l
@@ -239,9 +239,7 @@ BEGIN
         was_queued := true;
         PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now
     END LOOP;
-    IF prior_lock_timeout IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', prior_lock_timeout, true);
-    END IF;
+    PERFORM pgslots._unbound_waits(prior);
     RETURN was_queued;
 END
 $$;

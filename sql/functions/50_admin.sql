@@ -76,22 +76,6 @@ COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer
 'like a key (tenant:acme) is an override: it wins over every template. max_keys (templates only) '
 'caps its live keys (NULL or 0: settings.max_keys_per_template); a new key beyond it is refused.';
 
--- max_keys: NULL (unchanged, or the setting), 0 (the setting) or a number of keys, for templates only.
-CREATE FUNCTION pgslots._check_max_keys(max_keys integer, template boolean) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-    IF max_keys < 0 THEN
-        RAISE EXCEPTION 'max_keys must be 1 or more (0: the default of settings.max_keys_per_template), got %.', max_keys
-            USING ERRCODE = 'PS002', HINT = 'Pass how many live keys the template may have, e.g. 10000.';
-    END IF;
-    IF max_keys > 0 AND NOT template THEN
-        RAISE EXCEPTION 'max_keys is for templates (names ending in *): a plain limit has no keys.'
-            USING ERRCODE = 'PS002', HINT = 'Leave max_keys out, or set it on the template, e.g. ''tenant:*''.';
-    END IF;
-END
-$$;
-
 -- Adds `slots` occupied slots to a limit (whose row the caller has locked or created): rate slots
 -- that decay, or for a window limit one grant made now.
 CREATE FUNCTION pgslots._add_slots(target uuid, slots float8, at timestamptz) RETURNS void
@@ -283,7 +267,7 @@ BEGIN
                  WHERE l.id = target.id OR (target.is_template AND l.template_id = target.id)
                  ORDER BY l.id FOR UPDATE);
     SELECT coalesce(sum(CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
-                             ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) END), 0)
+                             ELSE pgslots._unleased(l, at) END), 0)
     INTO cleared FROM pgslots.limits l WHERE l.id = ANY (ids);
     DELETE FROM pgslots.window_grants g WHERE g.limit_id = ANY (ids);
     UPDATE pgslots.limits l SET unleased_slots = 0, decayed_at = at WHERE l.id = ANY (ids);

@@ -42,7 +42,7 @@ FROM pgslots.limits l,
      LATERAL (SELECT CASE WHEN l.window_seconds > 0
                           THEN (SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
                                 WHERE g.limit_id = l.id AND g.granted_at > c.at - make_interval(secs => l.window_seconds))
-                          ELSE pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, c.at)
+                          ELSE pgslots._unleased(l, c.at)
                      END AS unleased) d,
      -- Counters: a limit's own; a template's are the totals of its keys, those removed as idle included.
      LATERAL (SELECT sum(x.grants_total)::bigint AS grants_total, sum(x.refusals_total)::bigint AS refusals_total,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ._flow import Lease
-from .client import Client, LeaseInfo, LimitInfo, configure, default_client
+from .client import Client, configure, default_client
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
@@ -27,7 +26,8 @@ from .errors import (
     TemplateError,
     WindowLimitError,
 )
-from .migrate import LATEST_VERSION, MigrationPlan, migrate, migration_plan
+from .migrate import LATEST_VERSION, migrate, migration_plan
+from .types import Lease, LeaseInfo, LimitInfo, MigrationPlan
 
 __all__ = [
     "LATEST_VERSION",

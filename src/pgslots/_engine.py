@@ -1,11 +1,10 @@
-"""The per-client background worker: one thread and one connection serve every waiter and lease.
+"""The per-process background worker: one thread and one connection serve every waiter and lease.
 
-It LISTENs on its own channel (``pgslots:<client id>``) and wakes the waiters whose tickets a
-notification names, handing over the lease when the notification says a release granted it to
-them; it heartbeats this client's queued waiters (one call for all of them), which also returns the
-tickets that should ask again: the backstop for lost notifications; it renews leases at 0.75 x
-their term; and it releases leases and leaves queues on behalf of callers that were interrupted.
-Being a thread, it keeps renewing while an event loop is blocked by CPU-bound code.
+What it schedules lives in one module each: wake-ups and the heartbeat of queued waiters
+(``_wakeups``), renewals of held leases (``_renewals``), the session's keep-alive and the silence
+watchdog (``_liveness``), and calls callers could not wait for (``_cleanup``). This module keeps the
+thread, the connection and the loop that gives each its turn. Being a thread, it keeps renewing
+while an event loop is blocked by CPU-bound code.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import heapq
-import itertools
 import logging
 import random
 import threading
@@ -22,31 +19,24 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from . import _queries as q
-from ._flow import BACKGROUND_WAIT_SECONDS, Grant, Lease, release_params
-from ._translate import translate
-from .errors import LeaseLostError, LeaseRenewalFailedError, PgSlotsError
+from ._cleanup import Cleanup
+from ._flow import release_params
+from ._liveness import Liveness
+from ._renewals import HeldLeases, renew
+from ._wakeups import Waker, WakeUps, parse_notification
+from .errors import LeaseRenewalFailedError
+from .types import Lease
 
 logger = logging.getLogger("pgslots")
 
-HEARTBEAT_SECONDS = 1.0  # well inside the queue's waiter_ttl_seconds (3 s by default)
-RENEW_TRIES = 3
-RENEW_BACKOFF = (0.25, 1.0)  # between the tries of one renewal
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
 EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
-BLOCKED_RETRY_SECONDS = 1.0  # a background call that found its lock held is tried again after this
-# How often the session of a process holding leases says it is alive, and how long before the
-# database may take a lease back the process gives it up: at most these, less for a short
-# liveness_seconds (a fifth and a third of it).
-KEEP_ALIVE_SECONDS = 0.5
-SILENCE_MARGIN_SECONDS = 1.0
 WATCHDOG_SECONDS = 0.2  # how often the watchdog looks at the time since the last keep-alive
 # The worker's connection gives up on a server that does not answer, unless the DSN says otherwise.
 CONNECTION_TIMEOUTS = {"connect_timeout": 5, "tcp_user_timeout": 5000}
@@ -71,40 +61,6 @@ def _finish_at_exit() -> None:
         engine.finish(deadline)
 
 
-Waker = Callable[[Grant | None], None]
-
-
-def parse_notification(payload: str) -> list[tuple[int, Grant | None]]:
-    """``12,13:<lease uuid>:77:1700000000.5:6`` -> [(12, None), (13, Grant(<lease uuid>, 77, ..., 6.0))];
-    the format is described in sql/functions/40_queue.sql. Whether a grant is ours is decided by the
-    waiter, which alone knows the lease id it named."""
-    woken: list[tuple[int, Grant | None]] = []
-    for entry in payload.split(","):
-        parts = entry.split(":")
-        try:
-            if len(parts) == 5:
-                expires = datetime.fromtimestamp(float(parts[3]), UTC)
-                woken.append((int(parts[0]), Grant(uuid.UUID(parts[1]), int(parts[2]), expires, float(parts[4]))))
-            elif parts[0]:
-                woken.append((int(parts[0]), None))
-        except (ValueError, OverflowError):
-            logger.debug("pgslots: ignoring a notification entry it cannot read: %r", entry)
-    return woken
-
-
-@dataclass(order=True)
-class _Renewal:
-    due: float
-    seq: int
-    lease_id: uuid.UUID = field(compare=False)
-    lease_seconds: float = field(compare=False)
-    on_lost: Callable[[BaseException], None] = field(compare=False)
-    valid_until: float = field(default=0.0, compare=False)
-    cancelled: bool = field(default=False, compare=False)
-    liveness: float | None = field(default=None, compare=False)  # see Lease.liveness_seconds
-    held_at: float = field(default=0.0, compare=False)  # monotonic, just after the grant
-
-
 def interrupt_thread(thread_id: int) -> Callable[[BaseException], None]:
     """A callback that raises LeaseRenewalFailedError in another (sync) thread."""
 
@@ -115,33 +71,25 @@ def interrupt_thread(thread_id: int) -> Callable[[BaseException], None]:
 
 
 class Engine:
+    """One process's background worker: a thread and one connection that LISTEN for its waiters'
+    wake-ups and heartbeat them (_wakeups), renew its leases (_renewals), keep its session alive and
+    watch for silence (_liveness), and run the calls its callers could not wait for (_cleanup)."""
+
     def __init__(self, dsn: str, connect_kwargs: dict[str, Any], listen: bool = True, bind_session: bool = True) -> None:
         self.dsn = dsn
         self.connect_kwargs = connect_kwargs
         self.listen = listen
-        # False when this connection reaches the server through a pooler: its backend says nothing
-        # about this process, so the session is judged by time alone.
-        self.bind_session = bind_session
-        self.client_id = uuid.uuid4()
+        self.session_id = uuid.uuid4()
+        self.wakeups = WakeUps()
+        self.held = HeldLeases()
+        self.cleanup = Cleanup()
+        self.liveness = Liveness(self.session_id, self.held, bind_session, self.release_later)
         self._lock = threading.Lock()
-        self._wakers: dict[int, Waker] = {}
-        # Tickets notified before their waiter registered: when, and the lease if one was handed over.
-        self._recent: dict[int, tuple[float, Grant | None]] = {}
-        self._renewals: list[_Renewal] = []
-        self._by_lease: dict[uuid.UUID, _Renewal] = {}
-        self._cleanup: list[tuple[Any, dict[str, Any]]] = []
-        self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
-        self._next_heartbeat = 0.0
-        self._cleanup_not_before = 0.0
-        # Session liveness: when the last keep-alive that the database answered was sent, and the
-        # liveness_seconds it answered with (None until the first answer).
-        self._alive_sent_ok: float | None = None
-        self._next_keep_alive = 0.0
         _engines.add(self)
 
     # ---- called from any thread -------------------------------------------------------------
@@ -163,7 +111,7 @@ class Engine:
         """Apart from the worker, which a black-holed network can hold up in a call for minutes:
         gives up this process's leases in time when the database has not heard from it."""
         while not self._stop.wait(WATCHDOG_SECONDS):
-            self._check_silence()
+            self.liveness.check_silence()
 
     def ensure_listening(self, timeout: float = 10.0) -> bool:
         """Starts the worker and waits until it LISTENs; False when listening is off or failed."""
@@ -178,38 +126,18 @@ class Engine:
 
     def register(self, ticket: int, wake: Waker) -> None:
         """Calls wake (from the worker) when the ticket is notified, with the lease if it was handed one."""
-        with self._lock:
-            self._wakers[ticket] = wake
-            notified = self._recent.pop(ticket, None)
-        if notified is not None:
-            wake(notified[1])
+        self.wakeups.register(ticket, wake)
 
     def unregister(self, ticket: int) -> None:
-        with self._lock:
-            self._wakers.pop(ticket, None)
+        self.wakeups.unregister(ticket)
 
     def hold(self, lease: Lease, on_lost: Callable[[BaseException], None]) -> None:
-        """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if renewal fails for good.
-
-        A lease handed over by a release first runs for less than lease_seconds (its first_term);
-        renewals then extend it to lease_seconds."""
-        assert lease.lease_id is not None
-        lease_id, lease_seconds, first_term = lease.lease_id, lease.lease_seconds, lease.first_term
-        now = time.monotonic()
-        term = lease_seconds if first_term is None else min(first_term, lease_seconds)
-        renewal = _Renewal(
-            now + 0.75 * term, next(self._seq), lease_id, lease_seconds, on_lost, now + term, liveness=lease.liveness_seconds, held_at=now
-        )
-        with self._lock:
-            heapq.heappush(self._renewals, renewal)
-            self._by_lease[lease_id] = renewal
+        """Keeps a lease alive until :meth:`drop`; calls on_lost from the worker if that fails for good."""
+        self.held.hold(lease, on_lost)
         self.start()
 
     def drop(self, lease_id: uuid.UUID) -> None:
-        with self._lock:
-            renewal = self._by_lease.pop(lease_id, None)
-            if renewal is not None:
-                renewal.cancelled = True
+        self.held.drop(lease_id)
 
     def release_later(self, lease_id: uuid.UUID) -> None:
         """Releases a lease in the background (after an interrupted call that may have granted it)."""
@@ -217,8 +145,7 @@ class Engine:
 
     def later(self, query: Any, params: dict[str, Any]) -> None:
         """Runs a clean-up call in the background, retrying until the database answers."""
-        with self._lock:
-            self._cleanup.append((query, params))
+        self.cleanup.add(query, params)
         self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -248,8 +175,7 @@ class Engine:
             )
 
     def pending_cleanup(self) -> int:
-        with self._lock:
-            return len(self._cleanup)
+        return self.cleanup.pending()
 
     # ---- the worker thread ------------------------------------------------------------------
 
@@ -257,7 +183,7 @@ class Engine:
         backoff = 0.1
         while True:
             try:
-                self._connect()
+                self._connection()
                 backoff = 0.1
                 self._serve()
                 return
@@ -266,20 +192,23 @@ class Engine:
                 self._disconnect()
                 if self._stop.is_set():
                     return  # stopping with the database away: leases left behind expire by themselves
-                self._check_silence()
+                self.liveness.check_silence()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _connect(self) -> None:
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The worker's connection, (re)connected and listening."""
         if self._conn is not None and not self._conn.closed:
-            return
+            return self._conn
+        self._disconnect()
         self._conn = psycopg.connect(self.dsn, autocommit=True, **{**connection_timeouts(self.dsn), **self.connect_kwargs})
         if self.listen:
-            self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.client_id}")))
+            self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.session_id}")))
             reconnected = self._listening.is_set()
             self._listening.set()
             if reconnected:
-                self._wake_all()  # notifications may have been lost while we were away
+                self.wakeups.wake_all()  # notifications may have been lost while we were away
+        return self._conn
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -287,192 +216,36 @@ class Engine:
                 self._conn.close()
         self._conn = None
 
-    def _wake_all(self) -> None:
-        with self._lock:
-            wakers = list(self._wakers.values())
-        for wake in wakers:
-            wake(None)
-
-    def _wake(self, woken: list[tuple[int, Grant | None]]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            calls = []
-            for ticket, grant in woken:
-                wake = self._wakers.get(ticket)
-                if wake is None:
-                    self._recent[ticket] = (now, grant)
-                else:
-                    calls.append((wake, grant))
-            if len(self._recent) > 1000:
-                self._recent = {t: seen for t, seen in self._recent.items() if now - seen[0] < 5}
-        for wake, grant in calls:
-            wake(grant)
-
     def _serve(self) -> None:
-        conn = self._conn
-        assert conn is not None
         while True:
-            self._run_cleanup(conn)
+            self.cleanup.run(self._connection())
             if self._stop.is_set():
                 self._disconnect()
                 return
-            self._run_renewals(conn)
-            self._run_heartbeat(conn)
-            self._run_keep_alive(conn)
+            batch = self.held.take_due()
+            if batch:
+                lost, failure = renew(self._connection, batch)
+                self.held.renewed(batch, lost, failure)
+            conn = self._connection()
+            tickets = self.wakeups.heartbeat_due(random.uniform(0.8, 1.0))
+            if tickets:
+                row = conn.execute(q.HEARTBEAT, {"queue_client": self.session_id, "tickets": tickets}).fetchone()
+                self.wakeups.heard(row[0] if row else None)
+            self.liveness.keep_alive(conn)
             timeout = self._sleep_budget()
             if self.listen:
                 for note in conn.notifies(timeout=timeout):
-                    self._wake(parse_notification(note.payload))
+                    self.wakeups.deliver(parse_notification(note.payload))
             else:
                 self._stop.wait(timeout)
 
     def _sleep_budget(self) -> float:
-        with self._lock:
-            due = self._renewals[0].due if self._renewals else None
         budget = IDLE_POLL_SECONDS
+        now = time.monotonic()
+        due = self.held.next_due()
         if due is not None:
-            budget = min(budget, max(0.0, due - time.monotonic()))
-        if self._by_lease:
-            budget = min(budget, max(0.0, self._next_keep_alive - time.monotonic()))
+            budget = min(budget, max(0.0, due - now))
+        keep_alive = self.liveness.seconds_to_next()
+        if keep_alive is not None:
+            budget = min(budget, keep_alive)
         return max(budget, 0.001)
-
-    def _run_keep_alive(self, conn: psycopg.Connection[Any]) -> None:
-        """While it holds leases, tells the database this process is alive (so its leases live on),
-        and hears which of them are gone (reclaimed, released by an operator, or missing on a
-        server that took over): those are given up at once, even by short bodies."""
-        now = time.monotonic()
-        with self._lock:
-            held = list(self._by_lease)
-            shortest = min((r.liveness for r in self._by_lease.values() if r.liveness is not None), default=None)
-        if not held or now < self._next_keep_alive:
-            if not held:
-                self._next_keep_alive = 0.0  # the next lease is announced at once
-            return
-        interval = KEEP_ALIVE_SECONDS if shortest is None else min(KEEP_ALIVE_SECONDS, shortest / 5)
-        self._next_keep_alive = now + interval
-        row = conn.execute(q.KEEP_ALIVE, {"session": self.client_id, "leases": held, "bind": self.bind_session}).fetchone()
-        assert row is not None
-        self._alive_sent_ok = now
-        with self._lock:
-            for renewal in self._by_lease.values():
-                if renewal.liveness is not None:
-                    renewal.liveness = float(row[0])  # the setting as it is now
-        for lease_id in row[1] or ():
-            message = f"Lease {lease_id} was lost: the database no longer has it, so its slots may be held by others now."
-            self._lose(lease_id, LeaseLostError(message))
-        for lease_id in row[2] or ():  # e.g. a release lost in a failover: given back now, not at its expiry
-            logger.info("pgslots: releasing lease %s, which this process no longer holds.", lease_id)
-            self.release_later(lease_id)
-
-    def _check_silence(self) -> None:
-        """Cut off from the database: before it may take a lease back (liveness_seconds after it last
-        heard from this process, or after the grant), give the lease up as lost."""
-        now = time.monotonic()
-        sent = self._alive_sent_ok or 0.0
-        with self._lock:
-            late = [
-                (r.lease_id, now - max(sent, r.held_at), r.liveness)
-                for r in self._by_lease.values()
-                if r.liveness is not None and now - max(sent, r.held_at) >= r.liveness - min(SILENCE_MARGIN_SECONDS, r.liveness / 3)
-            ]
-        for lease_id, silent, liveness in late:
-            error = LeaseRenewalFailedError(
-                f"The database has not heard from this process for {silent:.1f} s: after {liveness:g} s (liveness_seconds) "
-                "it may give its slots to others, so the lease is treated as lost."
-            )
-            self._lose(lease_id, error)
-
-    def _lose(self, lease_id: uuid.UUID, error: BaseException) -> None:
-        with self._lock:
-            renewal = self._by_lease.pop(lease_id, None)
-            if renewal is None or renewal.cancelled:
-                return
-            renewal.cancelled = True
-        renewal.on_lost(error)
-
-    def _run_cleanup(self, conn: psycopg.Connection[Any]) -> None:
-        if time.monotonic() < self._cleanup_not_before:
-            return
-        for _ in range(len(self._cleanup)):
-            with self._lock:
-                if not self._cleanup:
-                    return
-                query, params = self._cleanup[0]
-            try:
-                conn.execute(query, params)  # a connection error leaves it queued for the next try
-            except psycopg.errors.LockNotAvailable:
-                # Another session holds a lock it needs: behind the rest, back to renewals and
-                # heartbeats first, and again a little later.
-                with self._lock:
-                    self._cleanup.append(self._cleanup.pop(0))
-                self._cleanup_not_before = time.monotonic() + BLOCKED_RETRY_SECONDS
-                return
-            with self._lock:
-                self._cleanup.pop(0)
-
-    def _run_heartbeat(self, conn: psycopg.Connection[Any]) -> None:
-        now = time.monotonic()
-        if now < self._next_heartbeat:
-            return
-        with self._lock:
-            # Taken before the call: each of these tickets was queued (committed) before it registered.
-            tickets = list(self._wakers)
-        if not tickets:
-            return
-        self._next_heartbeat = now + HEARTBEAT_SECONDS * random.uniform(0.8, 1.0)
-        row = conn.execute(q.HEARTBEAT, {"queue_client": self.client_id, "tickets": tickets}).fetchone()
-        again = list(row[0]) if row and row[0] else []
-        if again:
-            self._wake([(ticket, None) for ticket in again])
-
-    def _run_renewals(self, conn: psycopg.Connection[Any]) -> None:
-        while True:
-            with self._lock:
-                if not self._renewals or self._renewals[0].due > time.monotonic():
-                    return
-                renewal = heapq.heappop(self._renewals)
-                if renewal.cancelled:
-                    continue
-            failure = self._renew(conn, renewal)
-            now = time.monotonic()
-            with self._lock:
-                if renewal.cancelled:
-                    continue
-                if failure is None:
-                    renewal.valid_until = now + renewal.lease_seconds
-                    renewal.due = now + 0.75 * renewal.lease_seconds
-                    heapq.heappush(self._renewals, renewal)
-                    continue
-                if not isinstance(failure, LeaseLostError) and now + 1.0 < renewal.valid_until:
-                    # The database is away, but the lease is still good for a while: keep trying.
-                    renewal.due = now + 1.0
-                    heapq.heappush(self._renewals, renewal)
-                    continue
-                self._by_lease.pop(renewal.lease_id, None)
-            renewal.on_lost(failure)
-
-    def _renew(self, conn: psycopg.Connection[Any], renewal: _Renewal) -> BaseException | None:
-        """None when renewed; else the final error, after up to RENEW_TRIES tries."""
-        error: BaseException | None = None
-        for attempt in range(RENEW_TRIES):
-            if attempt:
-                time.sleep(RENEW_BACKOFF[min(attempt - 1, len(RENEW_BACKOFF) - 1)])
-            try:
-                if conn.closed:
-                    self._disconnect()
-                    self._connect()
-                    assert self._conn is not None
-                    conn = self._conn
-                conn.execute(
-                    q.RENEW,
-                    {"lease_id": renewal.lease_id, "lease_seconds": renewal.lease_seconds, "wait_seconds": BACKGROUND_WAIT_SECONDS},
-                )
-                return None
-            except psycopg.Error as exc:
-                mapped: PgSlotsError | None = translate(exc)
-                error = mapped or exc
-                if isinstance(mapped, LeaseLostError):
-                    return mapped  # gone for good: retrying cannot bring it back
-                if isinstance(exc, psycopg.OperationalError):
-                    self._disconnect()
-        return error

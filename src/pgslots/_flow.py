@@ -4,35 +4,34 @@ A flow is a generator. It yields commands (:class:`Connect`, :class:`Call` a que
 :class:`Sleep`, :class:`Wait` for a ticket's wake-up, :class:`Listen`, :class:`Hold` and
 :class:`Drop` a lease's renewals, :class:`Later` for background clean-up) and receives their
 results; a failed command is thrown into it as a :class:`~pgslots.errors.PgSlotsError` (or the
-interruption that stopped it). It imports no database driver, starts no thread and never
-sleeps itself, so the same flow serves ``pgslots.sync`` and ``pgslots.asyncio``. Whether a slot is
-free is never decided here: that is the SQL's job.
+interruption that stopped it). It imports no database driver, starts no thread, never sleeps and
+reads neither the time nor a random number itself: the driver passes a :class:`Clock`. So the same
+flow serves ``pgslots.sync`` and ``pgslots.asyncio``, and a test steps it with no database and no
+real time. Whether a slot is free is never decided here: that is the SQL's job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import random
 import socket
-import time
 import uuid
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Generator
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _queries as q
+from . import _validate as check
 from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     DatabaseUnavailableError,
-    InvalidArgumentError,
     LockWaitTimeoutError,
     PgSlotsError,
 )
+from .types import Lease
 
 logger = logging.getLogger("pgslots")
 
@@ -46,6 +45,16 @@ RELEASE_WAIT_SECONDS = 2.0  # a release at the end of a body; past it, the relea
 BACKGROUND_WAIT_SECONDS = 1.0  # a background call: past it, the engine turns to renewals and comes back later
 
 
+class Clock(Protocol):
+    """The time and the chance a flow sees, supplied by its driver."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic clock."""
+
+    def jitter(self, low: float, high: float) -> float:
+        """A random number from low to high, to spread retries."""
+
+
 # ---- what a flow asks its driver for ---------------------------------------------------------
 
 
@@ -57,7 +66,7 @@ class Connect:
 
 @dataclass(frozen=True)
 class Link:
-    queue_client: Any  # the uuid this process's waiters queue under
+    session: uuid.UUID  # this process's session: its waiters queue under it, its leases live with it
     listening: bool  # wake-ups reach this process now
     can_listen: bool  # they could, once the engine listens
 
@@ -134,135 +143,98 @@ class Grant:
     term_seconds: float  # how long it runs before its first renewal is due, from the database
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A granted acquire: what ``with concurrency(...) as lease`` gives the body."""
-
-    lease_id: uuid.UUID | None
-    fencing_token: int | None
-    expires_at: datetime | None
-    names: tuple[str, ...]
-    slots: int
-    lease_seconds: float
-    missing: tuple[str, ...] = ()
-    first_term: float | None = field(default=None, repr=False, compare=False)  # when handed over: shorter
-    # Bound to this process's session: the database may take it back once it has not heard from the
-    # process for this long, so the process gives it up before then. None: it lives until it expires.
-    liveness_seconds: float | None = field(default=None, repr=False, compare=False)
-    #: Granted by reserve(): the id to settle the actual cost with.
-    reservation_id: uuid.UUID | None = None
-    #: The database could not be reached for fail_open_after_seconds: the body runs without a slot.
-    failed_open: bool = False
-
-
 # ---- requests --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Request:
+    """One call of concurrency(), rate_limit() or reserve(), checked. Build it with
+    :meth:`for_concurrency` or :meth:`for_rate_limit`: each checks its arguments (named as the caller named
+    them) and answers None when no name was given, as there is nothing to acquire."""
+
     names: tuple[str, ...]
     slots: int
-    timeout_seconds: float | None
-    max_retries: int | None
-    lease_seconds: float
-    strict: bool
-    holder: dict[str, Any] | None
-    rate_limit: bool
+    timeout_seconds: float | None = None
+    max_retries: int | None = None
+    lease_seconds: float = 300.0
+    strict: bool = False
+    holder: dict[str, Any] | None = None
+    rate_limit: bool = False  # rate slots (decaying or in a window), never released
+    reserve: bool = False  # rate slots whose cost is settled later
     priority: int = 0
     fairness_key: str | None = None
-    reserve: bool = False  # a rate limit whose cost is settled later
     fail_open: bool | None = None  # None: as the client is configured
 
-
-MIN_PRIORITY, MAX_PRIORITY = -100, 100
-MAX_FAIRNESS_KEY = 255
-
-
-def check_queue_args(priority: Any, fairness_key: Any) -> None:
-    """Rejects a priority or fairness key the SQL would reject, before any round trip."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise InvalidArgumentError(
-            f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} (higher is served first), got {priority!r}."
+    @classmethod
+    def for_concurrency(
+        cls,
+        names: Any,
+        *,
+        slots: Any,
+        timeout_seconds: Any = None,
+        max_retries: Any = None,
+        lease_seconds: Any = 300.0,
+        strict: bool = False,
+        holder: Any = None,
+        priority: Any = 0,
+        fairness_key: Any = None,
+        fail_open: Any = None,
+    ) -> Request | None:
+        wanted = _check_common(names, slots, timeout_seconds, priority, fairness_key, fail_open)
+        check.number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
+        check.number("lease_duration", lease_seconds, minimum=0, integer=False)
+        checked_holder = check.holder(holder)
+        if not wanted:
+            return None
+        return cls(
+            wanted,
+            slots,
+            timeout_seconds=timeout_seconds,
+            max_retries=max_retries,
+            lease_seconds=float(lease_seconds),
+            strict=strict,
+            holder=checked_holder,
+            priority=priority,
+            fairness_key=fairness_key,
+            fail_open=fail_open,
         )
-    if fairness_key is None:
-        return
-    if not isinstance(fairness_key, str):
-        raise InvalidArgumentError(
-            f"fairness_key must be a string such as a tenant id (or None), got {type(fairness_key).__name__} {fairness_key!r:.80}."
+
+    @classmethod
+    def for_rate_limit(
+        cls,
+        names: Any,
+        *,
+        slots: Any,
+        timeout_seconds: Any = None,
+        strict: bool = False,
+        priority: Any = 0,
+        fairness_key: Any = None,
+        fail_open: Any = None,
+        reserve: bool = False,
+    ) -> Request | None:
+        wanted = _check_common(names, slots, timeout_seconds, priority, fairness_key, fail_open)
+        if not wanted:
+            return None
+        return cls(
+            wanted,
+            slots,
+            timeout_seconds=timeout_seconds,
+            strict=strict,
+            rate_limit=True,
+            reserve=reserve,
+            priority=priority,
+            fairness_key=fairness_key,
+            fail_open=fail_open,
         )
-    if not 1 <= len(fairness_key) <= MAX_FAIRNESS_KEY:
-        raise InvalidArgumentError(
-            f"fairness_key must be 1 to {MAX_FAIRNESS_KEY} characters long (or None for no key), got {len(fairness_key)}."
-        )
 
 
-def normalize_names(names: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    if names is None:
-        return ()
-    if isinstance(names, str):
-        return (names,)
-    if not all(isinstance(n, str) for n in names):
-        raise InvalidArgumentError(f"names must be a string or a list of strings, got {names!r}.")
-    return tuple(dict.fromkeys(names))
-
-
-def check_number(label: str, value: Any, *, minimum: float, integer: bool, allow_none: bool) -> None:
-    """Rejects what the SQL would reject too, before any round trip, with a message for Python types."""
-    if value is None:
-        if allow_none:
-            return
-        raise InvalidArgumentError(f"{label} is required.")
-    kind = "a whole number" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise InvalidArgumentError(f"{label} must be {kind}, got {value!r}.")
-    if not math.isfinite(value) or value < minimum:
-        raise InvalidArgumentError(f"{label} must be a finite number >= {minimum:g}, got {value!r}.")
-    if integer and value > 2**31 - 1:
-        raise InvalidArgumentError(f"{label} must be at most {2**31 - 1}, got {value!r}.")
-
-
-def make_request(
-    names: str | list[str] | tuple[str, ...] | None,
-    occupy: int,
-    timeout_seconds: float | None,
-    max_retries: int | None,
-    lease_duration: float,
-    strict: bool,
-    holder: dict[str, Any] | None,
-    rate_limit: bool,
-    priority: int = 0,
-    fairness_key: str | None = None,
-    *,
-    reserve: bool = False,
-    fail_open: bool | None = None,
-) -> Request | None:
-    """A validated request, or None when there is nothing to acquire (no names)."""
-    wanted = normalize_names(names)
-    check_queue_args(priority, fairness_key)
-    if fail_open is not None and not isinstance(fail_open, bool):
-        raise InvalidArgumentError(f"fail_open must be True, False or None (as configured), got {fail_open!r}.")
-    check_number("occupy", occupy, minimum=1, integer=True, allow_none=False)
-    check_number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
-    check_number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
-    check_number("lease_duration", lease_duration, minimum=0, integer=False, allow_none=False)
-    if holder is not None and not isinstance(holder, dict):
-        raise InvalidArgumentError(f"holder must be a dict such as {{'type': 'worker', 'id': '7'}}, got {holder!r}.")
-    if not wanted:
-        return None
-    return Request(
-        wanted,
-        occupy,
-        timeout_seconds,
-        max_retries,
-        float(lease_duration),
-        strict,
-        holder,
-        rate_limit or reserve,
-        priority,
-        fairness_key,
-        reserve,
-        fail_open,
-    )
+def _check_common(names: Any, slots: Any, timeout_seconds: Any, priority: Any, fairness_key: Any, fail_open: Any) -> tuple[str, ...]:
+    wanted = check.names(names)
+    check.queue_args(priority, fairness_key)
+    check.optional_flag("fail_open", fail_open)
+    check.number("occupy", slots, minimum=1, integer=True)
+    check.number("timeout_seconds", timeout_seconds, minimum=0, integer=False, allow_none=True)
+    return wanted
 
 
 def list_literal(names: tuple[str, ...] | list[str]) -> str:
@@ -276,14 +248,33 @@ def timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeou
 # ---- one acquire across its attempts ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What one attempt's row says: the lease when granted, else the longest pause before the next."""
+
+    lease: Lease | None = None
+    wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do after a failed attempt; exactly one field is set."""
+
+    error: BaseException | None = None  # raise it
+    pause: float | None = None  # try again after this many seconds
+    undo: Later | None = None  # first release what the lost attempt may have won, then decide again
+    lease: Lease | None = None  # the database stayed unreachable: fail open with this lease
+
+
 @dataclass
 class Attempts:
     """The state of one acquire or rate limit call across its attempts."""
 
     request: Request
-    queue_client: uuid.UUID | None
+    session: uuid.UUID | None
     listening: bool
-    started: float = field(default_factory=time.monotonic)
+    clock: Clock
+    started: float = 0.0
     attempts: int = 0
     ticket: int | None = None
     pending_lease: uuid.UUID | None = None
@@ -298,6 +289,9 @@ class Attempts:
     fail_open_after: float | None = None
     call_started: float | None = None
 
+    def __post_init__(self) -> None:
+        self.started = self.clock.now()
+
     @property
     def deadline(self) -> float | None:
         t = self.request.timeout_seconds
@@ -308,7 +302,7 @@ class Attempts:
         deadline = self.deadline
         if deadline is None:
             return None
-        left = deadline - time.monotonic()
+        left = deadline - self.clock.now()
         if left <= 0:
             raise timeout_error(self.request.timeout_seconds)
         return left
@@ -321,7 +315,7 @@ class Attempts:
             "slots": r.slots,
             "strict": r.strict,
             "ticket": self.ticket,
-            "queue_client": self.queue_client,
+            "queue_client": self.session,
             # A lock held elsewhere may delay the call only as long as the caller would wait anyway.
             "wait_seconds": self.remaining(),
             "priority": r.priority,
@@ -334,12 +328,12 @@ class Attempts:
             self.pending_lease = uuid.uuid4()
         holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
         # The lease lives as long as this process's session (its engine keeps it alive), or until it
-        # expires; in the caller's own transaction (no queue_client) only until it expires.
-        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease, session=self.queue_client)
+        # expires; in the caller's own transaction (no session) only until it expires.
+        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease, session=self.session)
         return q.ACQUIRE, params
 
-    def record(self, row: dict[str, Any]) -> Lease | float:
-        """Digests one attempt: a Lease when granted, else the longest time to wait before the next."""
+    def record(self, row: dict[str, Any]) -> Answer:
+        """Digests one attempt's row."""
         self.attempts += 1
         r = self.request
         if row["missing"] and not self.warned:
@@ -351,16 +345,18 @@ class Attempts:
         if row["granted"]:
             self.ticket = None
             self.pending_lease = None
-            return Lease(
-                lease_id=row.get("lease_id"),
-                fencing_token=row.get("fencing_token"),
-                expires_at=row.get("expires_at"),
-                names=r.names,
-                slots=r.slots,
-                lease_seconds=r.lease_seconds,
-                missing=self.missing,
-                liveness_seconds=self.liveness_seconds,
-                reservation_id=row.get("reservation_id"),
+            return Answer(
+                lease=Lease(
+                    lease_id=row.get("lease_id"),
+                    fencing_token=row.get("fencing_token"),
+                    expires_at=row.get("expires_at"),
+                    names=r.names,
+                    slots=r.slots,
+                    lease_seconds=r.lease_seconds,
+                    missing=self.missing,
+                    liveness_seconds=self.liveness_seconds,
+                    reservation_id=row.get("reservation_id"),
+                )
             )
         if self.ticket is None:
             self.pending_lease = None  # not queued: nothing can grant it
@@ -377,13 +373,13 @@ class Attempts:
             wait = hint  # retries are counted: space them by the database's estimate
         elif self.listening and self.ticket is not None:
             # A release notifies us and the engine's heartbeat is the backstop; the cap is a last resort.
-            wait = LONGEST_WAIT_SECONDS * random.uniform(0.8, 1.0)
+            wait = LONGEST_WAIT_SECONDS * self.clock.jitter(0.8, 1.0)
         else:
             # Nothing will notify us (no LISTEN connection, e.g. PgBouncer, or not queued): poll at the
             # hint, which is 0 when the database saw room appear as it looked.
             wait = min(hint, POLL_SECONDS)
         remaining = self.remaining()
-        return wait if remaining is None else min(wait, remaining)
+        return Answer(wait=wait if remaining is None else min(wait, remaining))
 
     def handed(self, grant: Grant) -> Lease | None:
         """The lease a release granted to our queued ticket, if the grant names the lease we named
@@ -410,8 +406,8 @@ class Attempts:
         then release a grant that may have raced with us (in that order, so that no release can
         hand us the lease after we let it go)."""
         steps: list[tuple[Any, dict[str, Any]]] = []
-        if self.ticket is not None and self.queue_client is not None:
-            steps.append((q.LEAVE_QUEUE, {"ticket": self.ticket, "queue_client": self.queue_client}))
+        if self.ticket is not None and self.session is not None:
+            steps.append((q.LEAVE_QUEUE, {"ticket": self.ticket, "queue_client": self.session}))
         if self.pending_lease is not None:
             steps.append((q.RELEASE, release_params(self.pending_lease)))
         self.ticket = self.pending_lease = None
@@ -423,12 +419,12 @@ class Attempts:
         logger.warning(
             "pgslots: the database has been unreachable for %.1f s: failing open, running without a slot on %s "
             "(fail_open is on; nothing limits this body).",
-            time.monotonic() - (self.unreachable_since or self.started),
+            self.clock.now() - (self.unreachable_since or self.started),
             list_literal(r.names),
         )
         return Lease(None, None, None, r.names, r.slots, r.lease_seconds, failed_open=True)
 
-    def failed(self, exc: PgSlotsError) -> BaseException | float | Later | Lease:
+    def failed(self, exc: PgSlotsError) -> Recovery:
         """After a failed attempt: the error to raise, the seconds to pause before trying again, or
         first a background release of the lease the attempt may have been granted.
 
@@ -441,18 +437,18 @@ class Attempts:
             if self.ticket is None:
                 self.pending_lease = None  # rolled back; while queued, a release may still hand it over
             if isinstance(exc, LockWaitTimeoutError) and self.deadline is not None:
-                return timeout_error(self.request.timeout_seconds)  # blocked by another session up to the deadline
-            return exc
-        if (exc.pool_exhausted or exc.answered) and self.deadline is not None and time.monotonic() >= self.deadline:
-            return timeout_error(self.request.timeout_seconds)  # the caller's timeout, not an outage
+                return Recovery(error=timeout_error(self.request.timeout_seconds))  # blocked up to the deadline
+            return Recovery(error=exc)
+        now = self.clock.now()
+        if (exc.pool_exhausted or exc.answered) and self.deadline is not None and now >= self.deadline:
+            return Recovery(error=timeout_error(self.request.timeout_seconds))  # the caller's timeout, not an outage
         if exc.answered:
             # Busy, not down: the statement never ran or was rolled back, and nothing fails open.
             if self.ticket is None:
                 self.pending_lease = None
         elif self.pending_lease is not None:
             lease, self.pending_lease = self.pending_lease, None
-            return Later(q.RELEASE, release_params(lease))
-        now = time.monotonic()
+            return Recovery(undo=Later(q.RELEASE, release_params(lease)))
         started = now if self.call_started is None else self.call_started
         if self.outage_since is None:
             self.outage_since = started
@@ -461,20 +457,20 @@ class Attempts:
         elif self.unreachable_since is None:
             self.unreachable_since = started
         if self.fail_open_after is not None and self.unreachable_since is not None and now - self.unreachable_since >= self.fail_open_after:
-            return self.failed_open()
+            return Recovery(lease=self.failed_open())
         if now - self.outage_since > RECONNECT_SECONDS:
-            return exc
+            return Recovery(error=exc)
         self.outage_retries += 1
-        pause: float = min(1.0, 0.05 * 2**self.outage_retries) * random.uniform(0.5, 1.0)
+        pause: float = min(1.0, 0.05 * 2**self.outage_retries) * self.clock.jitter(0.5, 1.0)
         if self.fail_open_after is not None and self.unreachable_since is not None:
             pause = max(0.0, min(pause, self.unreachable_since + self.fail_open_after - now))
         remaining = self.remaining()
-        return pause if remaining is None else min(pause, remaining)
+        return Recovery(pause=pause if remaining is None else min(pause, remaining))
 
     def call_timeout(self) -> float | None:
         """How long the next call may take (waiting for a pooled connection included): the caller's
         timeout, and with fail_open no longer than the outage may still last."""
-        self.call_started = time.monotonic()
+        self.call_started = self.clock.now()
         timeout = self.remaining()
         if self.fail_open_after is not None:
             since = self.call_started if self.unreachable_since is None else self.unreachable_since
@@ -490,45 +486,44 @@ class Attempts:
 # ---- the flows -------------------------------------------------------------------------------
 
 
-def concurrency(request: Request, raise_on_failure: bool, fail_open_after: float | None = None) -> Flow[Lease]:
+def concurrency(request: Request, raise_on_failure: bool, clock: Clock, fail_open_after: float | None = None) -> Flow[Lease]:
     """Acquire slots for a body, and keep their lease renewed until :func:`release`."""
-    lease = yield from acquire(request, fail_open_after)
+    lease = yield from acquire(request, clock, fail_open_after)
     if lease.lease_id is not None:
         yield Hold(lease, raise_on_failure)
     return lease
 
 
-def connect(request: Request, fail_open_after: float | None) -> Flow[Link | Lease]:
+def connect(request: Request, clock: Clock, fail_open_after: float | None) -> Flow[Link | Lease]:
     """The first step of every flow on pooled connections. With fail_open, a database that cannot
     be reached is tried again until fail_open_after seconds have passed, then the flow fails open
     (the reply is then a Lease that holds nothing)."""
     if fail_open_after is None:
         link: Link = yield Connect()
         return link
-    state = Attempts(request, None, listening=False, fail_open_after=fail_open_after)
+    state = Attempts(request, None, listening=False, clock=clock, fail_open_after=fail_open_after)
     while True:
-        state.call_started = time.monotonic()
+        state.call_started = clock.now()
         try:
             link = yield Connect()
             return link
         except DatabaseUnavailableError as exc:
-            retry = state.failed(exc)
-            if isinstance(retry, Lease):
-                return retry
-            if isinstance(retry, BaseException):
-                raise retry from exc.__cause__
-            assert not isinstance(retry, Later)  # nothing was in flight
-            yield Sleep(retry)
+            then = state.failed(exc)
+            if then.lease is not None:
+                return then.lease
+            if then.error is not None:
+                raise then.error from exc.__cause__
+            assert then.pause is not None  # nothing was in flight, so nothing to undo
+            yield Sleep(then.pause)
 
 
-def acquire(request: Request, fail_open_after: float | None = None) -> Flow[Lease]:
+def acquire(request: Request, clock: Clock, fail_open_after: float | None = None) -> Flow[Lease]:
     """Acquire (or rate limit) on pooled connections, queued first-come-first-served: ask, then
     wait to be woken (or handed the lease), until granted, timed out or out of retries."""
-    link = yield from connect(request, fail_open_after)
+    link = yield from connect(request, clock, fail_open_after)
     if isinstance(link, Lease):
         return link
-    state = Attempts(request, link.queue_client, listening=link.listening, fail_open_after=fail_open_after)
-    can_listen = link.can_listen
+    state = Attempts(request, link.session, listening=link.listening, clock=clock, fail_open_after=fail_open_after)
     try:
         while True:
             query, params = state.query()
@@ -536,59 +531,61 @@ def acquire(request: Request, fail_open_after: float | None = None) -> Flow[Leas
             try:
                 rows = yield Call(query, params, timeout)
             except PgSlotsError as exc:
-                retry = state.failed(exc)
-                while isinstance(retry, Later):  # first release what the lost attempt may have won
-                    yield retry
-                    retry = state.failed(exc)
-                if isinstance(retry, Lease):
-                    return retry
-                if isinstance(retry, BaseException):
-                    raise retry from exc.__cause__
-                yield Sleep(retry)
+                then = state.failed(exc)
+                while then.undo is not None:  # first release what the lost attempt may have won
+                    yield then.undo
+                    then = state.failed(exc)
+                if then.lease is not None:
+                    return then.lease
+                if then.error is not None:
+                    raise then.error from exc.__cause__
+                yield Sleep(then.pause or 0.0)
                 continue
             state.reconnected()
-            outcome = state.record(rows[0])
-            if isinstance(outcome, Lease):
-                return outcome
-            if not state.listening and can_listen:
+            answer = state.record(rows[0])
+            if answer.lease is not None:
+                return answer.lease
+            if not state.listening and link.can_listen:
                 state.listening = yield Listen(min(10.0, state.remaining() or 10.0))
                 if state.listening:
                     continue  # wake-ups can reach us now: look once more before sleeping
             if state.ticket is None:
-                yield Sleep(outcome)
+                yield Sleep(answer.wait)
                 continue
-            grant = yield Wait(state.ticket, outcome)
+            grant = yield Wait(state.ticket, answer.wait)
             if grant is not None:
                 handed = state.handed(grant)
                 if handed is not None:
                     return handed
+    except GeneratorExit:
+        raise  # closed by its driver, which has given up on it: nothing can be yielded any more
     except BaseException as exc:
         yield from clean_up(state.abandon(), now=isinstance(exc, Exception))
         raise
 
 
-def acquire_in_transaction(request: Request) -> Flow[Lease]:
+def acquire_in_transaction(request: Request, clock: Clock) -> Flow[Lease]:
     """Acquire, rate limit or reserve inside the caller's transaction, so that a rollback undoes the
     grant. A refusal is rolled back to a savepoint (freeing the row locks it took) and retried after
     the hint: queueing needs committed rows, so this path polls. A grant keeps the limits' row locks
     until the caller's transaction ends."""
-    state = Attempts(request, None, listening=False)
+    state = Attempts(request, None, listening=False, clock=clock)
     while True:
         query, params = state.query()
         yield Call(q.SAVEPOINT, in_transaction=True)
         try:
-            outcome = state.record((yield Call(query, params, in_transaction=True))[0])
+            answer = state.record((yield Call(query, params, in_transaction=True))[0])
         except BaseException as exc:
             yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)
             if isinstance(exc, LockWaitTimeoutError) and state.deadline is not None:
                 raise timeout_error(request.timeout_seconds) from exc
             raise
-        if isinstance(outcome, Lease):
+        if answer.lease is not None:
             yield Call(q.RELEASE_SAVEPOINT, in_transaction=True)
-            return outcome
+            return answer.lease
         yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)  # frees the row locks the refused attempt took
         # A rate limit's hint is exact: sleep it out. An acquire polls (nothing notifies it here).
-        yield Sleep(outcome if request.rate_limit else min(outcome, POLL_SECONDS))
+        yield Sleep(answer.wait if request.rate_limit else min(answer.wait, POLL_SECONDS))
 
 
 def clean_up(steps: list[tuple[Any, dict[str, Any]]], now: bool) -> Flow[None]:
@@ -628,7 +625,7 @@ def release(lease: Lease, in_transaction: bool) -> Flow[None]:
 def settle(reservation_id: uuid.UUID | None, actual: float, in_transaction: bool) -> Flow[bool]:
     """Makes ``actual`` the final cost of a reservation; True when that changed its cost. A
     reservation granted by failing open has nothing to settle."""
-    check_number("actual", actual, minimum=0, integer=False, allow_none=False)
+    check.number("actual", actual, minimum=0, integer=False)
     if reservation_id is None:
         return False
     params = {"reservation_id": reservation_id, "actual": float(actual), "wait_seconds": None if in_transaction else RELEASE_WAIT_SECONDS}
@@ -636,66 +633,5 @@ def settle(reservation_id: uuid.UUID | None, actual: float, in_transaction: bool
     return bool(rows[0]["changed"])
 
 
-class ReservationBase:
-    """What the sync and async ``Reservation`` share: a granted ``reserve()``."""
-
-    def __init__(self, lease: Lease | None, names: tuple[str, ...], slots: int) -> None:
-        #: The id to settle with (None when nothing was reserved: no names, or failed open).
-        self.reservation_id: uuid.UUID | None = None if lease is None else lease.reservation_id
-        self.names = names
-        #: The estimate reserved.
-        self.slots = slots
-        #: The cost settled last (None until settled: the estimate counts).
-        self.actual: float | None = None
-        self.failed_open = bool(lease and lease.failed_open)
-
-    def __repr__(self) -> str:
-        return f"Reservation({self.reservation_id}, names={list(self.names)!r}, slots={self.slots}, actual={self.actual!r})"
-
-
 def release_params(lease_id: uuid.UUID, wait_seconds: float = BACKGROUND_WAIT_SECONDS) -> dict[str, Any]:
     return {"lease_id": lease_id, "wait_seconds": wait_seconds}
-
-
-def on_lease_lost(raise_on_failure: bool, interrupt: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
-    """What the engine does when a lease cannot be renewed: interrupt the body, or warn."""
-
-    def lost(error: BaseException) -> None:
-        if raise_on_failure:
-            logger.error("Lease renewal failed (%s): interrupting the body that holds the slots.", error)
-            interrupt(error)
-        else:
-            logger.warning("Lease renewal failed (%s): the body keeps running, but its slots may be lost.", error)
-
-    return lost
-
-
-class ConcurrencyArguments:
-    """What the sync and async ``concurrency`` share: their arguments, checked once."""
-
-    def __init__(
-        self,
-        names: str | list[str] | None,
-        occupy: int = 1,
-        timeout_seconds: float | None = None,
-        max_retries: int | None = None,
-        lease_duration: float = 300,
-        strict: bool = False,
-        holder: dict[str, Any] | None = None,
-        raise_on_lease_renewal_failure: bool | None = None,
-        *,
-        client: Any = None,
-        connection: Any = None,
-        priority: int = 0,
-        fairness_key: str | None = None,
-        fail_open: bool | None = None,
-    ) -> None:
-        self._request = make_request(
-            names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, False, priority, fairness_key, fail_open=fail_open
-        )
-        self._priority, self._fairness_key, self._fail_open = priority, fairness_key, fail_open
-        self._connection = connection
-        self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
-        self._client = client
-        self._lease: Lease | None = None
-        self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)

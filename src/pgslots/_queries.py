@@ -24,7 +24,8 @@ SETTLE: LiteralString = "SELECT pgslots.settle(%(reservation_id)s, %(actual)s, %
 RELEASE: LiteralString = "SELECT pgslots.release(%(lease_id)s, true, %(wait_seconds)s)"
 # A release in its own transaction need not wait for the WAL flush: see pgslots.release.
 RELEASE_FAST: LiteralString = "SELECT pgslots.release(%(lease_id)s, false, %(wait_seconds)s)"
-RENEW: LiteralString = "SELECT pgslots.renew(%(lease_id)s, %(lease_seconds)s, %(wait_seconds)s)"
+# The engine: every lease due for renewal in one call; returns those lost.
+RENEW_LEASES: LiteralString = "SELECT pgslots.renew_leases(%(lease_ids)s, %(lease_seconds)s, %(wait_seconds)s)"
 # The engine, about twice a second while it holds leases: keeps its session alive, names lost leases.
 KEEP_ALIVE: LiteralString = "SELECT * FROM pgslots.keep_alive(%(session)s, %(leases)s, %(bind)s)"
 HEARTBEAT: LiteralString = "SELECT pgslots.heartbeat(%(queue_client)s, %(tickets)s)"

@@ -26,18 +26,18 @@ Keys of templates are never listed, created or pruned by a file: they come and g
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _queries as q
-from .client import Client, LimitInfo
+from . import _validate as check
+from .client import Client, connections_of
 from .errors import InvalidArgumentError
+from .types import LimitInfo
 
 FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow", "max_keys")
-LARGEST = 2**31 - 1  # limits and key counts are PostgreSQL integers
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,16 @@ def load(path: str | Path) -> list[Desired]:
         unknown = sorted(set(table) - set(FIELDS))
         if unknown:
             raise InvalidArgumentError(f"{where} has unknown keys {unknown}; allowed: {', '.join(FIELDS)}.")
-        limit = table.get("limit")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= LARGEST:
-            raise InvalidArgumentError(f"{where}: limit must be a whole number >= 0 and at most {LARGEST}, got {limit!r}.")
+        limit: Any = table.get("limit")
+        check.number(f"{where}: limit", limit, minimum=0, integer=True)
         decay = _seconds(table, "slot_decay_per_second", where)
         window = _seconds(table, "window_seconds", where)
         if decay > 0 and window > 0:
             raise InvalidArgumentError(f"{where}: a limit has slot_decay_per_second or window_seconds, not both.")
-        active, shadow = _flag(table, "active", True, where), _flag(table, "shadow", False, where)
+        active = check.flag(f"{where}: active", table.get("active", True))
+        shadow = check.flag(f"{where}: shadow", table.get("shadow", False))
         max_keys = table.get("max_keys")
-        if max_keys is not None and (isinstance(max_keys, bool) or not isinstance(max_keys, int) or not 1 <= max_keys <= LARGEST):
-            raise InvalidArgumentError(f"{where}: max_keys must be a whole number from 1 to {LARGEST}, got {max_keys!r}.")
+        check.number(f"{where}: max_keys", max_keys, minimum=1, integer=True, allow_none=True)
         if max_keys is not None and not name.endswith("*"):
             raise InvalidArgumentError(f"{where}: max_keys is for templates (names ending in *), and {name!r} is a plain limit.")
         desired.append(Desired(name, limit, decay, window, active, shadow, max_keys))
@@ -102,16 +101,8 @@ def load(path: str | Path) -> list[Desired]:
 
 def _seconds(table: dict[str, Any], key: str, where: str) -> float:
     value = table.get(key, 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(f"{where}: {key} must be a finite number >= 0, got {value!r}.")
+    check.number(f"{where}: {key}", value, minimum=0, integer=False)
     return float(value)
-
-
-def _flag(table: dict[str, Any], key: str, default: bool, where: str) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{where}: {key} must be true or false, got {value!r}.")
-    return value
 
 
 def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
@@ -139,15 +130,15 @@ def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_ru
     """Computes the plan and carries it out in one transaction. With dry_run, the plan is carried out
     all the same and then rolled back: the database refuses exactly what it would refuse for real,
     and nothing changes."""
-    session = client._session
-    with session.transaction() as conn:
-        session.call_on(conn, q.LOCK_FOR_APPLY)
+    db = connections_of(client)
+    with db.transaction() as conn:
+        db.call_on(conn, q.LOCK_FOR_APPLY)
         # Keys of templates are not declared: they come and go with use.
-        current = [LimitInfo(**row) for row in session.call_on(conn, q.GET_LIMITS, {"names": None, "with_instances": False})]
+        current = [LimitInfo(**row) for row in db.call_on(conn, q.GET_LIMITS, {"names": None, "with_instances": False})]
         todo = plan(current, desired, prune)
         try:
             with conn.transaction():
-                _carry_out(session, conn, todo)
+                _carry_out(db, conn, todo)
                 if dry_run:
                     raise _DryRun
         except _DryRun:
@@ -159,9 +150,9 @@ class _DryRun(Exception):
     """Rolls a dry run's changes back."""
 
 
-def _carry_out(session: Any, conn: Any, todo: Plan) -> None:
+def _carry_out(db: Any, conn: Any, todo: Plan) -> None:
     for want in todo.create:
-        session.call_on(
+        db.call_on(
             conn,
             q.CREATE_LIMIT,
             {
@@ -176,7 +167,7 @@ def _carry_out(session: Any, conn: Any, todo: Plan) -> None:
             },
         )
     for want, changes in todo.change:
-        session.call_on(
+        db.call_on(
             conn,
             q.UPDATE_LIMIT,
             {
@@ -187,4 +178,4 @@ def _carry_out(session: Any, conn: Any, todo: Plan) -> None:
             },
         )
     for name in todo.delete:
-        session.call_on(conn, q.DELETE_LIMIT, {"name": name})
+        db.call_on(conn, q.DELETE_LIMIT, {"name": name})

@@ -28,16 +28,18 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from . import _flow as flows
-from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Lease, Link, Listen, Sleep, Wait
-from ._session import Session
-from .client import Client, default_client
+from ._connections import Connections
+from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
+from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from .client import Client, connections_of, default_client
 from .errors import InvalidArgumentError
+from .types import Lease, ReservationBase
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-async def run(session: Session, flow: Flow[T]) -> T:
+async def run(db: Connections, flow: Flow[T]) -> T:
     """Runs a flow to its end: each command it yields is awaited here, and its result (or the
     exception it raised, cancellation included) goes back into the flow."""
     reply: Any = None
@@ -49,31 +51,31 @@ async def run(session: Session, flow: Flow[T]) -> T:
             return done.value  # type: ignore[no-any-return]
         reply, error = None, None
         try:
-            reply = await _perform(session, command)
+            reply = await _perform(db, command)
         except BaseException as exc:  # thrown into the flow, which cleans up and decides
             error = exc
 
 
-async def _perform(session: Session, command: flows.Command) -> Any:
+async def _perform(db: Connections, command: flows.Command) -> Any:
     # The commands of an uncontended acquire and release come first.
     if isinstance(command, Call):
-        return await session.acall(command.query, command.params, timeout=command.timeout)
+        return await db.acall(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
-        await session.apool()
-        engine = session.engine
-        return Link(engine.client_id, engine.listening, engine.listen)
+        await db.apool()
+        engine = db.engine
+        return Link(engine.session_id, engine.listening, engine.listen)
     if isinstance(command, Hold):
-        session.engine.hold(command.lease, flows.on_lease_lost(command.raise_on_failure, _canceller()))
+        db.engine.hold(command.lease, on_lease_lost(command.raise_on_failure, _canceller()))
     elif isinstance(command, Drop):
-        session.engine.drop(command.lease_id)
+        db.engine.drop(command.lease_id)
     elif isinstance(command, Wait):
-        return await _wait(session, command.ticket, command.seconds)
+        return await _wait(db, command.ticket, command.seconds)
     elif isinstance(command, Sleep):
         await asyncio.sleep(command.seconds)
     elif isinstance(command, Listen):
-        return await asyncio.to_thread(session.engine.ensure_listening, command.timeout)
+        return await asyncio.to_thread(db.engine.ensure_listening, command.timeout)
     elif isinstance(command, Later):
-        session.engine.later(command.query, command.params)
+        db.engine.later(command.query, command.params)
     return None
 
 
@@ -90,7 +92,7 @@ def _canceller() -> Callable[[BaseException], None]:
     return cancel_task
 
 
-async def _wait(session: Session, ticket: int, seconds: float) -> Grant | None:
+async def _wait(db: Connections, ticket: int, seconds: float) -> Grant | None:
     """Sleeps until the engine wakes the ticket or `seconds` pass; returns the lease if a release
     handed one over."""
     loop = asyncio.get_running_loop()
@@ -104,16 +106,16 @@ async def _wait(session: Session, ticket: int, seconds: float) -> Grant | None:
         with contextlib.suppress(RuntimeError):  # the loop has closed
             loop.call_soon_threadsafe(settle, grant)
 
-    session.engine.register(ticket, wake)
+    db.engine.register(ticket, wake)
     try:
         return await asyncio.wait_for(woken, seconds)
     except TimeoutError:
         return None
     finally:
-        session.engine.unregister(ticket)
+        db.engine.unregister(ticket)
 
 
-class concurrency(flows.ConcurrencyArguments):  # noqa: N801 - named like the function it replaces
+class concurrency(ConcurrencyArguments):  # noqa: N801 - named like the function it replaces
     """``async with concurrency(...)``: holds ``occupy`` slots on every named limit while the block
     runs; also a decorator for coroutine functions. Same arguments and errors as the sync one; a
     lease that cannot be renewed cancels the task holding it (``raise_on_lease_renewal_failure``)."""
@@ -133,23 +135,23 @@ class concurrency(flows.ConcurrencyArguments):  # noqa: N801 - named like the fu
             raise InvalidArgumentError("connection= is for pgslots.sync.concurrency; the async API acquires on its own pool.")
         if self._request is None:
             return None
-        client = self._client or default_client()
+        fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
         self._lease = await run(
-            client._session, flows.concurrency(self._request, self._raise_on_failure, client._fail_open_after(self._request.fail_open))
+            connections_of(self._client), flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
         )
         return self._lease
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
-            await run((self._client or default_client())._session, flows.release(lease, in_transaction=False))
+            await run(connections_of(self._client), flows.release(lease, in_transaction=False))
 
 
-async def _rate_slots(request: flows.Request | None, client: Client | None) -> Lease | None:
+async def _rate_slots(request: Request | None, client: Client | None) -> Lease | None:
     if request is None:
         return None
-    client = client or default_client()
-    return await run(client._session, flows.acquire(request, client._fail_open_after(request.fail_open)))
+    fail_open_after = (client or default_client())._fail_open_after(request.fail_open)
+    return await run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
 
 
 async def rate_limit(
@@ -166,11 +168,19 @@ async def rate_limit(
     """Occupies ``occupy`` slots on every named limit, which decay or leave the window; returns once
     they fit. Waiters are served by ``priority`` (-100..100, higher first), then round-robin across
     ``fairness_key``. Same arguments as ``pgslots.sync.rate_limit`` but ``connection=``."""
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key, fail_open=fail_open)
+    request = Request.for_rate_limit(
+        names,
+        slots=occupy,
+        timeout_seconds=timeout_seconds,
+        strict=strict,
+        priority=priority,
+        fairness_key=fairness_key,
+        fail_open=fail_open,
+    )
     await _rate_slots(request, client)
 
 
-class Reservation(flows.ReservationBase):
+class Reservation(ReservationBase):
     """A granted :func:`reserve`: ``await r.settle(actual)``. Also an async context manager; leaving
     the block without settling keeps the estimate as the cost."""
 
@@ -180,7 +190,7 @@ class Reservation(flows.ReservationBase):
 
     async def settle(self, actual: float) -> bool:
         """As ``pgslots.sync.Reservation.settle``."""
-        changed = await run((self._client or default_client())._session, flows.settle(self.reservation_id, actual, False))
+        changed = await run(connections_of(self._client), flows.settle(self.reservation_id, actual, False))
         self.actual = float(actual)
         return changed
 
@@ -212,8 +222,15 @@ class reserve:  # noqa: N801 - used like a function: await reserve(...) or async
         fairness_key: str | None = None,
         fail_open: bool | None = None,
     ) -> None:
-        self._request = flows.make_request(
-            names, occupy, timeout_seconds, None, 300, strict, None, False, priority, fairness_key, reserve=True, fail_open=fail_open
+        self._request = Request.for_rate_limit(
+            names,
+            slots=occupy,
+            timeout_seconds=timeout_seconds,
+            strict=strict,
+            priority=priority,
+            fairness_key=fairness_key,
+            fail_open=fail_open,
+            reserve=True,
         )
         self._client = client
         self._occupy = occupy

@@ -12,77 +12,18 @@ import os
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
-from ._flow import check_number
-from ._session import DEFAULT_POOL_SIZE, Session
-from .errors import InvalidArgumentError, LimitNotFoundError, PgSlotsError
-from .migrate import MigrationPlan, migrate, migration_plan
+from . import _validate as check
+from ._connections import DEFAULT_POOL_SIZE, Connections
+from .errors import InvalidArgumentError, LimitNotFoundError
+from .migrate import migrate, migration_plan
+from .types import LeaseInfo, LimitInfo, MigrationPlan
 
 DEFAULT_FAIL_OPEN_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class LimitInfo:
-    """A limit as read now; ``active_slots`` already accounts for decay."""
-
-    id: uuid.UUID
-    name: str
-    limit: int
-    active: bool
-    slot_decay_per_second: float
-    active_slots: float
-    leased_slots: int
-    unleased_slots: float
-    denied_slots: int
-    avg_slot_occupancy_seconds: float
-    leases: int
-    expired_leases: int
-    waiters: int
-    oldest_waiter_seconds: float | None
-    created: datetime
-    updated: datetime
-    #: For a key of a template (an instance, created on first use): the template's name.
-    template: str | None = None
-    is_template: bool = False
-    #: For a template: how many keys it has now (instances not yet removed as idle).
-    instances: int | None = None
-    #: Above 0: a window limit, at most ``limit`` slots granted in any span of this many seconds.
-    window_seconds: float = 0.0
-    #: Grants every request, counting those it would have refused in ``shadow_refusals``.
-    shadow: bool = False
-    shadow_refusals: int = 0
-    #: Counters since the limit was created (a template's: totals over its keys, removed ones included).
-    grants_total: int = 0
-    refusals_total: int = 0
-    wait_seconds_total: float = 0.0
-    expired_leases_total: int = 0
-    #: The distinct priorities of the waiters now, highest first.
-    waiter_priorities: list[int] | None = None
-    #: For a template: how many live keys it may have (its own max_keys, else the database's setting).
-    max_keys: int | None = None
-
-
-@dataclass(frozen=True)
-class LeaseInfo:
-    """One lease, as listed for operators."""
-
-    lease_id: uuid.UUID
-    limit_names: list[str]
-    slots: int
-    fencing_token: int
-    acquired_at: datetime
-    expires_at: datetime
-    expired: bool
-    host: str | None
-    pid: int | None
-    application_name: str | None
-    holder: dict[str, Any] | None
 
 
 class Client:
@@ -116,10 +57,9 @@ class Client:
         fail_open: bool = False,
         fail_open_after_seconds: float = DEFAULT_FAIL_OPEN_SECONDS,
     ) -> None:
-        if not isinstance(fail_open, bool):
-            raise InvalidArgumentError(f"fail_open must be True or False, got {fail_open!r}.")
-        check_number("fail_open_after_seconds", fail_open_after_seconds, minimum=0, integer=False, allow_none=False)
-        self._session = Session(dsn, pool, listen_dsn, listen, max_connections, prepared_statements)
+        check.flag("fail_open", fail_open)
+        check.number("fail_open_after_seconds", fail_open_after_seconds, minimum=0, integer=False)
+        self._connections = Connections(dsn, pool, listen_dsn, listen, max_connections, prepared_statements)
         self.fail_open = fail_open
         self.fail_open_after_seconds = float(fail_open_after_seconds)
 
@@ -130,28 +70,28 @@ class Client:
     @property
     def dsn(self) -> str:
         """The connection string in use (resolving it may start the embedded server)."""
-        return self._session.dsn
+        return self._connections.dsn
 
     def __repr__(self) -> str:
-        return self._session.describe()
+        return self._connections.describe()
 
     def _call(self, query: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return self._session.call(query, params)
+        return self._connections.call(query, params)
 
     async def aclose(self) -> None:
         """Closes this event loop's pool now (it is also closed when the loop ends)."""
-        await self._session.aclose()
+        await self._connections.aclose()
 
     def close(self) -> None:
         """Stops the background worker and closes the connections this client opened."""
-        self._session.close()
+        self._connections.close()
 
     # ---- admin ------------------------------------------------------------------------------
 
     def migrate(self) -> list[int]:
         """Installs or upgrades the schema; returns the migration versions applied."""
         applied = migrate(self.dsn)
-        self._session.schema_changed()
+        self._connections.schema_changed()
         return applied
 
     def migration_plan(self) -> MigrationPlan:
@@ -175,7 +115,7 @@ class Client:
         ``shadow=True`` grants everything and counts what it would have refused. ``max_keys`` (for
         a template) caps how many live keys it may have (None: the database's
         ``max_keys_per_template``)."""
-        _check_limit_args(
+        check.limit_values(
             limit=limit,
             slot_decay_per_second=slot_decay_per_second,
             active_slots=active_slots,
@@ -191,7 +131,7 @@ class Client:
                 "active": active,
                 "active_slots": active_slots,
                 "window_seconds": float(window_seconds),
-                "shadow": _check_flag("shadow", shadow),
+                "shadow": check.flag("shadow", shadow),
                 "max_keys": max_keys,
             },
         )
@@ -212,7 +152,7 @@ class Client:
     ) -> LimitInfo:
         """Changes the given fields. A limit has decay or a window, not both: to switch, set the
         other to 0 in the same call. ``max_keys=0`` puts a template back on the database's default."""
-        _check_limit_args(
+        check.limit_values(
             limit=limit,
             slot_decay_per_second=slot_decay_per_second,
             active_slots=active_slots,
@@ -229,7 +169,7 @@ class Client:
                 "active_slots": active_slots,
                 "new_name": new_name,
                 "window_seconds": None if window_seconds is None else float(window_seconds),
-                "shadow": None if shadow is None else _check_flag("shadow", shadow),
+                "shadow": None if shadow is None else check.flag("shadow", shadow),
                 "max_keys": max_keys,
             },
         )
@@ -258,7 +198,7 @@ class Client:
         """The keys of the template ``template`` (e.g. ``'tenant:*'``), by name; with ``busiest=N``
         only the N with the most slots in use."""
         if busiest is not None:
-            check_number("busiest", busiest, minimum=1, integer=True, allow_none=False)
+            check.number("busiest", busiest, minimum=1, integer=True)
         rows = self._call(q.GET_INSTANCES, {"template": template, "busiest": busiest})
         return [LimitInfo(**row) for row in rows]
 
@@ -278,17 +218,6 @@ class Client:
         """Reclaims every expired lease now; returns how many."""
         rows = self._call(q.SWEEP)
         return int(rows[0]["sweep"])
-
-
-def _check_limit_args(**values: Any) -> None:
-    for label, value in values.items():
-        check_number(label, value, minimum=0, integer=label in ("limit", "active_slots", "max_keys"), allow_none=True)
-
-
-def _check_flag(label: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{label} must be True or False, got {value!r}.")
-    return value
 
 
 _default: Client | None = None
@@ -336,6 +265,12 @@ def default_client() -> Client:
         return _default
 
 
+def connections_of(client: Client | None) -> Connections:
+    """The connections that run flows for ``client`` (the default client when None): the one door
+    through which the sync and async faces and ``apply`` reach a client's connections."""
+    return (client or default_client())._connections
+
+
 def _forget_after_fork() -> None:
     # A forked child must not share its parent's connections or engine thread.
     global _default
@@ -344,4 +279,4 @@ def _forget_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_forget_after_fork)
 
-__all__ = ["Client", "LeaseInfo", "LimitInfo", "PgSlotsError", "configure", "default_client"]
+__all__ = ["Client", "configure", "default_client", "connections_of"]

@@ -13,7 +13,8 @@ import math
 from collections.abc import Iterable
 
 from ._text import ESCAPES
-from .client import Client, LimitInfo
+from .client import Client
+from .types import LimitInfo
 
 _GAUGES = (
     ("pgslots_limit_slots", "The limit's number of slots (for a template: per key)."),

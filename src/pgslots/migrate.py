@@ -17,11 +17,9 @@ says what a migration would do without doing it.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -31,6 +29,7 @@ import psycopg
 
 from ._translate import database_errors
 from .errors import PgSlotsError
+from .types import CodeFile, Migration, MigrationPlan
 
 # Any fixed number works; all migrators of one database must agree on it.
 ADVISORY_LOCK_KEY = 7_048_297_117_401
@@ -80,59 +79,6 @@ BEGIN
     END IF;
 END
 $drop$"""
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One step of the schema's history."""
-
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def label(self) -> str:
-        return f"migrations/{self.version:04d}_{self.name}.sql"
-
-
-@dataclass(frozen=True)
-class CodeFile:
-    """One file of functions, views or privileges, re-applied whenever its checksum changes."""
-
-    name: str  # relative to sql/, e.g. "functions/20_admission.sql"
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class MigrationPlan:
-    """What migrating a database would do."""
-
-    migrations: tuple[Migration, ...]  # pending, in order
-    changed_code: tuple[str, ...]  # code files whose checksum differs (or that are new)
-    code: tuple[CodeFile, ...]  # every code file, applied whole when anything changes
-
-    @property
-    def up_to_date(self) -> bool:
-        return not self.migrations and not self.changed_code
-
-    def script(self) -> str:
-        """The SQL a migration would run (in one transaction), for review."""
-        if self.up_to_date:
-            return ""
-        parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY});", *(s + ";" for s in _PREPARE)]
-        parts.append(_PIN_SEARCH_PATH + ";")
-        parts.append("-- drop every function and view; they are created afresh below" + _DROP_CODE + ";")
-        for m in self.migrations:
-            parts.append(f"-- {m.label}\n{m.sql.rstrip()}")
-            parts.append(f"INSERT INTO pgslots.migrations (version, name) VALUES ({m.version}, '{m.name}');")
-        for f in self.code:
-            parts.append(f"-- {f.name}\n{f.sql.rstrip()}")
-        parts.append("-- and the checksums of the files above into pgslots.code\nCOMMIT;")
-        return "\n\n".join(parts) + "\n"
 
 
 def _sql_dir() -> Traversable:
@@ -191,7 +137,21 @@ def _plan(conn: psycopg.Connection[Any]) -> MigrationPlan:
     if not changed and set(recorded) != {f.name for f in code}:
         changed = tuple(sorted(set(recorded) - {f.name for f in code}))  # a file was removed
     pending = tuple(m for m in migrations() if m.version not in applied)
-    return MigrationPlan(pending, changed, code)
+    return MigrationPlan(pending, changed, code, _script(pending, code) if pending or changed else "")
+
+
+def _script(pending: tuple[Migration, ...], code: tuple[CodeFile, ...]) -> str:
+    """The SQL a migration runs (in one transaction), for review."""
+    parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY});", *(s + ";" for s in _PREPARE)]
+    parts.append(_PIN_SEARCH_PATH + ";")
+    parts.append("-- drop every function and view; they are created afresh below" + _DROP_CODE + ";")
+    for m in pending:
+        parts.append(f"-- {m.label}\n{m.sql.rstrip()}")
+        parts.append(f"INSERT INTO pgslots.migrations (version, name) VALUES ({m.version}, '{m.name}');")
+    for f in code:
+        parts.append(f"-- {f.name}\n{f.sql.rstrip()}")
+    parts.append("-- and the checksums of the files above into pgslots.code\nCOMMIT;")
+    return "\n\n".join(parts) + "\n"
 
 
 def migration_plan(conninfo: str | None = None, *, connection: psycopg.Connection[Any] | None = None) -> MigrationPlan:

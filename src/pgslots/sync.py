@@ -28,15 +28,17 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import _flow as flows
+from ._connections import Connections
 from ._engine import interrupt_thread
-from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Lease, Link, Listen, Sleep, Wait
-from ._session import Session
-from .client import Client, default_client
+from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
+from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from .client import Client, connections_of, default_client
+from .types import Lease, ReservationBase
 
 T = TypeVar("T")
 
 
-def run(session: Session, flow: Flow[T], connection: psycopg.Connection[Any] | None = None) -> T:
+def run(db: Connections, flow: Flow[T], connection: psycopg.Connection[Any] | None = None) -> T:
     """Runs a flow to its end: each command it yields is carried out here, and its result (or the
     exception it raised) goes back into the flow."""
     reply: Any = None
@@ -48,39 +50,39 @@ def run(session: Session, flow: Flow[T], connection: psycopg.Connection[Any] | N
             return done.value  # type: ignore[no-any-return]
         reply, error = None, None
         try:
-            reply = _perform(session, command, connection)
+            reply = _perform(db, command, connection)
         except BaseException as exc:  # thrown into the flow, which cleans up and decides
             error = exc
 
 
-def _perform(session: Session, command: flows.Command, connection: psycopg.Connection[Any] | None) -> Any:
+def _perform(db: Connections, command: flows.Command, connection: psycopg.Connection[Any] | None) -> Any:
     # The commands of an uncontended acquire and release come first.
     if isinstance(command, Call):
         if command.in_transaction:
             assert connection is not None
-            return session.call_on(connection, command.query, command.params)
-        return session.call(command.query, command.params, timeout=command.timeout)
+            return db.call_on(connection, command.query, command.params)
+        return db.call(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
-        session.pool()
-        engine = session.engine
-        return Link(engine.client_id, engine.listening, engine.listen)
+        db.pool()
+        engine = db.engine
+        return Link(engine.session_id, engine.listening, engine.listen)
     if isinstance(command, Hold):
-        lost = flows.on_lease_lost(command.raise_on_failure, interrupt_thread(threading.get_ident()))
-        session.engine.hold(command.lease, lost)
+        lost = on_lease_lost(command.raise_on_failure, interrupt_thread(threading.get_ident()))
+        db.engine.hold(command.lease, lost)
     elif isinstance(command, Drop):
-        session.engine.drop(command.lease_id)
+        db.engine.drop(command.lease_id)
     elif isinstance(command, Wait):
-        return _wait(session, command.ticket, command.seconds)
+        return _wait(db, command.ticket, command.seconds)
     elif isinstance(command, Sleep):
         time.sleep(command.seconds)
     elif isinstance(command, Listen):
-        return session.engine.ensure_listening(command.timeout)
+        return db.engine.ensure_listening(command.timeout)
     elif isinstance(command, Later):
-        session.engine.later(command.query, command.params)
+        db.engine.later(command.query, command.params)
     return None
 
 
-def _wait(session: Session, ticket: int, seconds: float) -> Grant | None:
+def _wait(db: Connections, ticket: int, seconds: float) -> Grant | None:
     """Sleeps until the engine wakes the ticket or `seconds` pass; returns the lease if a release
     handed one over."""
     woken = threading.Event()
@@ -91,15 +93,15 @@ def _wait(session: Session, ticket: int, seconds: float) -> Grant | None:
             grants.append(grant)
         woken.set()
 
-    session.engine.register(ticket, wake)
+    db.engine.register(ticket, wake)
     try:
         woken.wait(seconds)
     finally:
-        session.engine.unregister(ticket)
+        db.engine.unregister(ticket)
     return grants[0] if grants else None
 
 
-class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
+class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N801 - named like the function it replaces
     """Holds ``occupy`` slots on every named limit while the block (or decorated function) runs.
 
     Waits until the slots are free (by ``priority``, -100..100, higher first; then round-robin
@@ -124,28 +126,27 @@ class concurrency(flows.ConcurrencyArguments, contextlib.ContextDecorator):  # n
     def __enter__(self) -> Lease | None:
         if self._request is None:
             return None
-        client = self._client or default_client()
         if self._connection is not None:
-            flow = flows.acquire_in_transaction(self._request)
+            flow = flows.acquire_in_transaction(self._request, CLOCK)
         else:
-            flow = flows.concurrency(self._request, self._raise_on_failure, client._fail_open_after(self._request.fail_open))
-        self._lease = run(client._session, flow, self._connection)
+            fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
+            flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
+        self._lease = run(connections_of(self._client), flow, self._connection)
         return self._lease
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
-            session = (self._client or default_client())._session
-            run(session, flows.release(lease, in_transaction=self._connection is not None), self._connection)
+            run(connections_of(self._client), flows.release(lease, in_transaction=self._connection is not None), self._connection)
 
 
-def _rate_slots(request: flows.Request | None, client: Client | None, connection: psycopg.Connection[Any] | None) -> Lease | None:
+def _rate_slots(request: Request | None, client: Client | None, connection: psycopg.Connection[Any] | None) -> Lease | None:
     if request is None:
         return None
-    client = client or default_client()
     if connection is not None:
-        return run(client._session, flows.acquire_in_transaction(request), connection)
-    return run(client._session, flows.acquire(request, client._fail_open_after(request.fail_open)))
+        return run(connections_of(client), flows.acquire_in_transaction(request, CLOCK), connection)
+    fail_open_after = (client or default_client())._fail_open_after(request.fail_open)
+    return run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
 
 
 def rate_limit(
@@ -169,11 +170,19 @@ def rate_limit(
     ``connection=``, the slots are taken inside your transaction: a rollback gives them back (and
     the limits' rows stay locked until it ends). ``fail_open``: see :func:`pgslots.configure`.
     """
-    request = flows.make_request(names, occupy, timeout_seconds, None, 300, strict, None, True, priority, fairness_key, fail_open=fail_open)
+    request = Request.for_rate_limit(
+        names,
+        slots=occupy,
+        timeout_seconds=timeout_seconds,
+        strict=strict,
+        priority=priority,
+        fairness_key=fairness_key,
+        fail_open=fail_open,
+    )
     _rate_slots(request, client, connection)
 
 
-class Reservation(flows.ReservationBase):
+class Reservation(ReservationBase):
     """A granted :func:`reserve`: settle it with the actual cost. Also a context manager; leaving
     the block without settling keeps the estimate as the cost."""
 
@@ -187,8 +196,9 @@ class Reservation(flows.ReservationBase):
         debt the limit must work off first when higher. Settling again applies the difference from
         the last value; the same value again changes nothing (returns False). Raises
         ``ReservationError`` once ``reservation_seconds`` (1 hour by default) have passed."""
-        session = (self._client or default_client())._session
-        changed = run(session, flows.settle(self.reservation_id, actual, self._connection is not None), self._connection)
+        changed = run(
+            connections_of(self._client), flows.settle(self.reservation_id, actual, self._connection is not None), self._connection
+        )
         self.actual = float(actual)
         return changed
 
@@ -221,8 +231,15 @@ def reserve(
             reply = client.chat(...)
             r.settle(reply.usage.total_tokens)
     """
-    request = flows.make_request(
-        names, occupy, timeout_seconds, None, 300, strict, None, False, priority, fairness_key, reserve=True, fail_open=fail_open
+    request = Request.for_rate_limit(
+        names,
+        slots=occupy,
+        timeout_seconds=timeout_seconds,
+        strict=strict,
+        priority=priority,
+        fairness_key=fairness_key,
+        fail_open=fail_open,
+        reserve=True,
     )
     lease = _rate_slots(request, client, connection)
     return Reservation(lease, () if request is None else request.names, occupy, client, connection)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import psycopg
@@ -199,6 +200,51 @@ def test_renew_of_partly_reclaimed_multi_limit_lease_fails(sql: Conn) -> None:
     expect_error(sql, "PS010", "SELECT pgslots.renew(%s, 60)", [got["lease_id"]])
     assert one(sql, "SELECT pgslots.release(%s) AS r", [got["lease_id"]])["r"] is True
     assert status(sql, "m2")["active_slots"] == 0 and status(sql, "m1")["active_slots"] == 1
+
+
+def test_renew_leases_renews_the_live_ones_in_one_call_and_names_the_lost(sql: Conn) -> None:
+    create(sql, "b1", 3)
+    create(sql, "b2", 1)
+    live = [acquire(sql, ["b1"], lease_seconds=60)["lease_id"] for _ in range(2)]
+    multi = acquire(sql, ["b1", "b2"], lease_seconds=60)["lease_id"]
+    advance_clock(sql, 50)
+    assert not acquire(sql, ["b1"], lease_seconds=60)["granted"]  # full: all three are held
+    ids, seconds = [*live, multi, uuid.uuid4()], [120.0, 70.0, 120.0, 60.0]
+    lost = one(sql, "SELECT pgslots.renew_leases(%s, %s) AS lost", [ids, seconds])["lost"]
+    assert lost == [ids[3]]  # the unknown one; the others live on, each for its own lease_seconds
+    left = {
+        r["id"]: r["left"]
+        for r in rows(
+            sql, "SELECT id, min(extract(epoch FROM expires_at - pgslots._now()))::float8 AS left FROM pgslots.leases GROUP BY id"
+        )
+    }
+    assert left[live[0]] == pytest.approx(120, abs=1) and left[live[1]] == pytest.approx(70, abs=1)
+    assert left[multi] == pytest.approx(120, abs=1)
+    # A lease partly taken back is lost as a whole: its other part is not extended.
+    advance_clock(sql, 121)
+    assert acquire(sql, ["b2"], lease_seconds=60)["granted"]  # reclaims multi's part on b2 only
+    before = rows(sql, "SELECT limit_id, expires_at FROM pgslots.leases WHERE id = %s", [multi])
+    assert one(sql, "SELECT pgslots.renew_leases(%s, %s) AS lost", [[multi], [60.0]])["lost"] == [multi]
+    assert rows(sql, "SELECT limit_id, expires_at FROM pgslots.leases WHERE id = %s", [multi]) == before
+    assert one(sql, "SELECT pgslots.renew_leases('{}', '{}') AS lost")["lost"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "params", "sqlstate"),
+    [
+        ("SELECT pgslots.renew_leases(%s, %s)", [[uuid.uuid4()], [60.0, 60.0]], "PS011"),  # one duration per lease
+        ("SELECT pgslots.renew_leases(NULL, %s)", [[60.0]], "PS011"),
+        ("SELECT pgslots.renew_leases(%s, NULL)", [[uuid.uuid4()]], "PS011"),
+        ("SELECT pgslots.renew_leases(array_fill(gen_random_uuid(), ARRAY[10001]), array_fill(60::float8, ARRAY[10001]))", None, "PS011"),
+        ("SELECT pgslots.renew_leases(%s, %s)", [[uuid.uuid4()], [float("nan")]], "PS007"),
+        ("SELECT pgslots.renew_leases(%s, %s)", [[uuid.uuid4()], [10.0]], "PS007"),
+        ("SELECT pgslots.renew_leases(%s, %s, -1)", [[uuid.uuid4()], [60.0]], "PS012"),
+    ],
+)
+def test_renew_leases_rejects_bad_input_and_changes_nothing(sql: Conn, query: str, params: Any, sqlstate: str) -> None:
+    create(sql, "bad", 1)
+    acquire(sql, ["bad"], lease_seconds=60)
+    expect_error(sql, sqlstate, query, params)
 
 
 def test_expired_lease_slots_come_back_on_next_acquire(sql: Conn) -> None:

@@ -461,3 +461,25 @@ def test_another_roles_session_cannot_be_borrowed(roles: Roles) -> None:
         assert len(probe["lost"]) == 2
         own = one(victim, "SELECT * FROM pgslots.keep_alive(%s, %s)", [session, [mine]])
         assert own["lost"] == [] and own["orphans"] == []
+
+
+def test_renew_leases_as_two_plain_roles(roles: Roles) -> None:
+    """Each role renews its own leases in one call; another role's guesses (unknown ids, the most
+    a call may name) renew nothing of the victim's and change nothing."""
+    with psycopg.connect(roles.owner, autocommit=True) as owner:
+        create(owner, "shared", 2)
+    with psycopg.connect(roles.victim, autocommit=True) as victim, psycopg.connect(roles.attacker, autocommit=True) as attacker:
+        mine = acquire(victim, ["shared"], lease_seconds=60)["lease_id"]
+        theirs = acquire(attacker, ["shared"], lease_seconds=60)["lease_id"]
+        assert one(victim, "SELECT pgslots.renew_leases(%s, %s) AS lost", [[mine], [600.0]])["lost"] == []
+        with psycopg.connect(roles.owner, autocommit=True) as owner:
+            before = rows(owner, "SELECT id, expires_at FROM pgslots.leases WHERE id = %s", [mine])
+        guesses = [uuid.uuid4() for _ in range(10000)]
+        lost = one(attacker, "SELECT pgslots.renew_leases(%s, %s) AS lost", [[*guesses[:9999], theirs], [60.0] * 10000])["lost"]
+        assert len(lost) == 9999 and theirs not in lost
+        with pytest.raises(psycopg.Error) as too_many:
+            one(attacker, "SELECT pgslots.renew_leases(%s, %s)", [[*guesses, theirs], [60.0] * 10001])
+        assert too_many.value.sqlstate == "PS011"
+        with psycopg.connect(roles.owner, autocommit=True) as owner:
+            assert rows(owner, "SELECT id, expires_at FROM pgslots.leases WHERE id = %s", [mine]) == before
+            check(owner)

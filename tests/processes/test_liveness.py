@@ -144,10 +144,10 @@ def test_keep_alive_names_the_orphans_of_its_session(fresh_dsn: str) -> None:
     client = pgslots.Client(fresh_dsn)
     try:
         with concurrency("orphan", lease_duration=300, client=client) as lease:
-            engine = client._session.engine
+            engine = client._connections.engine
             with psycopg.connect(fresh_dsn, autocommit=True) as admin:
                 # A lease of this process's session it does not hold (as if its release had been lost).
-                stray = acquire(admin, ["orphan"], lease_seconds=300, session=engine.client_id)["lease_id"]
+                stray = acquire(admin, ["orphan"], lease_seconds=300, session=engine.session_id)["lease_id"]
                 deadline = time.monotonic() + 10
                 while one(admin, "SELECT count(*) AS n FROM pgslots.leases WHERE id = %s", [stray])["n"]:
                     assert time.monotonic() < deadline, "the orphan was never released"

@@ -15,7 +15,7 @@ import invariants
 import psycopg
 import pytest
 
-from sqlhelp import acquire, advance_clock, create, expect_error, login_role, one, rate_limit, rows, snapshot, status
+from sqlhelp import acquire, advance_clock, create, expect_error, login_role, one, rate_limit, rows, snapshot, status, woken
 
 Conn = psycopg.Connection[Any]
 
@@ -107,8 +107,8 @@ def test_changing_a_template_changes_every_key_and_raising_it_wakes_their_waiter
             row = status(conn, key)
             assert (row["limit"], row["slot_decay_per_second"]) == (2, 0.5)
         assert select.select([listener.fileno()], [], [], 5)[0], "raising the template woke the key's waiter"
-        notes = [n.payload for n in listener.notifies(timeout=1, stop_after=1)]
-        assert notes == [str(queued["waiter"])]
+        notes = [woken(n.payload) for n in listener.notifies(timeout=1, stop_after=1)]
+        assert notes == [[queued["waiter"]]]
         again = acquire(conn, ["tenant:a"], ticket=queued["waiter"], queue_client=client)
         assert again["granted"]
         one(conn, "SELECT pgslots.update_limit('tenant:*', active => false) AS id")

@@ -129,9 +129,16 @@ def _browser() -> Any:
 
 
 def _until(check: Any, seconds: float = 15.0) -> Any:
+    """Polls ``check`` until it is truthy. The page re-renders its table on every refresh, so an
+    element found a moment ago may be gone when read: that counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + seconds
     while True:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         assert time.monotonic() < deadline, "timed out waiting for the page"

@@ -126,7 +126,7 @@ def _queue_behind(client: Client, name: str, waiter: Any) -> threading.Thread:
 def _spy_acquires(client: Client) -> list[Any]:
     """Counts the acquire calls the client makes (patched on this client only)."""
     seen: list[Any] = []
-    sync_call, async_call = client._session.call, client._session.acall
+    sync_call, async_call = client._connections.call, client._connections.acall
 
     def call(query: Any, params: Any = None, **kw: Any) -> Any:
         seen.append(query)
@@ -136,7 +136,7 @@ def _spy_acquires(client: Client) -> list[Any]:
         seen.append(query)
         return await async_call(query, params, **kw)
 
-    client._session.call, client._session.acall = call, acall  # type: ignore[method-assign]
+    client._connections.call, client._connections.acall = call, acall  # type: ignore[method-assign]
     return seen
 
 
@@ -147,7 +147,7 @@ def test_the_release_hands_the_slot_to_the_waiter(client: Client, fresh_dsn: str
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("UPDATE pgslots.settings SET waiter_ttl_seconds = 1.5")  # first term 3 s
     client.create_limit("handed", 1)
-    assert client._session.engine.ensure_listening()  # else the first refusal looks once more after LISTEN
+    assert client._connections.engine.ensure_listening()  # else the first refusal looks once more after LISTEN
     calls = _spy_acquires(client)
     got: dict[str, Any] = {}
 
@@ -188,7 +188,7 @@ def test_a_lost_hand_off_notification_costs_one_heartbeat(client: Client, monkey
 
     monkeypatch.setattr(pgslots._engine, "parse_notification", lambda payload: [])
     client.create_limit("lost", 1)
-    assert client._session.engine.ensure_listening()
+    assert client._connections.engine.ensure_listening()
     got: dict[str, Any] = {}
 
     def waiter() -> None:
@@ -320,7 +320,7 @@ def test_cancelled_waiter_leaks_nothing(client: Client) -> None:
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
-    while client.read_limit("cancel").waiters or client._session.engine.pending_cleanup():
+    while client.read_limit("cancel").waiters or client._connections.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     info = client.read_limit("cancel")
@@ -338,7 +338,7 @@ def test_cancellation_racing_a_grant_releases_it(client: Client) -> None:
 
     asyncio.run(main())
     deadline = time.monotonic() + 5
-    while client._session.engine.pending_cleanup():
+    while client._connections.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     # Uncancelled acquires never exited (we only entered): count what the cancelled ones left.
@@ -359,7 +359,7 @@ def test_keyboard_interrupt_while_waiting_leaks_nothing(client: Client) -> None:
         with pytest.raises(KeyboardInterrupt), concurrency("kbd"):
             pass
     deadline = time.monotonic() + 5
-    while client.read_limit("kbd").waiters or client._session.engine.pending_cleanup():
+    while client.read_limit("kbd").waiters or client._connections.engine.pending_cleanup():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.read_limit("kbd").active_slots == 0
@@ -379,6 +379,47 @@ def test_lease_is_renewed_while_the_body_runs(client: Client, fresh_dsn: str) ->
         with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("long", timeout_seconds=0.2):
             pass
     assert client.read_limit("long").active_slots == 0
+
+
+def test_the_leases_of_a_process_are_renewed_together_in_one_call(fresh_dsn: str) -> None:
+    """Five bodies hold leases of 2 s for 4 s: each lease needs two renewals, and the engine sends
+    them in a few renew_leases calls (ten renew calls, one per lease, before)."""
+    set_min_lease(fresh_dsn, 1)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET track_functions = 'pl'").format(psycopg.sql.Identifier(conn.info.dbname)))
+    own = Client(fresh_dsn)
+    try:
+        own.create_limit("batch", 5)
+        started = threading.Barrier(5)
+        lost: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                with concurrency("batch", lease_duration=2, client=own, raise_on_lease_renewal_failure=True):
+                    started.wait(5)
+                    time.sleep(4)
+            except BaseException as exc:  # a lost lease interrupts the body
+                lost.append(exc)
+
+        threads = [threading.Thread(target=body) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert lost == [] and own.read_limit("batch").active_slots == 0
+    finally:
+        own.close()  # its connections end, and their counts reach the statistics
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 5
+        while True:
+            calls: dict[str, int] = dict(
+                conn.execute("SELECT funcname, calls FROM pg_stat_user_functions WHERE schemaname = 'pgslots'").fetchall()
+            )
+            if calls.get("renew_leases") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert calls.get("renew", 0) == 0
+    assert 1 <= calls.get("renew_leases", 0) <= 4, calls
 
 
 def test_renewal_continues_while_the_event_loop_is_blocked(client: Client, fresh_dsn: str) -> None:
@@ -448,7 +489,7 @@ def test_a_client_made_before_fork_works_in_the_child(client: Client) -> None:
         # The parent's client waits once, so its listener thread runs and its pool is open.
         with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("forked", client=client, timeout_seconds=0.3):
             pass
-        assert client._session.engine.listening
+        assert client._connections.engine.listening
         out: Any = CTX.Queue()
         child = CTX.Process(target=_child_uses_parents_client, args=(client, out))
         child.start()

@@ -18,7 +18,7 @@ from pgslots.client import Client
 from pgslots.sync import concurrency
 from pgslots_cli.main import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_create_ls_inspect(fresh_dsn: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sqlhelp import acquire, advance_clock, create, one, rate_limit, rows, status
+from sqlhelp import acquire, advance_clock, create, handed, one, rate_limit, rows, status, woken
 
 Conn = psycopg.Connection[Any]
 
@@ -46,8 +46,9 @@ def test_release_hands_the_slot_to_the_head_of_the_queue(admin: Conn, fresh_dsn:
         assert one(admin, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])["r"] is True
         [note] = payloads(lis, 1)
         assert list(bystander.notifies(timeout=0.3)) == []  # each client hears only about its own waiters
-    # "<ticket>:<lease id>:<fencing token>:<expires epoch>:<seconds>": the lease is the waiter's, written by the release.
-    t, named, token, epoch, seconds = note.split(":")
+    # The grant names the waiter's ticket and lease, written by the release.
+    grant = handed(note)
+    t, named, token, epoch, seconds = (grant[k] for k in ("ticket", "lease_id", "fencing_token", "expires_epoch", "term_seconds"))
     got = one(admin, "SELECT *, extract(epoch FROM expires_at) AS epoch FROM pgslots.leases WHERE id = %s", [lease])
     assert int(t) == ticket and uuid.UUID(named) == lease and int(token) == got["fencing_token"] > held["fencing_token"]
     assert float(epoch) == pytest.approx(float(got["epoch"]), abs=1e-3)
@@ -92,7 +93,7 @@ def test_head_on_several_limits_is_woken_and_nobody_overtakes_it(admin: Conn, fr
     behind, behind_lease = queue(admin, ["a"], client)
     with listener(fresh_dsn, client) as lis:
         one(admin, "SELECT pgslots.release(%s)", [held["lease_id"]])
-        assert payloads(lis, 1) == [str(head)]  # woken to take both limits itself
+        assert [woken(p) for p in payloads(lis, 1)] == [[head]]  # woken to take both limits itself
     assert rows(admin, "SELECT id FROM pgslots.leases") == []
     got = acquire(admin, ["a", "b"], ticket=head, queue_client=client, new_lease_id=head_lease)
     assert got["granted"] and got["lease_id"] == head_lease
@@ -107,7 +108,7 @@ def test_rate_limit_waiters_and_unnamed_waiters_are_woken_not_handed(admin: Conn
     unnamed = acquire(admin, ["r"], lease_seconds=60, queue_client=client)["waiter"]
     with listener(fresh_dsn, client) as lis:
         one(admin, "SELECT pgslots.release(%s)", [held["lease_id"]])
-        assert payloads(lis, 1) == [str(rated)]  # only the head fits
+        assert [woken(p) for p in payloads(lis, 1)] == [[rated]]  # only the head fits
     assert rows(admin, "SELECT id FROM pgslots.leases") == []
     assert rate_limit(admin, ["r"], ticket=rated, queue_client=client)["granted"]
     assert unnamed is not None
@@ -124,7 +125,7 @@ def test_hand_off_waits_until_the_head_fits(admin: Conn, fresh_dsn: str) -> None
         assert list(lis.notifies(timeout=0.5)) == []  # 1 free: the head needs 2, nobody overtakes it
         one(admin, "SELECT pgslots.release(%s)", [held[1]])
         [note] = payloads(lis, 1)
-    assert note.startswith(f"{big}:")
+    assert handed(note)["ticket"] == big
     assert one(admin, "SELECT slots FROM pgslots.leases WHERE id = %s", [big_lease])["slots"] == 2
     one(admin, "SELECT pgslots.release(%s)", [held[2]])
     assert one(admin, "SELECT slots FROM pgslots.leases WHERE id = %s", [small_lease])["slots"] == 1

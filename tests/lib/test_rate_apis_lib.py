@@ -23,7 +23,7 @@ from pgslots import Client
 from pgslots import asyncio as pa
 from pgslots import sync as ps
 from pgslots._cluster import LocalCluster, find_bindir, server_user
-from pgslots._flow import Lease
+from pgslots.types import Lease
 
 
 def test_reserve_and_settle_sync(client: Client) -> None:

@@ -171,7 +171,7 @@ def test_a_pooler_in_between_turns_prepared_statements_off(bouncer: dict[str, st
             for _ in range(8):
                 with concurrency("anything", client=client):
                     pass
-            with client._session.pool().connection() as conn:
+            with client._connections.pool().connection() as conn:
                 assert conn.prepare_threshold == expected
         finally:
             client.close()

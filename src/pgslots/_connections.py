@@ -53,7 +53,7 @@ def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
     return params
 
 
-class Session:
+class Connections:
     """Pools, probe and engine of one client. The DSN is resolved on first use, so a client made
     with nothing configured starts the embedded server only when it first connects (from a worker
     thread when that happens inside an event loop)."""

@@ -16,8 +16,9 @@ import pgslots
 from pgslots._translate import translate
 from pgslots.errors import SchemaNotInstalledError
 from pgslots.migrate import LATEST_VERSION, migrations
+from sqlhelp import handed, woken
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The schema as released at version 3, before functions became code: what databases in use hold.
 SCHEMA_V3 = sorted((Path(__file__).parent / "fixtures" / "schema_v3").glob("*.sql"))
 
@@ -107,7 +108,7 @@ def test_upgrade_from_0002_keeps_leases_and_queue(empty_dsn: str) -> None:
     with psycopg.connect(empty_dsn, autocommit=True) as conn, psycopg.connect(empty_dsn, autocommit=True) as lis:
         lis.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(f"pgslots:{client}")))
         assert conn.execute("SELECT pgslots.release(%s)", [held[0]]).fetchone() == (True,)
-        assert [n.payload for n in lis.notifies(timeout=2, stop_after=1)] == [str(ticket[0])]
+        assert [woken(n.payload) for n in lis.notifies(timeout=2, stop_after=1)] == [[ticket[0]]]
         got = conn.execute(
             "SELECT granted FROM pgslots.acquire('{old}', 1, 60, ticket => %s, queue_client => %s)", [ticket[0], client]
         ).fetchone()
@@ -148,7 +149,7 @@ def test_upgrade_from_0003_with_a_holder_and_a_waiter_live(empty_dsn: str) -> No
         lis.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(f"pgslots:{client}")))
         assert conn.execute("SELECT pgslots.release(%s)", [held[0]]).fetchone() == (True,)
         payloads = [n.payload for n in lis.notifies(timeout=2, stop_after=1)]
-        assert payloads and payloads[0].startswith(f"{waiting[0]}:")  # handed over
+        assert payloads and handed(payloads[0])["ticket"] == waiting[0]  # handed over
         got = conn.execute(
             "SELECT granted, lease_id FROM pgslots.acquire('{live}', 1, 60, ticket => %s, queue_client => %s, new_lease_id => %s)",
             [waiting[0], client, named],

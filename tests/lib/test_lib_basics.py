@@ -417,7 +417,7 @@ def test_without_listen_waiting_falls_back_to_polling(client: Client, fresh_dsn:
         released = time.monotonic()
     thread.join(15)
     assert got and got[0] - released < 2.5  # the next poll, at most a second or so later
-    assert not polling._session.engine.listening
+    assert not polling._connections.engine.listening
     polling.close()
 
 
@@ -427,7 +427,7 @@ def test_configure_with_a_pool(fresh_dsn: str) -> None:
     pool: ConnectionPool[Any] = ConnectionPool(fresh_dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=True)
     try:
         c = pgslots.configure(pool=pool)
-        assert c._session.pool() is pool
+        assert c._connections.pool() is pool
         c.create_limit("pooled", 1)
         with concurrency("pooled"):
             assert c.read_limit("pooled").active_slots == 1
@@ -436,27 +436,6 @@ def test_configure_with_a_pool(fresh_dsn: str) -> None:
     finally:
         pgslots.client._default = None
         pool.close()
-
-
-def test_giving_up_while_queued_releases_the_lease_a_release_may_hand_over(client: Client) -> None:
-    """However an attempt ends while its ticket is queued (the deadline passing before the next
-    call, or the database refusing that call), the clean-up names the lease a release could hand
-    that ticket, as well as the ticket."""
-    from pgslots import _queries as q
-    from pgslots._flow import BACKGROUND_WAIT_SECONDS, Attempts, make_request, timeout_error
-
-    request = make_request("x", 1, None, None, 60, False, None, rate_limit=False)
-    assert request is not None
-    for error in (timeout_error(1), pgslots.PgSlotsError("the database said no")):
-        client_id = uuid.uuid4()
-        state = Attempts(request, client_id, listening=True)
-        _, params = state.query()
-        state.record({"granted": False, "waiter": 7, "missing": [], "retry_after": 0.5, "blocked_by": ["x"]})
-        assert state.failed(error) is error
-        assert state.abandon() == [
-            (q.LEAVE_QUEUE, {"ticket": 7, "queue_client": client_id}),
-            (q.RELEASE, {"lease_id": params["new_lease_id"], "wait_seconds": BACKGROUND_WAIT_SECONDS}),
-        ]
 
 
 def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_loop(
@@ -471,8 +450,8 @@ def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_
         time.sleep(0.5)  # as long as starting a server may take, and more
         return fresh_dsn
 
-    monkeypatch.setattr("pgslots._session.configured_dsn", lambda explicit: None)
-    monkeypatch.setattr("pgslots._session.resolve_dsn", slow_embedded)
+    monkeypatch.setattr("pgslots._connections.configured_dsn", lambda explicit: None)
+    monkeypatch.setattr("pgslots._connections.resolve_dsn", slow_embedded)
     own = Client()
     assert found == []
 

@@ -9,6 +9,7 @@ victim fail with anything but pgslots' own errors; and a blocked call gives up w
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import queue
@@ -28,7 +29,7 @@ from psycopg import sql as pgsql
 import pgslots
 from pgslots._flow import RELEASE_WAIT_SECONDS
 from pgslots.sync import concurrency
-from sqlhelp import Roles, acquire, create, one, rows, snapshot, status
+from sqlhelp import Roles, acquire, create, grant_note, handed, one, rows, snapshot, status
 
 Conn = psycopg.Connection[Any]
 QUEUE_LOCK_CLASS = 1885827953  # sql/functions/10_decision.sql: _lock_queue
@@ -80,7 +81,7 @@ def test_another_roles_ticket_is_a_new_arrival_not_a_takeover(roles: Roles) -> N
         with _listen(roles.owner, victim_client) as victim_ears, _listen(roles.owner, attacker_client) as attacker_ears:
             assert one(owner, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])["r"] is True
             [note] = [n.payload for n in victim_ears.notifies(timeout=2, stop_after=1)]
-            assert note.split(":")[:2] == [str(ticket), str(victim_lease)]
+            assert (handed(note)["ticket"], handed(note)["lease_id"]) == (ticket, str(victim_lease))
             assert list(attacker_ears.notifies(timeout=0.3)) == []
         again = acquire(attacker, ["one"], lease_seconds=60, ticket=ticket, queue_client=attacker_client, new_lease_id=attacker_lease)
         assert not again["granted"]
@@ -164,7 +165,7 @@ def test_a_lease_id_names_one_lease(roles: Roles) -> None:
     attacking = pgslots.Client(roles.attacker)
     try:
         with pytest.raises(pgslots.InvalidArgumentError, match="already in use"):
-            attacking._session.call(
+            attacking._connections.call(
                 pgslots._queries.ACQUIRE,
                 {
                     "names": ["a"],
@@ -209,9 +210,10 @@ def test_a_forged_hand_off_changes_nothing(roles: Roles) -> None:
             with _conn(roles.attacker) as attacker:
                 channel = f"pgslots:{place['client_id']}"
                 for forged in (
-                    f"{place['id']}:{uuid.uuid4()}:99999:{time.time() + 300}:300",
-                    f"{place['id']}:not-a-uuid:1:{time.time() + 300}:300",
-                    f"{place['id']}:77:{time.time() + 300}:300",  # the old format, without a lease id
+                    grant_note(place["id"], uuid.uuid4(), 99999, time.time() + 300, 300),
+                    grant_note(place["id"], "not-a-uuid", 1, time.time() + 300, 300),
+                    json.dumps({"grant": {"ticket": place["id"], "fencing_token": 77}}),  # no lease id
+                    f"{place['id']}:{uuid.uuid4()}:99999:{time.time() + 300}:300",  # not JSON
                 ):
                     one(attacker, "SELECT pg_notify(%s, %s) IS NULL AS sent", [channel, forged])
             assert not entered.wait(1.0), "the body ran on a forged grant"
@@ -389,7 +391,7 @@ def _victim(dsn: str, leaked: Any, holding: Any, peak: Any, done: Any, deadline:
     try:
         with concurrency("shared", timeout_seconds=30, lease_duration=60, client=client):
             pass  # starts the engine, whose channel the attacker then learns
-        leaked.put(str(client._session.engine.client_id))
+        leaked.put(str(client._connections.engine.session_id))
         while time.time() < deadline:
             with concurrency("shared", timeout_seconds=30, lease_duration=60, client=client):
                 _count_body(holding, peak)
@@ -445,7 +447,7 @@ def _attacker(dsn: str, leaked: Any, holding: Any, peak: Any, done: Any, deadlin
                 conn.execute("SELECT pgslots.heartbeat(%s, %s)", [client, near])
                 for t in near:
                     conn.execute("SELECT pgslots.leave_queue(%s, %s)", [t, client])
-                    forged = f"{t}:{uuid.uuid4()}:{2**40}:{time.time() + 300}:300"
+                    forged = grant_note(t, uuid.uuid4(), 2**40, time.time() + 300, 300)
                     conn.execute("SELECT pg_notify(%s, %s)", [f"pgslots:{client}", forged])
             leave(queued, kept)
             time.sleep(0.01)

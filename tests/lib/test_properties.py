@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgslots
-from pgslots._flow import make_request
+from pgslots._flow import Request
 from pgslots._text import UNPRINTABLE
 from pgslots_cli.main import cli
 
@@ -204,7 +204,7 @@ def test_malformed_lease_ids(sql: Conn, lease_id: str | None) -> None:
 )
 def test_python_arguments_are_checked_before_any_round_trip(names_: Any, occupy: Any, timeout: Any, retries: Any, lease: Any) -> None:
     try:
-        request = make_request(names_, occupy, timeout, retries, lease, False, None, rate_limit=False)
+        request = Request.for_concurrency(names_, slots=occupy, timeout_seconds=timeout, max_retries=retries, lease_seconds=lease)
     except pgslots.InvalidArgumentError as exc:
         assert str(exc)
         return

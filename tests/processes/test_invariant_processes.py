@@ -76,7 +76,7 @@ def _library_worker(dsn: str, holding: Any, peak: Any, grants: Any, handed: Any,
     from pgslots.sync import concurrency
 
     client = configure(dsn)
-    plain_call = client._session.call
+    plain_call = client._connections.call
     last_acquire_granted = True
 
     def counting_call(query: Any, params: Any = None, **kw: Any) -> Any:
@@ -86,7 +86,7 @@ def _library_worker(dsn: str, holding: Any, peak: Any, grants: Any, handed: Any,
             last_acquire_granted = result[0]["granted"]
         return result
 
-    client._session.call = counting_call  # type: ignore[method-assign]
+    client._connections.call = counting_call  # type: ignore[method-assign]
     rng = random.Random()
     while time.time() < deadline:
         with concurrency("lib", lease_duration=60, timeout_seconds=30):
