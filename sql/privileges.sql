@@ -16,7 +16,7 @@
 DO $$
 DECLARE
     user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
-                                   'leave_queue', 'keep_alive', 'get_limits', 'get_instances',
+                                   'leave_queue', 'keep_alive', 'get_limits', 'get_instances', 'reclaimable_slots',
                                    'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',
                                     'list_leases', 'lock_for_apply', 'clear_debt'];

@@ -13,6 +13,7 @@ import click
 
 import pgslots
 from pgslots import embedded
+from pgslots._config import configured_dsn
 from pgslots.client import Client
 
 from .output import echo_error
@@ -32,7 +33,12 @@ def _take_dsn(ctx: click.Context, _: click.Parameter, value: str | None) -> None
 
 DSN_HELP = (
     "PostgreSQL connection string. Default: $PGSLOTS_DSN, else $DATABASE_URL, else libpq's PG* "
-    "variables, else the embedded local server (see 'pgslots embedded')."
+    "variables, else the embedded local server if it is running (see 'pgslots embedded start')."
+)
+NOT_CONFIGURED = (
+    "No database configured: pass --dsn or set PGSLOTS_DSN (or DATABASE_URL, or libpq's PG* variables). "
+    "To try pgslots on this machine, run 'pgslots embedded start' (or 'pgslots demo'), which starts a local "
+    "PostgreSQL that the commands then use."
 )
 
 
@@ -55,6 +61,9 @@ class Group(click.Group):
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as asked
+            click.echo(exc.ctx.get_help() if exc.ctx else self.get_help(click.Context(self)))
+            sys.exit(0)
         except click.UsageError as exc:
             where = f"pgslots {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "pgslots"
             fail(f"Error: {exc.format_message()} (see '{where} --help')")
@@ -78,13 +87,15 @@ class State:
 
     @property
     def client(self) -> Client:
+        """The client of the configured database; with nothing configured, of the embedded server
+        when it is running (never started here)."""
         if self._client is None:
-            self._client = Client(self.dsn, listen=True)
-            if embedded.started_here is not None:
-                echo_error(
-                    f"(No database configured: started the embedded PostgreSQL in {embedded.started_here.root}; "
-                    "'pgslots embedded stop' stops it.)"
-                )
+            dsn = configured_dsn(self.dsn)
+            if dsn is None:
+                dsn = embedded.running_dsn()
+                if dsn is None:
+                    raise pgslots.ConfigurationError(NOT_CONFIGURED)
+            self._client = Client(dsn, listen=True)
         return self._client
 
     def close(self) -> None:

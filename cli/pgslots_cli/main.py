@@ -6,6 +6,7 @@ This module holds the schema, limit and lease commands, and gathers the others.
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add 
 from .app import State, check_output, cli, fail, output_options, pass_state
 
 __all__ = ["cli", "main"]
-from .output import dumps, limit_json, number, seconds, table
+from .output import dumps, held, limit_json, number, seconds, table
 
 # ---- schema ---------------------------------------------------------------------------------
 
@@ -145,9 +146,9 @@ def create(
     if shadow:
         click.echo(
             "It is in shadow mode: it grants every request and counts those it would refuse. "
-            f"Enforce it with 'pgslots update {_quote(name)} --enforce'."
+            f"Enforce it with {_command('update', name, '--enforce')}."
         )
-    click.echo(f"Run 'pgslots inspect {_quote(name)}' to view details.")
+    click.echo(f"Run {_command('inspect', name)} to view details.")
 
 
 @cli.command("ls", short_help="List limits and templates, or a template's keys.")
@@ -160,8 +161,7 @@ def ls(state: State, template: str | None, output: str | None) -> None:
     in shadow mode. With TEMPLATE (e.g. 'tenant:*'), list that template's keys instead."""
     as_json = check_output(output)
     if template is not None:
-        if not _read(state, template).is_template:
-            fail(f"{template!r} is not a template (a template's name ends in *). Run 'pgslots ls' to see them.")
+        _check_template(state, template)
         limits = state.client.read_instances(template)
     else:
         limits = state.client.read_limits(instances=False)
@@ -171,11 +171,12 @@ def ls(state: State, template: str | None, output: str | None) -> None:
     if not limits:
         click.echo(f"Template {template!r} has no keys in use." if template else "No global concurrency limits found.")
         return
+    overrides = {} if template else _overrides(limits)
     rows = [
         [
-            i.name,
+            i.name + (f" (override of {overrides[i.name]})" if i.name in overrides else ""),
             str(i.limit),
-            "-" if i.is_template else number(round(i.active_slots, 2)),
+            "-" if i.is_template else held(i),
             _rate(i),
             ("shadow" if i.shadow else "yes") if i.active else "no",
             "-" if i.is_template else str(i.waiters),
@@ -184,7 +185,34 @@ def ls(state: State, template: str | None, output: str | None) -> None:
         ]
         for i in limits
     ]
-    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "RATE", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=7))
+    click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "RATE", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=0))
+
+
+def _overrides(limits: list[LimitInfo]) -> dict[str, str]:
+    """Plain limits named like a template's key (tenant:acme for tenant:*): the template each serves."""
+    prefixes = sorted((t.name[:-1] for t in limits if t.is_template), key=len, reverse=True)
+    found = {}
+    for info in limits:
+        if not info.is_template and info.template is None:
+            match = next((p for p in prefixes if info.name.startswith(p)), None)
+            if match is not None:
+                found[info.name] = match + "*"
+    return found
+
+
+def _check_template(state: State, template: str) -> None:
+    """TEMPLATE must name a template; for a bare prefix ('tenant'), say which template it may mean."""
+    try:
+        info = state.client.read_limit(template)
+    except pgslots.LimitNotFoundError:
+        info = None
+    if info is not None and info.is_template:
+        return
+    near = sorted(t.name for t in state.client.read_limits(instances=False) if t.is_template and t.name.startswith(template))
+    hint = f" Did you mean {_command('ls', near[0])}?" if near else " Run 'pgslots ls' to see the templates."
+    if info is None:
+        fail(f"Global concurrency limit {template!r} not found.{hint}")
+    fail(f"{template!r} is not a template (a template's name ends in *).{hint}")
 
 
 def _rate(info: LimitInfo) -> str:
@@ -212,8 +240,47 @@ def inspect(state: State, name: str, output: str | None, path: Path | None) -> N
         else:
             click.echo(text)
         return
-    rows = [[key, _show(value)] for key, value in limit_json(info).items()]
+    rows = [[key, _show(value)] for key, value in _inspected(info)]
     click.echo(table(["FIELD", "VALUE"], rows, shrink=1))
+
+
+def _inspected(info: LimitInfo) -> list[tuple[str, Any]]:
+    """The fields that say something about this limit, each once (-o json has them all)."""
+    kind = "concurrency limit"
+    if info.window_seconds > 0:
+        kind = f"window limit: at most {info.limit} in any {number(info.window_seconds)} s"
+    elif info.slot_decay_per_second > 0:
+        kind = f"rate limit: bursts of {info.limit}, then {number(info.slot_decay_per_second)} per second"
+    if info.is_template:
+        kind = f"template: each key gets its own {kind}"
+    state = (
+        ("enforced" if not info.shadow else f"shadow (not enforced; {info.shadow_refusals} would-be refusals)")
+        if info.active
+        else "disabled"
+    )
+    fields: list[tuple[str, Any]] = [("name", info.name), ("id", info.id), ("kind", kind), ("limit", info.limit), ("state", state)]
+    if info.is_template:
+        fields += [("keys", info.instances), ("max_keys", info.max_keys)]
+    else:
+        if info.template is not None:
+            fields.append(("template", info.template))
+        fields.append(("slots in use", held(info)))
+        if info.leased_slots != info.active_slots:
+            fields.append(("held by leases", info.leased_slots))
+        fields.append(("leases", info.leases if not info.expired_leases else f"{info.leases} ({info.expired_leases} expired)"))
+        waiting = f"{info.waiters} (oldest {seconds(info.oldest_waiter_seconds)})" if info.waiters else 0
+        fields.append(("waiters", waiting))
+        if info.waiter_priorities and info.waiter_priorities != [0]:
+            fields.append(("waiting priorities", ", ".join(map(str, info.waiter_priorities))))
+    fields += [
+        ("grants", info.grants_total),
+        ("refusals", f"{info.refusals_total} ({info.denied_slots} slots denied)"),
+        ("seconds waited", info.wait_seconds_total),
+        ("leases taken back", info.expired_leases_total),
+        ("created", info.created),
+        ("updated", info.updated),
+    ]
+    return fields
 
 
 @cli.command()
@@ -415,8 +482,11 @@ def _finite(value: float, flag: str) -> None:
         fail(f"{flag} must be a finite number >= 0, got {value}.")
 
 
-def _quote(name: str) -> str:
-    return name if name.replace("-", "").replace("_", "").replace(".", "").isalnum() else repr(name)
+def _command(*args: str) -> str:
+    """A pgslots command line to suggest, quoted for a shell and then as a whole: 'pgslots inspect
+    api', or "pgslots inspect 'my limit'" when a name needs the shell's quotes."""
+    line = " ".join(["pgslots", *(shlex.quote(a) for a in args)])
+    return f'"{line}"' if "'" in line else f"'{line}'"
 
 
 def _show(value: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -55,12 +56,12 @@ def seconds(value: float | None) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
-    """A plain table; column `shrink` is cut to make the table fit the terminal's width."""
+    """A plain table; on a terminal, column `shrink` is cut to make the table fit its width."""
     rows = [[shown(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     room = shutil.get_terminal_size((100, 24)).columns
     excess = sum(widths) + 2 * (len(widths) - 1) - room
-    if excess > 0:
+    if excess > 0 and sys.stdout.isatty():  # piped or redirected: whole values, whatever the width
         widths[shrink] = max(8, widths[shrink] - excess)
 
     def fit(text: str, width: int) -> str:
@@ -71,6 +72,12 @@ def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(fit(c, w).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def held(info: LimitInfo) -> str:
+    """Slots in use, the reclaimable ones (whose holders are gone) apart: '2', or '1 +1 reclaimable'."""
+    used = number(round(info.active_slots - info.reclaimable_slots, 2))
+    return f"{used} +{info.reclaimable_slots} reclaimable" if info.reclaimable_slots else used
 
 
 def bar(used: float, limit: int, width: int = 20) -> str:
@@ -97,6 +104,7 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "active": info.active,
         "active_slots": info.active_slots,
         "leased_slots": info.leased_slots,
+        "reclaimable_slots": info.reclaimable_slots,
         "slot_decay_per_second": info.slot_decay_per_second,
         "window_seconds": info.window_seconds,
         "shadow": info.shadow,

@@ -185,6 +185,7 @@ class Dashboard:
                 busiest = sorted(keys.get(info.name, []), key=lambda k: (-k.active_slots, -k.waiters, k.name))[:BUSIEST_SHOWN]
                 row["busiest"] = [limit_json(k) | {"holders": holders.get(k.name, [])} for k in busiest]
                 row["active_slots"] = _used(info, keys)
+                row["reclaimable_slots"] = sum(k.reclaimable_slots for k in keys.get(info.name, []))
             rows.append(row)
         return {
             "limits": rows,

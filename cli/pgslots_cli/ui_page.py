@@ -20,6 +20,7 @@ PAGE = """<!doctype html>
   .bar { width: 8em; height: .8em; background: #e3e6ea; display: inline-block; vertical-align: middle; }
   .bar i { display: block; height: 100%; background: #2f80ed; }
   .bar i.full { background: #d64545; }
+  .gone { color: #8a6d00; font-size: 90%; }
   .sub td { background: #fafbfc; font-size: .9em; color: #454c55; }
   .note { color: #8a5a00; margin: .5em 0; }
   .error { color: #b00020; margin: .5em 0; }
@@ -122,11 +123,12 @@ function holderRow(h) {
   return row;
 }
 function limitRow(l, indent) {
-  const used = l.active_slots, cap = l.is_template ? l.limit * (l.instances || 0) : l.limit;
+  const gone = l.reclaimable_slots || 0, used = l.active_slots - gone, cap = l.is_template ? l.limit * (l.instances || 0) : l.limit;
   const share = cap > 0 ? Math.min(1, used / cap) : (used > 0 ? 1 : 0);
   const bar = el("span", {className: "bar"}, el("i", {className: share >= 1 ? "full" : ""}));
   bar.firstChild.style.width = (share * 100).toFixed(1) + "%";
   const occupancy = el("span", {"data-occupancy": l.name}, num(used) + " / " + (l.is_template ? l.limit + " per key" : l.limit));
+  if (gone) occupancy.append(el("span", {className: "gone", "data-reclaimable": l.name, title: "held by nobody: their holders are gone, and the next caller that needs them takes them back"}, " +" + num(gone) + " reclaimable"));
   const rates = lastRates(l.name);
   const waiters = l.waiters ? l.waiters + " (oldest " + secs(l.oldest_waiter_seconds) + "; priorities " + (l.waiter_priorities || []).join(", ") + ")" : "0";
   const actions = el("td");

@@ -66,9 +66,10 @@ def _limit_line(info: LimitInfo, width: int, indent: str = "") -> str:
     waiting = f"  waiters {info.waiters}"
     if info.waiters and info.oldest_waiter_seconds is not None:
         waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"
+    gone = f"  reclaimable {info.reclaimable_slots} (holders gone)" if info.reclaimable_slots else ""
     return (
-        f"{(indent + info.name).ljust(width)}  {bar(info.active_slots, info.limit)} "
-        f"{number(round(info.active_slots, 2))}/{info.limit}{decay}{waiting}{_state(info)}"
+        f"{(indent + info.name).ljust(width)}  {bar(info.active_slots - info.reclaimable_slots, info.limit)} "
+        f"{number(round(info.active_slots - info.reclaimable_slots, 2))}/{info.limit}{gone}{decay}{waiting}{_state(info)}"
     )
 
 

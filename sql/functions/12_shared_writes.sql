@@ -1,10 +1,11 @@
 -- Writes every admission path shares: queue places, the lock-wait bound, refusal pressure, reclaims.
 
--- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place.
--- With a named lease, it leaves what a release needs to grant that lease directly. The ticket is
--- always one this caller owns (see _own_ticket) or a new one: a place is never taken over, and a
--- place keeps the priority and fairness key it was queued with.
-CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], slots integer, queue_client uuid,
+-- Queues a waiter on every limit it asked for (not only the full ones), or refreshes its place;
+-- each place remembers whether its limit refused (`blocked`), for the refusal to count if the
+-- waiter leaves without its slots (see _gave_up). With a named lease, it leaves what a release
+-- needs to grant that lease directly. The ticket is always one this caller owns (see _own_ticket)
+-- or a new one: a place is never taken over, and keeps the priority and fairness key it was queued with.
+CREATE FUNCTION pgslots._enqueue(ticket bigint, ids uuid[], blocked uuid[], slots integer, queue_client uuid,
                                  at timestamptz, ttl_seconds float8, lease_id uuid,
                                  lease_seconds float8, holder jsonb, session uuid,
                                  priority integer, fairness_key text)
@@ -14,16 +15,17 @@ AS $$
 BEGIN
     INSERT INTO pgslots.waiters AS w (id, limit_id, slots, client_id, enqueued_at, expires_at,
                                       parts, lease_id, lease_seconds, host, pid,
-                                      application_name, holder, owner, session_id, priority, fairness_key)
+                                      application_name, holder, owner, session_id, priority, fairness_key,
+                                      refused)
     SELECT ticket, i, _enqueue.slots, queue_client, at, at + make_interval(secs => ttl_seconds),
            cardinality(ids), _enqueue.lease_id, _enqueue.lease_seconds,
            pgslots._holder_host(_enqueue.holder), pgslots._holder_pid(_enqueue.holder),
            pgslots._application_name(), _enqueue.holder, session_user, session,
-           coalesce(_enqueue.priority, 0), _enqueue.fairness_key
+           coalesce(_enqueue.priority, 0), _enqueue.fairness_key, i = ANY (blocked)
     FROM unnest(ids) AS i
     ON CONFLICT (limit_id, id) DO UPDATE
     SET expires_at = excluded.expires_at, lease_id = excluded.lease_id,
-        lease_seconds = excluded.lease_seconds, owner = excluded.owner
+        lease_seconds = excluded.lease_seconds, owner = excluded.owner, refused = w.refused OR excluded.refused
     WHERE w.client_id = excluded.client_id AND pgslots._by_caller(w.owner);
 END
 $$;
@@ -80,15 +82,31 @@ BEGIN
 END
 $$;
 
--- Refusal pressure, counted beside the limits so that counting needs no lock on their rows.
-CREATE FUNCTION pgslots._count_refusal(ids uuid[], slots integer) RETURNS void
+-- Refusal pressure, counted beside the limits so that counting needs no lock on their rows: the
+-- slots denied, at every refusal; the refusal itself only when it ends the call (`final`: the
+-- caller does not queue). A queued caller's refusal counts when it leaves without its slots.
+CREATE FUNCTION pgslots._count_refusal(ids uuid[], slots integer, final boolean) RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
     INSERT INTO pgslots.refusals AS r (limit_id, denied_slots, refusals_total)
-    SELECT i, slots, 1 FROM unnest(ids) AS i
+    SELECT i, slots, CASE WHEN final THEN 1 ELSE 0 END FROM unnest(ids) AS i
     ON CONFLICT (limit_id) DO UPDATE SET denied_slots = r.denied_slots + excluded.denied_slots,
-                                         refusals_total = r.refusals_total + 1;
+                                         refusals_total = r.refusals_total + excluded.refusals_total;
+END
+$$;
+
+-- Waiters that left the queue without their slots (gave up, timed out, died): each place whose
+-- limit refused it counts one refusal there. `limit_ids` holds one entry per such place.
+CREATE FUNCTION pgslots._gave_up(limit_ids uuid[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF cardinality(limit_ids) > 0 THEN
+        INSERT INTO pgslots.refusals AS r (limit_id, denied_slots, refusals_total)
+        SELECT i, 0, count(*) FROM unnest(limit_ids) AS i GROUP BY i
+        ON CONFLICT (limit_id) DO UPDATE SET refusals_total = r.refusals_total + excluded.refusals_total;
+    END IF;
 END
 $$;
 
@@ -114,5 +132,22 @@ BEGIN
         WHERE l.id = target;
     END IF;
     RETURN freed;
+END
+$$;
+
+-- Deletes the waiters nobody heartbeats any more (of the limits `targets`, or of all when NULL):
+-- they left without their slots, so the places whose limit refused them count as refusals.
+CREATE FUNCTION pgslots._drop_expired_waiters(targets uuid[], at timestamptz) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    quitters uuid[];
+BEGIN
+    WITH gone AS (
+        DELETE FROM pgslots.waiters w
+        WHERE (targets IS NULL OR w.limit_id = ANY (targets)) AND w.expires_at <= at
+        RETURNING w.limit_id, w.refused)
+    SELECT array_agg(g.limit_id) FILTER (WHERE g.refused) INTO quitters FROM gone g;
+    PERFORM pgslots._gave_up(quitters);
 END
 $$;

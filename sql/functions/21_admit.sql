@@ -96,10 +96,10 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM pgslots._count_refusal(blocked, slots);
+    PERFORM pgslots._count_refusal(blocked, slots, queue_client IS NULL);
     IF queue_client IS NOT NULL THEN
         ticket := coalesce(ticket, nextval('pgslots.waiter_tickets'));
-        PERFORM pgslots._enqueue(ticket, ids, slots, queue_client, at, cfg.waiter_ttl_seconds,
+        PERFORM pgslots._enqueue(ticket, ids, blocked, slots, queue_client, at, cfg.waiter_ttl_seconds,
                                  new_lease_id, lease_seconds, holder, session, priority, fairness_key);
     END IF;
     RETURN ticket;
@@ -255,7 +255,7 @@ BEGIN
     d.waiter := pgslots._refuse(verdict.blocked, ids, slots, d.waiter, queue_client, at, cfg, new_lease_id,
                                 lease_seconds, holder, session, priority, fairness_key);
     IF queue_client IS NOT NULL THEN
-        DELETE FROM pgslots.waiters w WHERE w.limit_id = ANY (verdict.blocked) AND w.expires_at <= at;
+        PERFORM pgslots._drop_expired_waiters(verdict.blocked, at);
     END IF;
     RETURN d;
 END

@@ -67,8 +67,11 @@ BEGIN
             -- Not granted yet: the caller gave up on a queued request. Take it out of the queue, so
             -- that no release can hand it the lease later; those behind may fit now.
             FOR part IN DELETE FROM pgslots.waiters w WHERE w.lease_id = release.lease_id
-                        RETURNING w.limit_id LOOP
+                        RETURNING w.limit_id, w.refused LOOP
                 PERFORM pgslots._wake(part.limit_id, at);
+                IF part.refused THEN
+                    PERFORM pgslots._gave_up(ARRAY[part.limit_id]);
+                END IF;
             END LOOP;
         END IF;
     END IF;
@@ -196,7 +199,7 @@ BEGIN
     -- and hold nothing.
     DELETE FROM pgslots.leases x WHERE x.expires_at <= at
         AND NOT EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.id = x.limit_id);
-    DELETE FROM pgslots.waiters w WHERE w.expires_at <= at;
+    PERFORM pgslots._drop_expired_waiters(NULL, at);
     -- Grants that left their window (of limits nobody is deciding on right now), and reservations
     -- that can no longer be settled.
     PERFORM pgslots._window_purge(l.id, l.window_seconds, at)

@@ -220,7 +220,7 @@ SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
     at timestamptz;
-    left_limit uuid;
+    left_limit record;
     was_queued boolean := false;
     prior text := pgslots._bound_waits(wait_seconds);
 BEGIN
@@ -235,9 +235,12 @@ BEGIN
     FOR left_limit IN DELETE FROM pgslots.waiters w
                       WHERE w.id = leave_queue.ticket AND w.client_id = leave_queue.queue_client
                         AND pgslots._by_caller(w.owner)
-                      RETURNING w.limit_id LOOP
+                      RETURNING w.limit_id, w.refused LOOP
         was_queued := true;
-        PERFORM pgslots._wake(left_limit, at);   -- those behind may fit now
+        PERFORM pgslots._wake(left_limit.limit_id, at);   -- those behind may fit now
+        IF left_limit.refused THEN
+            PERFORM pgslots._gave_up(ARRAY[left_limit.limit_id]);   -- it leaves without its slots
+        END IF;
     END LOOP;
     PERFORM pgslots._unbound_waits(prior);
     RETURN was_queued;

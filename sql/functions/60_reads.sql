@@ -1,5 +1,21 @@
 -- Reads: the status view and what operators and clients list.
 
+-- The slots of one limit's leases whose holder is gone (expired, or its session dead): counted in
+-- leased_slots until someone needs them and takes them back, but held by nobody. Public, so that it
+-- runs as the schema owner (the view's readers may not read sessions); it only reads.
+CREATE FUNCTION pgslots.reclaimable_slots(limit_id uuid) RETURNS integer
+LANGUAGE sql VOLATILE   -- a dead session is known by probing its advisory lock
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+    SELECT coalesce(sum(x.slots), 0)::integer FROM pgslots.leases x, pgslots.settings s
+    WHERE x.limit_id = reclaimable_slots.limit_id
+      AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, pgslots._clock(s.clock_offset), s.liveness_seconds)
+$$;
+COMMENT ON FUNCTION pgslots.reclaimable_slots(uuid) IS
+'The slots of a limit''s leases whose holders are gone (expired, or their session dead): counted as '
+'leased until the next caller that needs them takes them back, but held by nobody. The status view '
+'shows it as reclaimable_slots.';
+
 CREATE VIEW pgslots.status AS
 SELECT l.id,
        l.name,
@@ -14,6 +30,8 @@ SELECT l.id,
        (SELECT count(*) FROM pgslots.leases x WHERE x.limit_id = l.id)::integer AS leases,
        (SELECT count(*) FROM pgslots.leases x
         WHERE x.limit_id = l.id AND x.expires_at <= c.at)::integer AS expired_leases,
+       -- Held by nobody: their holders are gone, and the next caller that needs them takes them.
+       CASE WHEN l.leased_slots > 0 THEN pgslots.reclaimable_slots(l.id) ELSE 0 END AS reclaimable_slots,
        (SELECT count(*) FROM pgslots.waiters w
         WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer AS waiters,
        (SELECT date_part('epoch', c.at - min(w.enqueued_at)) FROM pgslots.waiters w
@@ -63,7 +81,8 @@ FROM pgslots.limits l,
                     FROM pgslots.retired_counters c WHERE l.is_template AND c.template_id = l.id) x) t;
 COMMENT ON VIEW pgslots.status IS
 'One row per limit: occupied slots after decay, or granted in the window of a window limit '
-'(active_slots), leases, queued waiters and the age of the oldest, refusal pressure (denied_slots), '
+'(active_slots), leases, the leased slots whose holders are gone (reclaimable_slots: expired, or '
+'their session dead; held by nobody, taken back by the next caller that needs them), queued waiters and the age of the oldest, refusal pressure (denied_slots), '
 'and for a shadow limit the requests it would have refused (shadow_refusals). Counters since the '
 'limit was created: grants_total, refusals_total (requests), wait_seconds_total (queued waiters'' '
 'waits before their grant), expired_leases_total (leases taken back: expired or of a dead session), '

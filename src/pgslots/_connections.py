@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
-from ._config import configured_dsn, resolve_dsn
+from ._config import check_dsn, configured_dsn, resolve_dsn
 from ._engine import Engine, connection_timeouts
 from ._translate import database_errors, server_answered
 from .errors import MIGRATE_HINT, DatabaseUnavailableError, SchemaNotInstalledError
@@ -54,9 +54,9 @@ def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 class Connections:
-    """Pools, probe and engine of one client. The DSN is resolved on first use, so a client made
-    with nothing configured starts the embedded server only when it first connects (from a worker
-    thread when that happens inside an event loop)."""
+    """Pools, probe and engine of one client. The DSN is resolved on first use: a client made with
+    nothing configured raises ConfigurationError when it first connects, or, when its program opted
+    in to the embedded server, starts that server then (from a worker thread inside an event loop)."""
 
     def __init__(
         self,
@@ -66,10 +66,14 @@ class Connections:
         listen: bool,
         max_connections: int,
         prepared_statements: bool | None = None,
+        embedded: bool | None = None,
     ) -> None:
         if pool is not None and dsn is None and isinstance(pool.conninfo, str):
             dsn = pool.conninfo
-        self._explicit_dsn = configured_dsn(dsn)  # None: the embedded server, started on first use
+        self._explicit_dsn = configured_dsn(dsn)  # None: nothing configured, see resolve_dsn
+        if self._explicit_dsn:
+            check_dsn(self._explicit_dsn)
+        self._embedded = embedded
         self._dsn: str | None = self._explicit_dsn
         self._listen_dsn = listen_dsn
         self.listen = listen
@@ -95,7 +99,7 @@ class Connections:
     @property
     def dsn(self) -> str:
         if self._dsn is None:
-            self._dsn = resolve_dsn(self._explicit_dsn)  # may start the embedded server: blocks
+            self._dsn = resolve_dsn(self._explicit_dsn, embedded=self._embedded)  # may start the embedded server: blocks
         return self._dsn
 
     async def adsn(self) -> str:

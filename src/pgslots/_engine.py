@@ -53,10 +53,13 @@ _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 @atexit.register
 def _finish_at_exit() -> None:
-    """A release that could not be done when its body ended (the database was away, or busy) is
-    retried in the background; before the interpreter exits, it gets a last bounded chance, so a
-    clean exit leaves no slot held."""
+    """Before the interpreter exits, leases still held (a with block never left: a daemon thread's,
+    say) are released, and releases that could not be done when their bodies ended (the database
+    was away, or busy) get a last chance: bounded by EXIT_SECONDS, so a clean exit leaves no slot
+    held and never hangs."""
     deadline = time.monotonic() + EXIT_SECONDS
+    for engine in list(_engines):
+        engine.release_held()
     for engine in list(_engines):
         engine.finish(deadline)
 
@@ -142,6 +145,13 @@ class Engine:
     def release_later(self, lease_id: uuid.UUID) -> None:
         """Releases a lease in the background (after an interrupted call that may have granted it)."""
         self.later(q.RELEASE, release_params(lease_id))
+
+    def release_held(self) -> None:
+        """Releases every lease still held (at interpreter exit: nobody will leave those bodies)."""
+        for held in self.held.snapshot():
+            self.held.drop(held.lease_id)
+            logger.info("pgslots: releasing lease %s, still held as the interpreter exits.", held.lease_id)
+            self.release_later(held.lease_id)
 
     def later(self, query: Any, params: dict[str, Any]) -> None:
         """Runs a clean-up call in the background, retrying until the database answers."""

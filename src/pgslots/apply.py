@@ -27,41 +27,11 @@ Keys of templates are never listed, created or pruned by a file: they come and g
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import _queries as q
-from . import _validate as check
+from ._definitions import FIELDS, Desired, Plan, apply_desired, parse, plan
 from .client import Client, connections_of
 from .errors import InvalidArgumentError
-from .types import LimitInfo
-
-FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow", "max_keys")
-
-
-@dataclass(frozen=True)
-class Desired:
-    name: str
-    limit: int
-    slot_decay_per_second: float = 0.0
-    window_seconds: float = 0.0
-    active: bool = True
-    shadow: bool = False
-    #: For a template: how many live keys it may have (None: not declared, the database's default).
-    max_keys: int | None = None
-
-
-@dataclass
-class Plan:
-    create: list[Desired] = field(default_factory=list)
-    change: list[tuple[Desired, dict[str, tuple[Any, Any]]]] = field(default_factory=list)
-    delete: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.create or self.change or self.delete)
 
 
 def load(path: str | Path) -> list[Desired]:
@@ -75,107 +45,14 @@ def load(path: str | Path) -> list[Desired]:
         raise InvalidArgumentError(f"{path} is not valid TOML: {exc}.") from None
     except RecursionError:
         raise InvalidArgumentError(f"{path} is nested too deeply to be a limits file: it has one table per limit.") from None
-    desired = []
-    for name, table in data.items():
-        where = f"{path}: [{name}]"
-        if not isinstance(table, dict):
-            raise InvalidArgumentError(f"{where} must be a table such as [{name}] with limit = N.")
-        unknown = sorted(set(table) - set(FIELDS))
-        if unknown:
-            raise InvalidArgumentError(f"{where} has unknown keys {unknown}; allowed: {', '.join(FIELDS)}.")
-        limit: Any = table.get("limit")
-        check.number(f"{where}: limit", limit, minimum=0, integer=True)
-        decay = _seconds(table, "slot_decay_per_second", where)
-        window = _seconds(table, "window_seconds", where)
-        if decay > 0 and window > 0:
-            raise InvalidArgumentError(f"{where}: a limit has slot_decay_per_second or window_seconds, not both.")
-        active = check.flag(f"{where}: active", table.get("active", True))
-        shadow = check.flag(f"{where}: shadow", table.get("shadow", False))
-        max_keys = table.get("max_keys")
-        check.number(f"{where}: max_keys", max_keys, minimum=1, integer=True, allow_none=True)
-        if max_keys is not None and not name.endswith("*"):
-            raise InvalidArgumentError(f"{where}: max_keys is for templates (names ending in *), and {name!r} is a plain limit.")
-        desired.append(Desired(name, limit, decay, window, active, shadow, max_keys))
-    return desired
-
-
-def _seconds(table: dict[str, Any], key: str, where: str) -> float:
-    value = table.get(key, 0.0)
-    check.number(f"{where}: {key}", value, minimum=0, integer=False)
-    return float(value)
-
-
-def plan(current: list[LimitInfo], desired: list[Desired], prune: bool) -> Plan:
-    result = Plan()
-    by_name = {info.name: info for info in current}
-    for want in desired:
-        have = by_name.get(want.name)
-        if have is None:
-            result.create.append(want)
-            continue
-        # An undeclared max_keys leaves the template's as it is.
-        declared = [f for f in FIELDS if f != "max_keys" or want.max_keys is not None]
-        changes = {f: (getattr(have, f), getattr(want, f)) for f in declared if getattr(have, f) != getattr(want, f)}
-        if changes:
-            result.change.append((want, changes))
-        else:
-            result.unchanged.append(want.name)
-    if prune:
-        wanted = {d.name for d in desired}
-        result.delete = sorted(name for name in by_name if name not in wanted)
-    return result
+    return parse(data, str(path))
 
 
 def apply(client: Client, desired: list[Desired], *, prune: bool = False, dry_run: bool = False) -> Plan:
     """Computes the plan and carries it out in one transaction. With dry_run, the plan is carried out
     all the same and then rolled back: the database refuses exactly what it would refuse for real,
     and nothing changes."""
-    db = connections_of(client)
-    with db.transaction() as conn:
-        db.call_on(conn, q.LOCK_FOR_APPLY)
-        # Keys of templates are not declared: they come and go with use.
-        current = [LimitInfo(**row) for row in db.call_on(conn, q.GET_LIMITS, {"names": None, "with_instances": False})]
-        todo = plan(current, desired, prune)
-        try:
-            with conn.transaction():
-                _carry_out(db, conn, todo)
-                if dry_run:
-                    raise _DryRun
-        except _DryRun:
-            pass
-    return todo
+    return apply_desired(connections_of(client), desired, prune=prune, dry_run=dry_run)
 
 
-class _DryRun(Exception):
-    """Rolls a dry run's changes back."""
-
-
-def _carry_out(db: Any, conn: Any, todo: Plan) -> None:
-    for want in todo.create:
-        db.call_on(
-            conn,
-            q.CREATE_LIMIT,
-            {
-                "name": want.name,
-                "limit": want.limit,
-                "slot_decay_per_second": want.slot_decay_per_second,
-                "active": want.active,
-                "active_slots": 0,
-                "window_seconds": want.window_seconds,
-                "shadow": want.shadow,
-                "max_keys": want.max_keys,
-            },
-        )
-    for want, changes in todo.change:
-        db.call_on(
-            conn,
-            q.UPDATE_LIMIT,
-            {
-                "name": want.name,
-                **{f: changes[f][1] if f in changes else None for f in FIELDS},
-                "active_slots": None,
-                "new_name": None,
-            },
-        )
-    for name in todo.delete:
-        db.call_on(conn, q.DELETE_LIMIT, {"name": name})
+__all__ = ["FIELDS", "Desired", "Plan", "apply", "load", "plan"]

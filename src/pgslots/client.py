@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -19,7 +19,8 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from . import _queries as q
 from . import _validate as check
 from ._connections import DEFAULT_POOL_SIZE, Connections
-from .errors import InvalidArgumentError, LimitNotFoundError
+from ._definitions import Plan, apply_desired, parse
+from .errors import InvalidArgumentError, LimitExistsError, LimitNotFoundError
 from .migrate import migrate, migration_plan
 from .types import LeaseInfo, LimitInfo, MigrationPlan
 
@@ -30,8 +31,10 @@ class Client:
     """Everything pgslots needs to talk to one database: the admin calls below, and the connections
     and background worker that ``concurrency()`` and ``rate_limit()`` use (pass ``client=``).
 
-    Nothing connects until first used. With no DSN given or configured, the embedded local server
-    is used, and started on first use if it is not running (see ``pgslots embedded``).
+    Nothing connects until first used. With no DSN given or configured, the first call raises
+    ``ConfigurationError``: the library never starts a server behind your back. ``embedded=True``
+    (or ``PGSLOTS_EMBEDDED=1``) opts in to the embedded local server instead, started on first use
+    if it is not running (see ``pgslots embedded``); for trying pgslots on one machine only.
 
     Behind PgBouncer in transaction mode, give ``listen_dsn`` a direct connection string for
     wake-ups (or ``listen=False`` to poll). ``prepared_statements``: None (the default) prepares
@@ -56,10 +59,12 @@ class Client:
         prepared_statements: bool | None = None,
         fail_open: bool = False,
         fail_open_after_seconds: float = DEFAULT_FAIL_OPEN_SECONDS,
+        embedded: bool | None = None,
     ) -> None:
         check.flag("fail_open", fail_open)
+        check.optional_flag("embedded", embedded)
         check.number("fail_open_after_seconds", fail_open_after_seconds, minimum=0, integer=False)
-        self._connections = Connections(dsn, pool, listen_dsn, listen, max_connections, prepared_statements)
+        self._connections = Connections(dsn, pool, listen_dsn, listen, max_connections, prepared_statements, embedded)
         self.fail_open = fail_open
         self.fail_open_after_seconds = float(fail_open_after_seconds)
 
@@ -69,7 +74,7 @@ class Client:
 
     @property
     def dsn(self) -> str:
-        """The connection string in use (resolving it may start the embedded server)."""
+        """The connection string in use (with ``embedded=True``, resolving it may start the embedded server)."""
         return self._connections.dsn
 
     def __repr__(self) -> str:
@@ -109,12 +114,14 @@ class Client:
         window_seconds: float = 0.0,
         shadow: bool = False,
         max_keys: int | None = None,
+        exist_ok: bool = False,
     ) -> LimitInfo:
         """Creates a limit. ``slot_decay_per_second`` > 0 makes it a token bucket for rate limits;
         ``window_seconds`` > 0 instead grants at most ``limit`` slots in any span of that length.
         ``shadow=True`` grants everything and counts what it would have refused. ``max_keys`` (for
         a template) caps how many live keys it may have (None: the database's
-        ``max_keys_per_template``)."""
+        ``max_keys_per_template``). ``exist_ok=True``: a limit of that name already there is left
+        as it is and returned (to make it match, use :meth:`apply`)."""
         check.limit_values(
             limit=limit,
             slot_decay_per_second=slot_decay_per_second,
@@ -122,20 +129,38 @@ class Client:
             window_seconds=window_seconds,
             max_keys=max_keys,
         )
-        self._call(
-            q.CREATE_LIMIT,
-            {
-                "name": name,
-                "limit": limit,
-                "slot_decay_per_second": float(slot_decay_per_second),
-                "active": active,
-                "active_slots": active_slots,
-                "window_seconds": float(window_seconds),
-                "shadow": check.flag("shadow", shadow),
-                "max_keys": max_keys,
-            },
-        )
+        check.flag("exist_ok", exist_ok)
+        try:
+            self._call(
+                q.CREATE_LIMIT,
+                self._create_params(name, limit, slot_decay_per_second, active, active_slots, window_seconds, shadow, max_keys),
+            )
+        except LimitExistsError:
+            if not exist_ok:
+                raise
         return self.read_limit(name)
+
+    @staticmethod
+    def _create_params(
+        name: str,
+        limit: int,
+        slot_decay_per_second: float,
+        active: bool,
+        active_slots: int,
+        window_seconds: float,
+        shadow: bool,
+        max_keys: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "limit": limit,
+            "slot_decay_per_second": float(slot_decay_per_second),
+            "active": active,
+            "active_slots": active_slots,
+            "window_seconds": float(window_seconds),
+            "shadow": check.flag("shadow", shadow),
+            "max_keys": max_keys,
+        }
 
     def update_limit(
         self,
@@ -174,6 +199,15 @@ class Client:
             },
         )
         return self.read_limit(new_name or name)
+
+    def apply(self, config: Mapping[str, Mapping[str, Any]], *, prune: bool = False, dry_run: bool = False) -> Plan:
+        """Makes the database's limits match ``config``, in one transaction: the mapping a limits
+        file holds (``pgslots apply``), e.g. ``{"api": {"limit": 10}, "tenant:*": {"limit": 5}}``.
+        Limits it names are created or changed to match, others are left alone (``prune=True``
+        deletes them; keys of templates never). Returns the plan carried out; ``dry_run=True``
+        carries it out and rolls it back, so the database checks it and nothing changes. Safe to
+        run at every start of every worker."""
+        return apply_desired(self._connections, parse(config, "Client.apply()"), prune=prune, dry_run=dry_run)
 
     def delete_limit(self, name: str) -> None:
         self._call(q.DELETE_LIMIT, {"name": name})
@@ -234,6 +268,7 @@ def configure(
     prepared_statements: bool | None = None,
     fail_open: bool = False,
     fail_open_after_seconds: float = DEFAULT_FAIL_OPEN_SECONDS,
+    embedded: bool | None = None,
 ) -> Client:
     """Sets the database the module-level functions use; returns the new default client (see
     :class:`Client` for the arguments)."""
@@ -250,6 +285,7 @@ def configure(
                 prepared_statements=prepared_statements,
                 fail_open=fail_open,
                 fail_open_after_seconds=fail_open_after_seconds,
+                embedded=embedded,
             ),
         )
     if old is not None:

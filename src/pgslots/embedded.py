@@ -1,8 +1,11 @@
-"""The embedded default: a persistent local PostgreSQL used when no database is configured.
+"""The embedded server: a persistent local PostgreSQL for trying pgslots on one machine.
 
-It lives in ``$PGSLOTS_HOME`` (default: ``$XDG_DATA_HOME/pgslots``, or ``/var/lib/pgslots`` for
-root, whose home the server's user cannot enter), listens on a unix socket only, and is started on
-first use and reused after. A file lock keeps two first runs from racing.
+Nothing starts it behind a program's back: ``pgslots embedded start`` and ``pgslots demo`` start it,
+and a program uses it only when it opted in (``configure(embedded=True)`` or
+``PGSLOTS_EMBEDDED=1``); the CLI uses it, with nothing configured, while it runs. It lives in
+``$PGSLOTS_HOME`` (default: ``$XDG_DATA_HOME/pgslots``, or ``/var/lib/pgslots`` for root, whose home
+the server's user cannot enter) and listens on a unix socket only. A file lock keeps two first runs
+from racing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ def embedded_dsn(start: bool = True) -> str | None:
         ensure_running(local)
     _cached_dsn = local.dsn()
     return _cached_dsn
+
+
+def running_dsn() -> str | None:
+    """The embedded server's DSN when it is running now, else None (nothing is started)."""
+    local = cluster()
+    if local is None or not local.initialized() or not local.running():
+        return None
+    return local.dsn()
 
 
 def ensure_running(local: LocalCluster) -> None:

@@ -20,13 +20,14 @@ _GAUGES = (
     ("pgslots_limit_slots", "The limit's number of slots (for a template: per key)."),
     ("pgslots_active_slots", "Slots occupied now: leased, plus rate slots after decay or in the window."),
     ("pgslots_leased_slots", "Slots held by leases now."),
+    ("pgslots_reclaimable_slots", "Leased slots whose holders are gone (expired, or their session dead): held by nobody."),
     ("pgslots_waiters", "Waiters queued now."),
     ("pgslots_oldest_waiter_seconds", "How long the oldest queued waiter has waited (0 without waiters)."),
     ("pgslots_instances", "Keys a template has now (templates only)."),
 )
 _COUNTERS = (
     ("pgslots_grants_total", "Requests granted."),
-    ("pgslots_refusals_total", "Requests refused."),
+    ("pgslots_refusals_total", "Calls that ended without their slots (a queued waiter counts when it gives up, never when granted)."),
     ("pgslots_wait_seconds_total", "Seconds queued waiters waited before their grant."),
     ("pgslots_expired_leases_total", "Leases taken back because they expired or their holder died."),
     ("pgslots_shadow_refusals_total", "Requests a shadow limit granted that enforcement would have refused."),
@@ -64,6 +65,7 @@ def _series(info: LimitInfo, per_key_of: dict[str, list[LimitInfo]] | None) -> d
         "pgslots_limit_slots": info.limit,
         "pgslots_active_slots": sum(k.active_slots for k in parts),
         "pgslots_leased_slots": sum(k.leased_slots for k in parts),
+        "pgslots_reclaimable_slots": sum(k.reclaimable_slots for k in parts),
         "pgslots_waiters": sum(k.waiters for k in parts),
         "pgslots_oldest_waiter_seconds": max(oldest, default=0.0),
         "pgslots_instances": info.instances if info.is_template else None,

@@ -72,6 +72,10 @@ class LimitInfo:
     waiter_priorities: list[int] | None = None
     #: For a template: how many live keys it may have (its own max_keys, else the database's setting).
     max_keys: int | None = None
+    #: Leased slots whose holders are gone (expired, or their session dead): counted in
+    #: ``leased_slots`` and ``active_slots`` but held by nobody; the next caller that needs them
+    #: takes them back.
+    reclaimable_slots: int = 0
 
 
 @dataclass(frozen=True)

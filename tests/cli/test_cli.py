@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,31 @@ def test_create_ls_inspect(fresh_dsn: str) -> None:
     assert data[0]["created"].endswith("+00:00")
     shown = json.loads(run(fresh_dsn, "inspect", "api", "--output", "json").output)
     assert shown["id"] == data[0]["id"]
-    assert "slot_decay_per_second" in run(fresh_dsn, "inspect", "api").output
+    human = run(fresh_dsn, "inspect", "api").output
+    assert "rate limit: bursts of 3, then 0.5 per second" in human
+    # Each field once, and only those that say something about this limit (-o json has them all).
+    fields = [line.split("  ")[0] for line in human.splitlines()[2:]]
+    assert len(fields) == len(set(fields)) <= 14, fields
+    assert not {"window_seconds", "instances", "max_keys", "shadow_refusals", "waiter_priorities"} & set(fields)
+
+
+def test_ls_names_overrides_keeps_ids_whole_and_suggests_a_template(fresh_dsn: str) -> None:
+    for args in (["tenant:*", "-l", "2"], ["tenant:acme", "-l", "9"], ["x" * 120, "-l", "1"]):
+        assert run(fresh_dsn, "create", *args).exit_code == 0
+    listed = run(fresh_dsn, "ls").output  # not a terminal: nothing is cut
+    assert "tenant:acme (override of tenant:*)" in listed
+    ids = {str(i.id) for i in Client(fresh_dsn).read_limits()}
+    assert all(i in listed for i in ids) and "…" not in listed
+    assert one_line_error(run(fresh_dsn, "ls", "tenant")) == (
+        "Global concurrency limit 'tenant' not found. Did you mean \"pgslots ls 'tenant:*'\"?"
+    )
+    assert one_line_error(run(fresh_dsn, "ls", "tenant:acme")).endswith("Run 'pgslots ls' to see the templates.")
+
+
+def test_suggested_commands_quote_names_for_the_shell(fresh_dsn: str) -> None:
+    out = run(fresh_dsn, "create", "my limit", "-l", "1").output
+    assert out.splitlines()[-1] == "Run \"pgslots inspect 'my limit'\" to view details."
+    assert run(fresh_dsn, "create", "plain", "-l", "1").output.splitlines()[-1] == "Run 'pgslots inspect plain' to view details."
 
 
 def test_empty_ls(fresh_dsn: str) -> None:
@@ -169,6 +195,13 @@ def test_unreachable_database() -> None:
     assert message.startswith("Cannot reach the database")
 
 
+@pytest.mark.parametrize("dsn", ["host=x dbname", "postgresql://a b/db", "bogus words here"])
+def test_a_malformed_dsn_is_named_as_such_not_blamed_on_the_database(dsn: str) -> None:
+    message = one_line_error(run(dsn, "ls"))
+    assert message.startswith("The connection string is malformed") and "postgresql://" in message, message
+    assert "reach" not in message
+
+
 def test_no_database_and_no_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("PGSLOTS_DSN", "DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER", "PGSERVICE", "PGHOSTADDR"):
         monkeypatch.delenv(var, raising=False)
@@ -260,7 +293,10 @@ def test_real_subprocess(fresh_dsn: str) -> None:
     assert "Traceback" not in bad.stderr
 
 
-def test_embedded_default_from_a_clean_directory(pg_server: dict[str, Any]) -> None:
+def test_the_embedded_server_runs_only_when_asked_from_a_clean_directory(pg_server: dict[str, Any]) -> None:
+    """With nothing configured, commands fail with what to do, and start nothing; 'pgslots
+    embedded start' starts the local server and prints the DSN to export; while it runs, commands
+    use it; once stopped, they fail again, and its data is kept for the next start."""
     home = Path(tempfile.mkdtemp(prefix="pgslots-home-"))
     home.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in ("DATABASE_URL",)}
@@ -271,16 +307,28 @@ def test_embedded_default_from_a_clean_directory(pg_server: dict[str, Any]) -> N
     def pgslots(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([_installed_pgslots(), *args], env=env, capture_output=True, text=True, timeout=120)
 
+    def refused(result: subprocess.CompletedProcess[str]) -> bool:
+        message = result.stderr.strip()
+        return (
+            result.returncode == 1 and "No database configured" in message and "pgslots embedded start" in message and "\n" not in message
+        )
+
     try:
-        assert "not created yet" in pgslots("embedded", "status").stdout
+        assert refused(pgslots("ls"))
+        assert "not created yet" in pgslots("embedded", "status").stdout  # the failed command started nothing
+        started = pgslots("embedded", "start")
+        assert started.returncode == 0 and "Started the embedded PostgreSQL" in started.stdout
+        assert f"export PGSLOTS_DSN='host={home}" in started.stdout and "pgslots embedded stop" in started.stdout
+        assert "Already running" in pgslots("embedded", "start").stdout
         assert "Applied migrations" in pgslots("migrate").stdout
         assert pgslots("create", "local", "-l", "1").returncode == 0
         status = pgslots("embedded", "status").stdout
         assert "running" in status and str(home) in status
         assert pgslots("embedded", "dsn").stdout.startswith(f"host={home}")
         assert "Stopped" in pgslots("embedded", "stop").stdout
-        # Started again on next use, with its data kept.
-        assert json.loads(pgslots("ls", "-o", "json").stdout)[0]["name"] == "local"
+        assert refused(pgslots("ls"))  # not started again behind the user's back
+        assert pgslots("embedded", "start").returncode == 0
+        assert json.loads(pgslots("ls", "-o", "json").stdout)[0]["name"] == "local"  # its data kept
     finally:
         pgslots("embedded", "stop")
         import shutil
@@ -395,3 +443,45 @@ def test_windows_and_shadow_mode_in_create_update_ls_inspect_and_apply(fresh_dsn
     help_text = run(fresh_dsn, "create", "--help").output
     assert "--window-seconds" in help_text and "--shadow" in help_text
     assert "--shadow / --enforce" in run(fresh_dsn, "update", "--help").output
+
+
+@pytest.mark.parametrize("args", [[], ["embedded"]])
+def test_a_bare_group_prints_its_help(args: list[str]) -> None:
+    result = subprocess.run([_installed_pgslots(), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith(f"Usage: pgslots {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND [ARGS]...")
+    assert "Commands:" in result.stdout and "\\x0a" not in result.stdout
+
+
+def test_the_demo_starts_its_own_server_says_where_and_its_lines_agree(pg_server: dict[str, Any]) -> None:
+    """README's first command, with nothing configured: the demo starts the embedded server and
+    prints its data directory, the DSN to export and how to stop it; the 'ui' command it prints
+    runs as printed; the last progress line agrees with the totals."""
+    home = Path(tempfile.mkdtemp(prefix="pgslots-demo-"))
+    home.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in ("DATABASE_URL",)}
+    env["PGSLOTS_HOME"] = str(home)
+    env["PATH"] = "/usr/bin:/bin"  # pgslots itself is not on PATH, as after a plain venv install
+    if pg_server["cluster"] is not None:
+        env["PG_BINDIR"] = str(pg_server["cluster"].bindir)
+    exe = _installed_pgslots()
+    try:
+        done = subprocess.run([exe, "demo", "--workers", "4", "--rate", "20"], env=env, capture_output=True, text=True, timeout=180)
+        out = done.stdout
+        assert done.returncode == 0, done.stderr
+        assert "No database configured: the demo uses the embedded PostgreSQL" in out
+        assert f"data in {home}" in out and f"export PGSLOTS_DSN='host={home}" in out and "pgslots embedded stop" in out
+        ui = re.search(r"run '(.+) ui' in another terminal", out)
+        assert ui, out
+        shown = subprocess.run([*shlex.split(ui.group(1)), "ui", "--help"], env=env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "Usage:" in shown.stdout, (ui.group(1), shown.stderr)
+        assert "never more than the limit" in out
+        last = [line for line in out.splitlines() if "bodies running" in line][-1]
+        assert "0/3" in last and "bodies running 0" in last and "queued 0" in last and "done 24/24" in last, last
+        assert "configured 20/s, achieved" in out and "Demo limits deleted." in out
+        assert "Traceback" not in done.stderr
+    finally:
+        subprocess.run([exe, "embedded", "stop"], env=env, capture_output=True, text=True, timeout=60)
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)

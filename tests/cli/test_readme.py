@@ -18,3 +18,13 @@ def test_python_examples_run(fresh_dsn: str) -> None:
     for block in blocks:
         done = subprocess.run([sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{block}\n{done.stderr}"
+
+
+def test_the_license_file_is_the_one_the_package_declares() -> None:
+    import tomllib
+
+    root = README.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    text = (root / "LICENSE").read_text(encoding="utf-8")
+    assert declared["license"] == "Apache-2.0" and declared["license-files"] == ["LICENSE"]
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

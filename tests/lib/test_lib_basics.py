@@ -441,18 +441,20 @@ def test_configure_with_a_pool(fresh_dsn: str) -> None:
 def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_loop(
     fresh_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With nothing configured, making a client starts nothing; the first async use finds (and
-    would start) the embedded server in a worker thread, so the event loop keeps running."""
+    """With nothing configured and the embedded server opted in, making a client starts nothing; the
+    first async use finds (and would start) the embedded server in a worker thread, so the event
+    loop keeps running."""
     found: list[bool] = []
 
-    def slow_embedded(explicit: str | None) -> str:
+    def slow_embedded(explicit: str | None, *, embedded: bool | None = None) -> str:
+        assert embedded is True
         found.append(threading.current_thread() is threading.main_thread())
         time.sleep(0.5)  # as long as starting a server may take, and more
         return fresh_dsn
 
     monkeypatch.setattr("pgslots._connections.configured_dsn", lambda explicit: None)
     monkeypatch.setattr("pgslots._connections.resolve_dsn", slow_embedded)
-    own = Client()
+    own = Client(embedded=True)
     assert found == []
 
     async def main() -> int:
@@ -474,3 +476,52 @@ def test_an_unconfigured_client_finds_its_server_on_first_use_and_off_the_event_
     own.close()
     assert found == [False]  # resolved once, in a worker thread
     assert ticks >= 10  # the loop ran while the server was being found
+
+
+def test_with_nothing_configured_the_library_starts_no_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No PGSLOTS_DSN, DATABASE_URL or PG* variable: the first call raises ConfigurationError saying
+    what to do, and no server is created or started; PGSLOTS_EMBEDDED=1 is the opt-in."""
+    for var in ("PGSLOTS_DSN", "DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER", "PGSERVICE", "PGHOSTADDR", "PGSLOTS_EMBEDDED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PGSLOTS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("pgslots.embedded._cached_dsn", None)
+    own = Client()
+    try:
+        for call in (own.read_limits, lambda: concurrency("x", client=own).__enter__()):
+            with pytest.raises(pgslots.ConfigurationError) as refused:
+                call()
+            assert "PGSLOTS_DSN" in str(refused.value) and "pgslots embedded start" in str(refused.value)
+        with pytest.raises(pgslots.ConfigurationError):
+            pgslots.migrate()
+        assert not (tmp_path / "home").exists()
+    finally:
+        own.close()
+    from pgslots._config import embedded_wanted
+
+    monkeypatch.setenv("PGSLOTS_EMBEDDED", "1")
+    assert embedded_wanted() and not embedded_wanted(False) and embedded_wanted(True)
+
+
+def test_setup_from_python_is_idempotent_with_exist_ok_and_apply(client: Client) -> None:
+    first = client.create_limit("setup", 3)
+    again = client.create_limit("setup", 5, exist_ok=True)
+    assert (again.id, again.limit) == (first.id, 3)  # left as it is
+    with pytest.raises(pgslots.LimitExistsError):
+        client.create_limit("setup", 5)
+    config: dict[str, dict[str, Any]] = {
+        "setup": {"limit": 5},
+        "tenant:*": {"limit": 2},
+        "api": {"limit": 10, "slot_decay_per_second": 1.0},
+    }
+    plan = client.apply(config)
+    assert sorted(d.name for d in plan.create) == ["api", "tenant:*"]
+    assert [(d.name, changes) for d, changes in plan.change] == [("setup", {"limit": (3, 5)})]
+    assert client.read_limit("setup").limit == 5 and client.read_limit("api").slot_decay_per_second == 1.0
+    assert client.apply(config).empty  # every worker may run it at start
+    with pytest.raises(pgslots.InvalidArgumentError, match=r"Client.apply\(\): \[bad\]: limit must be a whole number >= 0"):
+        client.apply({"setup": {"limit": 9}, "bad": {"limit": -1}})
+    with pytest.raises(pgslots.InvalidArgumentError, match="must map limit names to tables"):
+        client.apply([("setup", 9)])  # type: ignore[arg-type]
+    dry = client.apply({"setup": {"limit": 7}}, prune=True, dry_run=True)
+    assert [c for _, c in dry.change] == [{"limit": (5, 7)}] and sorted(dry.delete) == ["api", "tenant:*"]
+    assert client.read_limit("setup").limit == 5 and len(client.read_limits()) == 3  # nothing changed

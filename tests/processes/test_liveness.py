@@ -468,3 +468,92 @@ def test_an_immediate_restart_under_5_holders_loses_nothing_and_over_admits_noth
     check(fresh_dsn)
     with psycopg.connect(fresh_dsn, autocommit=True) as admin:
         assert status(admin, "restart5")["leases"] == 0
+
+
+# ---- who holds what, honestly ---------------------------------------------------------------------
+
+
+def _hold_two_forever(dsn: str, holding: Any) -> None:
+    client = pgslots.Client(dsn)
+    with concurrency("honest", occupy=2, lease_duration=300, client=client):
+        with holding.get_lock():
+            holding.value += 1
+        time.sleep(3600)
+
+
+def test_slots_of_killed_holders_show_as_reclaimable_not_in_use(fresh_dsn: str, user_dsns: tuple[str, str]) -> None:
+    """A SIGKILLed holder's slots are never shown as in use: status, ls, watch, metrics and the
+    page's JSON show them as reclaimable (a plain role reads that too), and the next caller that
+    needs them takes them at once."""
+    from clihelp import run
+    from pgslots import metrics
+
+    _set_liveness(fresh_dsn, 1)
+    client = pgslots.Client(fresh_dsn)
+    try:
+        client.create_limit("honest", 3)
+        holding = CTX.Value("i", 0)
+        holder = CTX.Process(target=_hold_two_forever, args=(fresh_dsn, holding))
+        holder.start()
+        deadline = time.monotonic() + 20
+        while holding.value < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert holding.value == 1
+        assert client.read_limit("honest").reclaimable_slots == 0  # alive: held, not reclaimable
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        while client.read_limit("honest").reclaimable_slots < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        info = client.read_limit("honest")
+        assert (info.active_slots, info.leased_slots, info.reclaimable_slots) == (2, 2, 2)
+        ls = run(fresh_dsn, "ls").output
+        assert "0 +2 reclaimable" in ls, ls
+        assert "reclaimable 2 (holders gone)" in run(fresh_dsn, "watch", "--once").output
+        assert 'pgslots_reclaimable_slots{limit="honest"} 2' in metrics.read(client)
+        assert '"reclaimable_slots": 2' in run(fresh_dsn, "inspect", "honest", "-o", "json").output
+        with psycopg.connect(user_dsns[0], autocommit=True) as reader:
+            assert status(reader, "honest")["reclaimable_slots"] == 2
+        with concurrency("honest", occupy=3, timeout_seconds=1, client=client):  # taken back at once
+            assert client.read_limit("honest").reclaimable_slots == 0
+    finally:
+        client.close()
+
+
+EXIT_SCRIPT = """
+import sys, threading, time
+import pgslots
+from pgslots.sync import concurrency
+
+pgslots.configure(sys.argv[1])
+ready = threading.Event()
+
+def body():
+    with concurrency("at-exit", occupy=2):
+        ready.set()
+        time.sleep(3600)
+
+threading.Thread(target=body, daemon=True).start()
+assert ready.wait(30)
+print("holding", flush=True)
+"""
+
+
+def test_leases_still_held_at_a_normal_exit_are_released_before_it(fresh_dsn: str) -> None:
+    """The main thread returns while a daemon thread is inside its with block: the interpreter's
+    exit releases the lease (liveness_seconds is 10 s: nothing else could free it this soon)."""
+    import subprocess
+    import sys
+
+    client = pgslots.Client(fresh_dsn)
+    try:
+        client.create_limit("at-exit", 2)
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, fresh_dsn], capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+        assert done.returncode == 0 and done.stdout.strip() == "holding", done.stderr
+        info = client.read_limit("at-exit")
+        assert (info.active_slots, info.leases) == (0, 0), "released before the process exited"
+        assert took < 15, took
+    finally:
+        client.close()

@@ -10,7 +10,7 @@ import invariants
 import psycopg
 import pytest
 
-from sqlhelp import acquire, advance_clock, create, login_role, one, rate_limit, status
+from sqlhelp import acquire, advance_clock, create, login_role, one, rate_limit, rows, status
 
 Conn = psycopg.Connection[Any]
 
@@ -34,6 +34,44 @@ def test_grants_and_refusals_are_counted_per_request(sql: Conn) -> None:
     assert status(sql, "db")["denied_slots"] == 3, "denied_slots counts slots, refusals_total requests"
     one(sql, "SELECT pgslots.release(%s) AS r", [a["lease_id"]])
     assert counters(sql, "db")[0] == 2, "a release is not a grant"
+
+
+def test_a_wait_that_ends_in_a_grant_is_not_a_refusal(sql: Conn) -> None:
+    """refusals_total counts calls that ended without their slots: a queued waiter later granted
+    (handed its lease, or asking again) is not one; one that gives up, times out or dies is, on the
+    limits that refused it; a call that does not queue counts at once."""
+    create(sql, "q", 1)
+    create(sql, "roomy", 5)
+    held = acquire(sql, ["q"], lease_seconds=60)
+    client, lease = uuid.uuid4(), uuid.uuid4()
+    queued = acquire(sql, ["q"], queue_client=client, new_lease_id=lease)
+    again = acquire(sql, ["q"], queue_client=client, ticket=queued["waiter"], new_lease_id=lease)
+    assert not again["granted"] and again["waiter"] == queued["waiter"]
+    assert counters(sql, "q")[:2] == (1, 0) and status(sql, "q")["denied_slots"] == 2  # pressure, not refusals
+    sql.execute("UPDATE pgslots.waiters SET expires_at = expires_at + interval '1 hour'")
+    one(sql, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])  # handed to the waiter
+    assert counters(sql, "q")[:2] == (2, 0), "a wait that ended in a grant"
+    # Gives up: one refusal, on the limit that refused it and not on the one with room.
+    quitter = uuid.uuid4()
+    waiting = acquire(sql, ["q", "roomy"], queue_client=quitter)
+    assert not waiting["granted"] and waiting["blocked_by"] == ["q"]
+    assert one(sql, "SELECT pgslots.leave_queue(%s, %s) AS left", [waiting["waiter"], quitter])["left"]
+    assert (counters(sql, "q")[1], counters(sql, "roomy")[1]) == (1, 0)
+    # Dies (no heartbeats): counted once its place is swept.
+    acquire(sql, ["q"], queue_client=uuid.uuid4())
+    advance_clock(sql, 10)
+    one(sql, "SELECT pgslots.sweep() AS n")
+    assert counters(sql, "q")[1] == 2 and rows(sql, "SELECT * FROM pgslots.waiters") == []
+    # Gives up by releasing the lease it named: counted too.
+    assert acquire(sql, ["q"], lease_seconds=60)["granted"]  # the handed lease expired: full again
+    named, who = uuid.uuid4(), uuid.uuid4()
+    assert not acquire(sql, ["q"], queue_client=who, new_lease_id=named)["granted"]
+    assert one(sql, "SELECT pgslots.release(%s) AS r", [named])["r"] is False
+    assert counters(sql, "q")[1] == 3
+    # A call that does not queue: its refusal ends it.
+    assert not acquire(sql, ["q"])["granted"]
+    assert counters(sql, "q")[1] == 4
+    invariants.check(sql)
 
 
 def test_waits_hand_offs_and_reclaims_are_counted(sql: Conn) -> None:
@@ -108,7 +146,8 @@ def test_plain_roles_read_counters_but_cannot_change_them(sql_db: str) -> None:
                 "UPDATE pgslots.limits SET grants_total = 0",
                 "UPDATE pgslots.refusals SET refusals_total = 0",
                 "DELETE FROM pgslots.retired_counters",
-                "SELECT pgslots._count_refusal(ARRAY(SELECT id FROM pgslots.status), 1)",
+                "SELECT pgslots._count_refusal(ARRAY(SELECT id FROM pgslots.status), 1, true)",
+                "SELECT pgslots._gave_up(ARRAY(SELECT id FROM pgslots.status))",
             ):
                 try:
                     with attacker.transaction():
