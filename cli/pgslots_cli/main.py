@@ -433,6 +433,8 @@ def leases(state: State, name: str | None, output: str | None) -> None:
         if lease.application_name:
             holder += f" ({lease.application_name})"
         expires = "expired" if lease.expired else "in " + seconds((lease.expires_at - now).total_seconds())
+        if lease.gone and not lease.expired:
+            expires += " (holder gone: reclaimable)"
         rows.append(
             [
                 str(lease.lease_id),

@@ -173,6 +173,7 @@ class Dashboard:
                 "holder": lease.holder,
                 "held_seconds": max(0.0, (now - lease.acquired_at).total_seconds()),
                 "expired": lease.expired,
+                "gone": lease.gone,
             }
             for name in lease.limit_names:
                 holders[name].append(row)

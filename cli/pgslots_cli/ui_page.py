@@ -118,7 +118,7 @@ function holderRow(h) {
   const who = [h.host, h.pid && ("pid " + h.pid), h.application, h.holder && JSON.stringify(h.holder)].filter(Boolean).join(" \\u00b7 ");
   const row = el("tr", {className: "sub", "data-holder": h.lease_id},
     el("td", {}, "\\u21b3 holder"), el("td", {}, h.slots + " slot(s)"), el("td", {colSpan: 5}, who),
-    el("td", {}, "held " + secs(h.held_seconds) + (h.expired ? " (expired)" : "")), el("td"));
+    el("td", {}, "held " + secs(h.held_seconds) + (h.expired ? " (expired)" : h.gone ? " (holder gone: reclaimable)" : "")), el("td"));
   if (admin) row.lastChild.append(el("button", {onclick: () => act("/api/leases/" + h.lease_id + "/release", {}, "Force-release this lease?")}, "release"));
   return row;
 }

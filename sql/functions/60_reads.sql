@@ -133,15 +133,17 @@ COMMENT ON FUNCTION pgslots.get_instances(text, integer) IS
 CREATE FUNCTION pgslots.list_leases(name text DEFAULT NULL)
 RETURNS TABLE (lease_id uuid, limit_names text[], slots integer, fencing_token bigint,
                acquired_at timestamptz, expires_at timestamptz, expired boolean,
-               host text, pid integer, application_name text, holder jsonb)
-LANGUAGE sql STABLE
+               host text, pid integer, application_name text, holder jsonb, gone boolean)
+LANGUAGE sql VOLATILE   -- a dead session is known by probing its advisory lock
 SET search_path = pg_catalog, pgslots, pg_temp
 SET jit = off
 AS $$
     SELECT x.id, array_agg(l.name ORDER BY l.name), min(x.slots), min(x.fencing_token),
            min(x.acquired_at), min(x.expires_at), min(x.expires_at) <= pgslots._now(),
-           min(x.host), min(x.pid), min(x.application_name), (array_agg(x.holder))[1]
-    FROM pgslots.leases x JOIN pgslots.limits l ON l.id = x.limit_id
+           min(x.host), min(x.pid), min(x.application_name), (array_agg(x.holder))[1],
+           bool_or(pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, c.at, s.liveness_seconds))
+    FROM pgslots.leases x JOIN pgslots.limits l ON l.id = x.limit_id,
+         pgslots.settings s, LATERAL (SELECT pgslots._clock(s.clock_offset) AS at) c
     WHERE list_leases.name IS NULL
        OR x.id IN (SELECT y.id FROM pgslots.leases y JOIN pgslots.limits m ON m.id = y.limit_id
                    WHERE m.name = list_leases.name)
@@ -149,7 +151,8 @@ AS $$
     ORDER BY min(x.acquired_at), x.id
 $$;
 COMMENT ON FUNCTION pgslots.list_leases(text) IS
-'Who holds what: one row per lease (of one limit, or all), oldest first, with holder details.';
+'Who holds what: one row per lease (of one limit, or all), oldest first, with holder details; '
+'gone: its holder is gone (expired, or its session dead), so its slots are reclaimable.';
 
 CREATE FUNCTION pgslots.schema_version() RETURNS integer
 LANGUAGE sql STABLE

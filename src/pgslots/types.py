@@ -93,6 +93,9 @@ class LeaseInfo:
     pid: int | None
     application_name: str | None
     holder: dict[str, Any] | None
+    #: Its holder is gone (expired, or its session dead): its slots are held by nobody, and the
+    #: next caller that needs them takes them back.
+    gone: bool = False
 
 
 @dataclass(frozen=True)

@@ -500,6 +500,7 @@ def test_slots_of_killed_holders_show_as_reclaimable_not_in_use(fresh_dsn: str, 
             time.sleep(0.02)
         assert holding.value == 1
         assert client.read_limit("honest").reclaimable_slots == 0  # alive: held, not reclaimable
+        assert [lease.gone for lease in client.list_leases("honest")] == [False]
         assert holder.pid is not None
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(10)
@@ -512,6 +513,8 @@ def test_slots_of_killed_holders_show_as_reclaimable_not_in_use(fresh_dsn: str, 
         assert "reclaimable 2 (holders gone)" in run(fresh_dsn, "watch", "--once").output
         assert 'pgslots_reclaimable_slots{limit="honest"} 2' in metrics.read(client)
         assert '"reclaimable_slots": 2' in run(fresh_dsn, "inspect", "honest", "-o", "json").output
+        assert [lease.gone for lease in client.list_leases("honest")] == [True]
+        assert "holder gone: reclaimable" in run(fresh_dsn, "leases", "honest").output
         with psycopg.connect(user_dsns[0], autocommit=True) as reader:
             assert status(reader, "honest")["reclaimable_slots"] == 2
         with concurrency("honest", occupy=3, timeout_seconds=1, client=client):  # taken back at once
