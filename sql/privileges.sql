@@ -16,11 +16,11 @@
 DO $$
 DECLARE
     user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
-                                   'leave_queue', 'keep_alive', 'get_limits', 'get_instances', 'reclaimable_slots',
+                                   'leave_queue', 'keep_alive', 'get_limits', 'get_instances', 'reclaimable_slots', 'pause',
                                    'schema_version'];
-    admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit',
+    admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit', 'resume',
                                     'list_leases', 'lock_for_apply', 'clear_debt'];
-    view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased'];
+    view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased', '_paused'];
     f record;
     has_user boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user');
     has_admin boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_admin');

@@ -21,7 +21,7 @@ from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add 
 from .app import State, check_output, cli, fail, output_options, pass_state
 
 __all__ = ["cli", "main"]
-from .output import dumps, held, limit_json, number, seconds, table
+from .output import dumps, held, limit_json, number, paused, seconds, table
 
 # ---- schema ---------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def ls(state: State, template: str | None, output: str | None) -> None:
             str(i.limit),
             "-" if i.is_template else held(i),
             _rate(i),
-            ("shadow" if i.shadow else "yes") if i.active else "no",
+            paused(i) or (("shadow" if i.shadow else "yes") if i.active else "no"),
             "-" if i.is_template else str(i.waiters),
             str(i.instances) if i.is_template else "-",
             str(i.id),
@@ -258,6 +258,8 @@ def _inspected(info: LimitInfo) -> list[tuple[str, Any]]:
         if info.active
         else "disabled"
     )
+    if info.paused_until is not None:
+        state = f"{paused(info)}, until {info.paused_until.isoformat(timespec='seconds')}; {state} after"
     fields: list[tuple[str, Any]] = [("name", info.name), ("id", info.id), ("kind", kind), ("limit", info.limit), ("state", state)]
     if info.is_template:
         fields += [("keys", info.instances), ("max_keys", info.max_keys)]
@@ -458,6 +460,31 @@ def release(state: State, lease_id: str) -> None:
         click.echo(f"Released lease '{lease_id}'.")
     else:
         click.echo(f"Lease '{lease_id}' is not held (released already, or reclaimed after expiry); nothing changed.")
+
+
+@cli.command(short_help="Close a limit for a while (an upstream's 429).")
+@click.argument("name")
+@click.argument("seconds", type=click.FloatRange(min=0, min_open=True))
+@click.option("--reason", help="Why, shown with the limit (up to 200 characters), e.g. '429 from the API'.")
+@pass_state
+def pause(state: State, name: str, seconds: float, reason: str | None) -> None:
+    """Close the limit NAME (or one key of a template) for SECONDS: nothing is granted on it until
+    then; callers wait, queued ones keeping their places. A later pause extends, never shortens.
+    At most max_pause_seconds (300 by default)."""
+    _finite(seconds, "SECONDS")
+    until = state.client.pause(name, seconds, reason)
+    click.echo(f"Paused {name!r} until {until.isoformat(timespec='seconds')}" + (f" ({reason})." if reason else "."))
+
+
+@cli.command(short_help="Open a paused limit now.")
+@click.argument("name")
+@pass_state
+def resume(state: State, name: str) -> None:
+    """Open the paused limit NAME now (admin); its queued waiters ask again."""
+    if state.client.resume(name):
+        click.echo(f"Resumed {name!r}: it grants again.")
+    else:
+        click.echo(f"{name!r} was not paused; nothing to do.")
 
 
 @cli.command(short_help="Reclaim expired and dead leases now.")

@@ -80,6 +80,14 @@ def held(info: LimitInfo) -> str:
     return f"{used} +{info.reclaimable_slots} reclaimable" if info.reclaimable_slots else used
 
 
+def paused(info: LimitInfo) -> str:
+    """'' when open; else 'paused 12 s' and the reason."""
+    if info.paused_until is None:
+        return ""
+    left = max(0.0, (info.paused_until - datetime.now(UTC)).total_seconds())
+    return f"paused {seconds(left)}" + (f" ({info.pause_reason})" if info.pause_reason else "")
+
+
 def bar(used: float, limit: int, width: int = 20) -> str:
     if limit <= 0:
         return "[" + ("!" if used > 0 else " ") * width + "]"
@@ -105,6 +113,8 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "active_slots": info.active_slots,
         "leased_slots": info.leased_slots,
         "reclaimable_slots": info.reclaimable_slots,
+        "paused_until": info.paused_until,
+        "pause_reason": info.pause_reason,
         "slot_decay_per_second": info.slot_decay_per_second,
         "window_seconds": info.window_seconds,
         "shadow": info.shadow,

@@ -21,6 +21,7 @@ PAGE = """<!doctype html>
   .bar i { display: block; height: 100%; background: #2f80ed; }
   .bar i.full { background: #d64545; }
   .gone { color: #8a6d00; font-size: 90%; }
+  .paused { color: #b03a00; font-size: 90%; font-weight: 600; }
   .sub td { background: #fafbfc; font-size: .9em; color: #454c55; }
   .note { color: #8a5a00; margin: .5em 0; }
   .error { color: #b00020; margin: .5em 0; }
@@ -128,6 +129,8 @@ function limitRow(l, indent) {
   const bar = el("span", {className: "bar"}, el("i", {className: share >= 1 ? "full" : ""}));
   bar.firstChild.style.width = (share * 100).toFixed(1) + "%";
   const occupancy = el("span", {"data-occupancy": l.name}, num(used) + " / " + (l.is_template ? l.limit + " per key" : l.limit));
+  if (l.paused_until) occupancy.append(el("span", {className: "paused", "data-paused": l.name, title: "nothing is granted before then"},
+    " paused until " + new Date(l.paused_until).toLocaleTimeString() + (l.pause_reason ? " (" + l.pause_reason + ")" : "")));
   if (gone) occupancy.append(el("span", {className: "gone", "data-reclaimable": l.name, title: "held by nobody: their holders are gone, and the next caller that needs them takes them back"}, " +" + num(gone) + " reclaimable"));
   const rates = lastRates(l.name);
   const waiters = l.waiters ? l.waiters + " (oldest " + secs(l.oldest_waiter_seconds) + "; priorities " + (l.waiter_priorities || []).join(", ") + ")" : "0";

@@ -12,7 +12,7 @@ from pgslots.client import Client
 from pgslots.types import LimitInfo
 
 from .app import State, cli, pass_state
-from .output import bar, number, seconds
+from .output import bar, number, paused, seconds
 
 HOLDERS_SHOWN = 5
 KEYS_SHOWN = 3  # a template's busiest keys
@@ -52,6 +52,8 @@ def frame(client: Client, names: tuple[str, ...] = ()) -> str:
 
 
 def _state(info: LimitInfo) -> str:
+    if info.paused_until is not None:
+        return f"  ({paused(info)})"
     if not info.active:
         return "  (disabled: not enforced)"
     if info.shadow:

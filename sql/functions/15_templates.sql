@@ -83,7 +83,7 @@ CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    RETURN l.template_id IS NOT NULL AND l.leased_slots = 0
+    RETURN l.template_id IS NOT NULL AND l.leased_slots = 0 AND NOT pgslots._paused(l.paused_until, at)
        AND CASE WHEN l.retiring THEN true
                 WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
                 ELSE pgslots._unleased(l, at) <= 1e-9 END

@@ -13,7 +13,7 @@
 -- deadlock.
 
 -- Stage 1. Should the UPDATE wait for the row lock, it checks the count the other transaction
--- committed. Shadow and window limits, templates and retiring keys are left to _admit. Returns the
+-- committed. Shadow, window and paused limits, templates and retiring keys are left to _admit. Returns the
 -- limit's id when it granted, NULL otherwise.
 CREATE FUNCTION pgslots._fast_grant(wanted text, slots integer, priority integer, fairness_key text,
                                     aging float8, at timestamptz)
@@ -26,7 +26,7 @@ DECLARE
 BEGIN
     UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots, grants_total = l.grants_total + 1
     WHERE l.name = wanted AND l.active AND NOT l.is_template AND NOT l.retiring
-      AND NOT l.shadow AND l.window_seconds = 0
+      AND NOT l.shadow AND l.window_seconds = 0 AND NOT pgslots._paused(l.paused_until, at)
       -- A full limit refuses before anyone counts the queue (cheaper quals run first).
       AND pgslots._fits(pgslots._short(l, at, 0, slots))
       AND pgslots._fits(pgslots._short(l, at,
@@ -66,7 +66,7 @@ DECLARE
 BEGIN
     SELECT l.id, l.name INTO target FROM pgslots.limits l
     WHERE l.name = wanted AND NOT l.is_template AND NOT l.retiring AND l.active AND slots <= l."limit"
-      AND NOT l.shadow AND l.window_seconds = 0
+      AND NOT l.shadow AND l.window_seconds = 0 AND NOT pgslots._paused(l.paused_until, at)
       AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
                       WHERE x.limit_id = l.id
                         AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, cfg.liveness_seconds));

@@ -18,8 +18,8 @@ AS $$
                at + pg_catalog.make_interval(secs => lease_seconds), NULL, '{}', NULL, NULL, ids)::pgslots.decision
 $$;
 
--- Which of the locked limits `ids` refuse `slots` now, after the waiters ahead of this caller;
--- the shadow limits that would have; and how long until all of them may fit.
+-- Which of the locked limits `ids` refuse `slots` now (paused, or full after the waiters ahead of
+-- this caller); the shadow limits that would have; and how long until all of them may fit.
 CREATE FUNCTION pgslots._decide(ids uuid[], slots integer, at timestamptz, aging float8, ticket bigint,
                                 priority integer, fairness_key text,
                                 OUT blocked uuid[], OUT shadowed uuid[], OUT retry_after float8)
@@ -32,10 +32,15 @@ BEGIN
     shadowed := '{}';
     retry_after := 0;
     FOR lim IN SELECT l.id, l."limit", l.leased_slots, l.slot_decay_per_second, l.avg_slot_occupancy_seconds,
-                      l.window_seconds, l.shadow,
+                      l.window_seconds, l.shadow, l.paused_until,
                       pgslots._short(l, at, pgslots._ahead(l.id, at, aging, ticket, priority, fairness_key), slots)
                           AS short
                FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
+        IF pgslots._paused(lim.paused_until, at) THEN   -- closed until then, whatever fits
+            blocked := blocked || lim.id;
+            retry_after := greatest(retry_after, date_part('epoch', lim.paused_until - at));
+            CONTINUE;
+        END IF;
         CONTINUE WHEN pgslots._fits(lim.short);
         IF lim.shadow THEN
             shadowed := shadowed || lim.id;

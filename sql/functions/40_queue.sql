@@ -26,13 +26,16 @@ BEGIN
         RETURN woken;
     END IF;
     SELECT l."limit", l.active AND NOT l.retiring AS active,   -- retiring: its name is missing now
-           l.shadow,
+           l.shadow, l.paused_until,
            l.leased_slots - (SELECT coalesce(sum(x.slots), 0) FROM pgslots.leases x, pgslots.settings s
                              WHERE x.limit_id = target
                                AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
                AS live_leased,
            pgslots._unleased(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
+    IF pgslots._paused(lim.paused_until, at) THEN
+        RETURN woken;   -- closed: nobody can be served before it opens
+    END IF;
     FOR w IN SELECT q.id, q.slots
              FROM pgslots._queue(target, at, (SELECT s.priority_aging_seconds FROM pgslots.settings s),
                                  NULL, NULL, NULL) q
@@ -98,9 +101,12 @@ BEGIN
                WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
-    SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow,
+    SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow, l.paused_until,
            pgslots._unleased(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
+    IF FOUND AND pgslots._paused(lim.paused_until, at) THEN
+        RETURN 0;   -- closed: nothing is handed over, nobody woken, before it opens
+    END IF;
     IF NOT FOUND OR NOT lim.active OR lim.shadow THEN
         -- Deleted, disabled or in shadow mode: every waiter must look again.
         PERFORM pgslots._wake(target, at);

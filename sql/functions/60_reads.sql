@@ -52,7 +52,9 @@ SELECT l.id,
        (SELECT array_agg(DISTINCT w.priority ORDER BY w.priority DESC) FROM pgslots.waiters w
         WHERE w.limit_id = l.id AND w.expires_at > c.at)::integer[] AS waiter_priorities,
        CASE WHEN l.is_template THEN coalesce(l.max_keys, (SELECT s.max_keys_per_template FROM pgslots.settings s)) END
-           AS max_keys
+           AS max_keys,
+       CASE WHEN pgslots._paused(l.paused_until, c.at) THEN l.paused_until END AS paused_until,
+       CASE WHEN pgslots._paused(l.paused_until, c.at) THEN l.pause_reason END AS pause_reason
 FROM pgslots.limits l,
      -- One row (LIMIT 1): the planner cannot know that settings holds one, and a guess of hundreds
      -- multiplies the view's estimated cost past jit_above_cost on a fresh database.
@@ -87,6 +89,7 @@ COMMENT ON VIEW pgslots.status IS
 'limit was created: grants_total, refusals_total (requests), wait_seconds_total (queued waiters'' '
 'waits before their grant), expired_leases_total (leases taken back: expired or of a dead session), '
 'shadow_refusals; a template''s are the totals over its keys, removed ones included. '
+'paused_until and pause_reason: while the limit is paused (see pause). '
 'waiter_priorities: the distinct priorities of the waiters, highest first. Keys of templates (instances) name their template; '
 'templates count their instances. A key of a deleted template still held by someone is listed with '
 'no template until it is idle.';

@@ -40,6 +40,8 @@ UPDATE_LIMIT: LiteralString = (
     " %(window_seconds)s, %(shadow)s, %(max_keys)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
+PAUSE: LiteralString = "SELECT pgslots.pause(%(name)s, %(seconds)s, %(reason)s) AS until"
+RESUME: LiteralString = "SELECT pgslots.resume(%(name)s) AS resumed"
 CLEAR_DEBT: LiteralString = "SELECT pgslots.clear_debt(%(name)s) AS cleared"
 GET_LIMITS: LiteralString = "SELECT * FROM pgslots.get_limits(%(names)s, %(with_instances)s)"
 GET_INSTANCES: LiteralString = "SELECT * FROM pgslots.get_instances(%(template)s, %(busiest)s)"

@@ -12,6 +12,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -208,6 +209,21 @@ class Client:
         carries it out and rolls it back, so the database checks it and nothing changes. Safe to
         run at every start of every worker."""
         return apply_desired(self._connections, parse(config, "Client.apply()"), prune=prune, dry_run=dry_run)
+
+    def pause(self, name: str, seconds: float, reason: str | None = None) -> datetime:
+        """Closes a limit (or one key of a template) for ``seconds``, as an upstream's 429 with
+        ``Retry-After`` asks: nothing is granted on it before then, callers wait (queued waiters keep
+        their places) or are told the time left. A later pause extends the time, never shortens it.
+        At most ``max_pause_seconds`` (300 by default). Returns when the limit opens."""
+        check.number("seconds", seconds, minimum=0, integer=False)
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgumentError(f"reason must be a string (or None), got {reason!r}.")
+        until: datetime = self._call(q.PAUSE, {"name": name, "seconds": float(seconds), "reason": reason})[0]["until"]
+        return until
+
+    def resume(self, name: str) -> bool:
+        """Admin: opens a paused limit now; False when it was not paused."""
+        return bool(self._call(q.RESUME, {"name": name})[0]["resumed"])
 
     def delete_limit(self, name: str) -> None:
         self._call(q.DELETE_LIMIT, {"name": name})

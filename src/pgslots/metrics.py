@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from ._text import ESCAPES
 from .client import Client
@@ -24,6 +25,7 @@ _GAUGES = (
     ("pgslots_waiters", "Waiters queued now."),
     ("pgslots_oldest_waiter_seconds", "How long the oldest queued waiter has waited (0 without waiters)."),
     ("pgslots_instances", "Keys a template has now (templates only)."),
+    ("pgslots_paused_seconds", "Seconds until a paused limit opens (0 when open; a template: its longest paused key)."),
 )
 _COUNTERS = (
     ("pgslots_grants_total", "Requests granted."),
@@ -56,6 +58,10 @@ def _number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+def _left(until: datetime | None) -> float:
+    return 0.0 if until is None else max(0.0, (until - datetime.now(UTC)).total_seconds())
+
+
 def _series(info: LimitInfo, per_key_of: dict[str, list[LimitInfo]] | None) -> dict[str, float | None]:
     """The figures of one series: a limit, a key, or a template with its keys summed."""
     keys = per_key_of.get(info.name, []) if (per_key_of is not None and info.is_template) else []
@@ -69,6 +75,7 @@ def _series(info: LimitInfo, per_key_of: dict[str, list[LimitInfo]] | None) -> d
         "pgslots_waiters": sum(k.waiters for k in parts),
         "pgslots_oldest_waiter_seconds": max(oldest, default=0.0),
         "pgslots_instances": info.instances if info.is_template else None,
+        "pgslots_paused_seconds": max((_left(k.paused_until) for k in parts), default=0.0),
         # Counters: a template's row already holds the totals over its keys (removed ones included).
         "pgslots_grants_total": info.grants_total,
         "pgslots_refusals_total": info.refusals_total,

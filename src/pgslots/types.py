@@ -76,6 +76,9 @@ class LimitInfo:
     #: ``leased_slots`` and ``active_slots`` but held by nobody; the next caller that needs them
     #: takes them back.
     reclaimable_slots: int = 0
+    #: While the limit is paused (see :meth:`pgslots.Client.pause`): when it opens, and why.
+    paused_until: datetime | None = None
+    pause_reason: str | None = None
 
 
 @dataclass(frozen=True)
