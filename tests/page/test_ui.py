@@ -203,3 +203,26 @@ def test_the_page_updates_live_shows_holders_and_needs_the_token_to_disable(admi
         release.set()
         holder.join(30)
         browser.quit()
+
+
+MARKUP = '<img src=x onerror="window.__pwned=1"> \'quoted\' & "double" </td>'
+
+
+def test_a_pause_reason_with_markup_and_quotes_is_shown_as_text(read_only_ui: Served, fresh_dsn: str) -> None:
+    """A reason is any printable text a caller chose: the page shows it literally, never as markup."""
+    from selenium.webdriver.common.by import By
+
+    client = Client(fresh_dsn)
+    client.create_limit("upstream", 2)
+    client.pause("upstream", 120, reason=MARKUP)
+    assert read_only_ui.request("/api/limits")[1]["limits"][0]["pause_reason"] == MARKUP
+    browser = _browser()
+    try:
+        browser.get(read_only_ui.url)
+        shown = _until(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-paused="upstream"]'))
+        assert MARKUP in shown[0].text
+        assert browser.find_elements(By.CSS_SELECTOR, '[data-paused="upstream"] img') == []
+        assert browser.execute_script("return window.__pwned") is None
+    finally:
+        browser.quit()
+        client.close()

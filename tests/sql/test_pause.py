@@ -131,6 +131,9 @@ def test_two_plain_roles_may_pause_within_the_bound_and_only_an_admin_resumes(ro
                 conn.execute("UPDATE pgslots.limits SET paused_until = NULL")
             assert direct.value.sqlstate == "42501"
         assert status(victim, "tenant:victim")["paused_until"] == until  # both roles read it
+        # What is reclaimable reads only: any id, or none, from any role.
+        for arg in (None, uuid.uuid4(), status(victim, "tenant:victim")["id"]):
+            assert one(attacker, "SELECT pgslots.reclaimable_slots(%s) AS n", [arg])["n"] == 0
     with psycopg.connect(roles.owner, autocommit=True) as owner:
         assert one(owner, "SELECT pgslots.resume('tenant:victim') AS r")["r"] is True
         assert one(owner, "SELECT pgslots.resume('tenant:victim') AS r")["r"] is False
