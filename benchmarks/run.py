@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from psycopg import sql as pgsql
 import pgslots
 from pgslots._cluster import LocalCluster, find_bindir, server_user
 from pgslots.client import Client, configure
+from pgslots.types import DEFAULT_MARGIN_SECONDS
 
 CTX = mp.get_context("fork")
 HERE = Path(__file__).resolve().parent
@@ -466,6 +468,63 @@ def rate_accuracy(dsn: str, seconds: float, rate: float = 50.0, limit: int = 10)
     return {"configured_per_s": rate, "achieved_per_s": achieved, "ratio": achieved / rate, "seconds": seconds}
 
 
+def _most_in_window(stamps: list[float], window: float) -> int:
+    """The most stamps inside any half-open span of `window` seconds: what a sliding-window
+    downstream of that length counts."""
+    most, first = 0, 0
+    for i, t in enumerate(stamps):
+        while stamps[first] <= t - window:
+            first += 1
+        most = max(most, i - first + 1)
+    return most
+
+
+def _fullest_bucket(stamps: list[float], rate: float) -> float:
+    """The fullest a token bucket draining at `rate` gets when each stamp adds one: what a
+    downstream token bucket of that rate must hold to accept them all."""
+    level, most, last = 0.0, 0.0, stamps[0]
+    for t in stamps:
+        level = max(0.0, level - rate * (t - last)) + 1
+        most, last = max(most, level), t
+    return most
+
+
+def margins(server: Server, seconds: float) -> dict[str, Any]:
+    """Window and bucket accuracy on the callers' clock (the time each caller sees its grant), 4
+    processes saturating each limit, without a margin and with the default, alternating two rounds
+    each: the most grants in any window of the limit's length (a strict sliding-window downstream
+    accepts them all only if this is at most the limit), the fullest same-rate bucket (likewise), and
+    the rate admitted."""
+    dsn = fresh(server, "bench_margins")
+    client = Client(dsn)
+    found: dict[str, list[float]] = {}
+    for round_ in range(2):
+        for margin in (0.0, DEFAULT_MARGIN_SECONDS):
+            tag = "margin" if margin else "exact"
+            window, bucket = f"window-{tag}-{round_}", f"bucket-{tag}-{round_}"
+            client.create_limit(window, 50, window_seconds=1.0, margin_seconds=margin)
+            client.create_limit(bucket, 10, slot_decay_per_second=50.0, margin_seconds=margin)
+            for name in (window, bucket):
+                stop_at = time.time() + seconds + 0.5
+                stamps = sorted(x for r in run_processes(_rater, 4, dsn, stop_at, name) for x in r)
+                steady = stamps[10:] if name == bucket else stamps
+                found.setdefault(f"{name.split('-')[0]}_{tag}_rate", []).append((len(steady) - 1) / (steady[-1] - steady[0]))
+                most = _most_in_window(stamps, 1.0) / 50 if name == window else _fullest_bucket(stamps, 50.0) / 10
+                found.setdefault(f"{name.split('-')[0]}_{tag}_fullest", []).append(most)
+    client.close()
+    server.drop("bench_margins")
+    return {
+        "margin_seconds": DEFAULT_MARGIN_SECONDS,
+        **found,
+        "window_fullest_with_margin": max(found["window_margin_fullest"]),
+        "window_fullest_exact": max(found["window_exact_fullest"]),
+        "bucket_fullest_with_margin": max(found["bucket_margin_fullest"]),
+        "bucket_fullest_exact": max(found["bucket_exact_fullest"]),
+        "window_rate_cost": statistics.mean(found["window_margin_rate"]) / statistics.mean(found["window_exact_rate"]),
+        "bucket_rate_cost": statistics.mean(found["bucket_margin_rate"]) / statistics.mean(found["bucket_exact_rate"]),
+    }
+
+
 def scale(server: Server, seconds: float) -> dict[str, Any]:
     from pgslots.sync import concurrency
 
@@ -710,7 +769,7 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
         held = conn.execute("SELECT active_slots FROM pgslots.status WHERE name = 'hourly-full'").fetchone()[0]  # type: ignore[index]
         log_size = conn.execute("SELECT pg_total_relation_size('pgslots.window_grants')").fetchone()[0]  # type: ignore[index]
     # Window accuracy: 4 processes saturating 50 per 1 s.
-    client.create_limit("windowed", 50, window_seconds=1.0)
+    client.create_limit("windowed", 50, window_seconds=1.0, margin_seconds=0)  # exact on the database's clock
     client.close()
     stop_at = time.time() + 2 * seconds + 0.5
     stamps = sorted(x for r in run_processes(_rater, 4, dsn, stop_at, "windowed") for x in r)
@@ -772,6 +831,22 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("hand-off p50 (ms)", r["handoff"]["p50_ms"], "<= 2", lambda v: v <= 2),
         ("hand-off p99 (ms)", r["handoff"]["p99_ms"], "<= 10", lambda v: v <= 10),
         ("rate accuracy: achieved / configured (50/s)", r["rate"]["ratio"], "within 1%", lambda v: abs(v - 1) <= 0.01),
+        (
+            "margin 0.05 s: most grants in any 1 s of the callers' clock / limit (50 per 1 s window, 4 processes)",
+            r["margins"]["window_fullest_with_margin"],
+            "<= 1.0",
+            lambda v: v <= 1.0,
+        ),
+        ("no margin: the same", r["margins"]["window_fullest_exact"], "(reported)", None),
+        (
+            "margin 0.05 s: fullest 10-slot bucket at 50/s on the callers' clock / limit (4 processes)",
+            r["margins"]["bucket_fullest_with_margin"],
+            "<= 1.0",
+            lambda v: v <= 1.0,
+        ),
+        ("no margin: the same", r["margins"]["bucket_fullest_exact"], "(reported)", None),
+        ("margin 0.05 s: rate admitted / without (window 50 per 1 s)", r["margins"]["window_rate_cost"], "(reported)", None),
+        ("margin 0.05 s: rate admitted / without (bucket 50/s)", r["margins"]["bucket_rate_cost"], "(reported)", None),
         ("scale: acquire p50 with 10k limits, 100k leases vs empty", r["scale"]["ratio"], "<= 1.2", lambda v: v <= 1.2),
         ("waiters: connections for 1,000 waiting tasks", r["waiters"]["connections"], "<= 2", lambda v: v <= 2),
         ("waiters: queries/s while idle", r["waiters"]["queries_per_s_idle"], "<= 20", lambda v: v <= 20),
@@ -981,6 +1056,7 @@ def main() -> None:
         ("contended_20ms", lambda: contended(fresh(server, "bench_c20"), s, 0.020)),
         ("handoff", lambda: handoff(fresh(server, "bench_handoff"), 200)),
         ("rate", lambda: rate_accuracy(fresh(server, "bench_rate"), 2 * s)),
+        ("margins", lambda: margins(server, s)),
         ("scale", lambda: scale(server, s)),
         ("waiters", lambda: waiters(fresh(server, "bench_waiters"))),
         ("recovery", lambda: recovery(server)),
@@ -1010,6 +1086,7 @@ def main() -> None:
             "bench_keys",
             "bench_fair",
             "bench_apis",
+            "bench_margins",
         ):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)

@@ -20,7 +20,7 @@ DECLARE
                                    'schema_version'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit', 'resume',
                                     'list_leases', 'lock_for_apply', 'clear_debt'];
-    view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased', '_paused'];
+    view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased', '_paused', '_span'];
     f record;
     has_user boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user');
     has_admin boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_admin');

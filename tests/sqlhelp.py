@@ -56,8 +56,9 @@ def rate_limit(conn: psycopg.Connection[Any], names: list[str], slots: int = 1, 
     return one(conn, query, {"names": names, "slots": slots, **kw})
 
 
-def create(conn: psycopg.Connection[Any], name: str, limit: int, decay: float = 0, active: bool = True) -> Any:
-    return one(conn, "SELECT pgslots.create_limit(%s, %s, %s, %s) AS id", [name, limit, decay, active])["id"]
+def create(conn: psycopg.Connection[Any], name: str, limit: int, decay: float = 0, active: bool = True, margin: float = 0) -> Any:
+    """A limit for tests of exact figures: no margin unless asked (see test_margins.py)."""
+    return one(conn, "SELECT pgslots.create_limit(%s, %s, %s, %s, margin_seconds => %s) AS id", [name, limit, decay, active, margin])["id"]
 
 
 def status(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:

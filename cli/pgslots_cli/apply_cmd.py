@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pgslots import apply as declarative
+from pgslots.types import DEFAULT_MARGIN_SECONDS
 
 from .app import State, cli, pass_state
 from .output import number
@@ -36,10 +37,13 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
         ["llm-tokens"]
         limit = 90000
         window_seconds = 60
+        margin_seconds = 0.1
         shadow = true
 
     A table whose name ends in * is a template (every key tenant:... gets its own 5 slots); a plain
-    limit named like a key is an override. Keys in use are never pruned.
+    limit named like a key is an override. Keys in use are never pruned. margin_seconds (decay
+    and window limits; 0.05 unless given) holds grants back so that an upstream enforcing the same
+    rate accepts them; 0 is exact on the database's clock.
     """
     desired = declarative.load(file)
     plan = declarative.apply(state.client, desired, prune=prune, dry_run=dry_run)
@@ -47,6 +51,8 @@ def apply_command(state: State, file: Path, prune: bool, dry_run: bool) -> None:
     for want in plan.create:
         extra = f", slot_decay_per_second {number(want.slot_decay_per_second)}" if want.slot_decay_per_second else ""
         extra += f", window_seconds {number(want.window_seconds)}" if want.window_seconds else ""
+        if (want.slot_decay_per_second or want.window_seconds) and want.margin_seconds != DEFAULT_MARGIN_SECONDS:
+            extra += f", margin_seconds {number(want.margin_seconds)}"
         extra += "" if want.active else ", inactive"
         extra += ", shadow" if want.shadow else ""
         extra += f", max_keys {want.max_keys}" if want.max_keys is not None else ""

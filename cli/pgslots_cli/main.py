@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 import pgslots
-from pgslots._validate import LARGEST
-from pgslots.types import LimitInfo
+from pgslots._validate import LARGEST, MAX_MARGIN_SECONDS
+from pgslots.types import DEFAULT_MARGIN_SECONDS, LimitInfo
 
 from . import apply_cmd, demo, embedded_cmd, ui, watch  # noqa: F401 - they add their commands to cli
 from .app import State, check_output, cli, fail, output_options, pass_state
@@ -84,6 +84,14 @@ def _describe(todo: pgslots.MigrationPlan) -> str:
     default=0.0,
     help="Instead of decay: grant at most LIMIT slots in any span of this many seconds (a sliding window).",
 )
+@click.option(
+    "--margin-seconds",
+    type=click.FloatRange(min=0, max=MAX_MARGIN_SECONDS),
+    default=DEFAULT_MARGIN_SECONDS,
+    show_default=True,
+    help="For decay and window limits: the most a request takes from its grant to a downstream that enforces"
+    " the same rate; grants are held back by that much (0: exact on the database's clock).",
+)
 @click.option("--active-slots", type=click.IntRange(min=0), default=0, help="Slots to mark occupied from the start.")
 @click.option("--disable", is_flag=True, help="Create the limit inactive: it enforces nothing until enabled.")
 @click.option("--shadow", is_flag=True, help="Grant everything, but count the requests it would refuse (see inspect).")
@@ -99,6 +107,7 @@ def create(
     limit: int,
     slot_decay_per_second: float,
     window_seconds: float,
+    margin_seconds: float,
     active_slots: int,
     disable: bool,
     shadow: bool,
@@ -116,6 +125,11 @@ def create(
       pgslots create api -l 5 --slot-decay-per-second 5   5 per second, bursts of 5
       pgslots create llm-tokens -l 90000 --window-seconds 60   90,000 tokens in any minute
       pgslots create api -l 5 --slot-decay-per-second 5 --shadow   measure before enforcing
+
+    A decay or window limit holds its grants back by --margin-seconds (0.05 s unless set), so
+    that an upstream enforcing the same rate on its own clock accepts every request it lets
+    through: a window counts each grant that much longer, a bucket's burst is smaller by
+    rate x margin. --margin-seconds 0 is exact on the database's clock.
     """
     _finite(slot_decay_per_second, "--slot-decay-per-second")
     _finite(window_seconds, "--window-seconds")
@@ -132,6 +146,7 @@ def create(
             active_slots=active_slots,
             shadow=shadow,
             max_keys=max_keys,
+            margin_seconds=margin_seconds,
         )
     except pgslots.LimitExistsError:
         fail(f"Global concurrency limit {name!r} already exists.")
@@ -251,6 +266,9 @@ def _inspected(info: LimitInfo) -> list[tuple[str, Any]]:
         kind = f"window limit: at most {info.limit} in any {number(info.window_seconds)} s"
     elif info.slot_decay_per_second > 0:
         kind = f"rate limit: bursts of {info.limit}, then {number(info.slot_decay_per_second)} per second"
+    margin = None
+    if info.window_seconds > 0 or info.slot_decay_per_second > 0:
+        margin = f"{number(info.margin_seconds)} s" if info.margin_seconds > 0 else "0 (exact on the database's clock)"
     if info.is_template:
         kind = f"template: each key gets its own {kind}"
     state = (
@@ -261,6 +279,8 @@ def _inspected(info: LimitInfo) -> list[tuple[str, Any]]:
     if info.paused_until is not None:
         state = f"{paused(info)}, until {info.paused_until.isoformat(timespec='seconds')}; {state} after"
     fields: list[tuple[str, Any]] = [("name", info.name), ("id", info.id), ("kind", kind), ("limit", info.limit), ("state", state)]
+    if margin is not None:
+        fields.append(("margin", margin))
     if info.is_template:
         fields += [("keys", info.instances), ("max_keys", info.max_keys)]
     else:
@@ -291,6 +311,11 @@ def _inspected(info: LimitInfo) -> list[tuple[str, Any]]:
 @click.option("--active-slots", type=click.IntRange(min=0), help="Set the occupied slots (not below those leased).")
 @click.option("--slot-decay-per-second", type=click.FloatRange(min=0), help="New decay; 0 turns decay off.")
 @click.option("--window-seconds", type=click.FloatRange(min=0), help="New window; 0 turns the window off.")
+@click.option(
+    "--margin-seconds",
+    type=click.FloatRange(min=0, max=MAX_MARGIN_SECONDS),
+    help="New margin for a decay or window limit (see create); 0 makes it exact on the database's clock.",
+)
 @click.option("--enable", is_flag=True, help="Enforce the limit again.")
 @click.option("--disable", is_flag=True, help="Stop enforcing the limit (acquires pass freely).")
 @click.option("--shadow/--enforce", default=None, help="Shadow mode (grant everything, count would-be refusals), or enforce.")
@@ -307,6 +332,7 @@ def update(
     active_slots: int | None,
     slot_decay_per_second: float | None,
     window_seconds: float | None,
+    margin_seconds: float | None,
     enable: bool,
     disable: bool,
     shadow: bool | None,
@@ -319,7 +345,7 @@ def update(
     """
     if enable and disable:
         fail("Cannot enable and disable a global concurrency limit at the same time.")
-    given = (limit, active_slots, slot_decay_per_second, window_seconds, shadow, max_keys)
+    given = (limit, active_slots, slot_decay_per_second, window_seconds, margin_seconds, shadow, max_keys)
     if all(v is None for v in given) and not (enable or disable):
         fail("No update arguments provided.")
     if slot_decay_per_second is not None:
@@ -337,6 +363,7 @@ def update(
             active=active,
             shadow=shadow,
             max_keys=max_keys,
+            margin_seconds=margin_seconds,
         )
     except pgslots.LimitNotFoundError:
         fail(f"Global concurrency limit {name!r} not found.")

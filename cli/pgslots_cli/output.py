@@ -117,6 +117,7 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "pause_reason": info.pause_reason,
         "slot_decay_per_second": info.slot_decay_per_second,
         "window_seconds": info.window_seconds,
+        "margin_seconds": info.margin_seconds,
         "shadow": info.shadow,
         "shadow_refusals": info.shadow_refusals,
         "grants_total": info.grants_total,

@@ -210,6 +210,7 @@ class Dashboard:
                 slot_decay_per_second=body.get("slot_decay_per_second", 0.0),
                 window_seconds=body.get("window_seconds", 0.0),
                 shadow=body.get("shadow", False),
+                margin_seconds=body.get("margin_seconds"),
             )
             return {"done": f"Created {info.name!r}."}
         if len(parts) == 4 and parts[:2] == ["api", "limits"]:
@@ -218,7 +219,7 @@ class Dashboard:
                 client.update_limit(name, active=action == "enable")
                 return {"done": f"{action.capitalize()}d {name!r}."}
             if action == "update":
-                fields = {k: body[k] for k in ("limit", "slot_decay_per_second", "window_seconds", "shadow") if k in body}
+                fields = {k: body[k] for k in ("limit", "slot_decay_per_second", "window_seconds", "shadow", "margin_seconds") if k in body}
                 client.update_limit(name, **fields)
                 return {"done": f"Updated {name!r}."}
             if action == "delete":

@@ -90,6 +90,7 @@ function rateText(l) {
   if (l.window_seconds > 0) parts.push("window " + num(l.window_seconds) + " s");
   else if (l.slot_decay_per_second > 0) parts.push(num(l.slot_decay_per_second) + "/s decay");
   else parts.push("concurrency");
+  if (l.window_seconds > 0 || l.slot_decay_per_second > 0) parts.push("margin " + num(l.margin_seconds) + " s");
   if (l.shadow) parts.push("shadow (" + l.shadow_refusals + " would-be refusals)");
   if (!l.active) parts.push("disabled");
   return parts.join(", ");
@@ -142,6 +143,10 @@ function limitRow(l, indent) {
       const v = prompt("New limit for " + l.name, l.limit);
       if (v !== null) act("/api/limits/" + encodeURIComponent(l.name) + "/update", {limit: Number(v)});
     }}, "resize"));
+    if (l.window_seconds > 0 || l.slot_decay_per_second > 0) actions.append(" ", el("button", {"data-margin": l.name, onclick: () => {
+      const v = prompt("Margin in seconds for " + l.name + " (0 to 60; 0: exact on the database's clock)", l.margin_seconds);
+      if (v !== null) act("/api/limits/" + encodeURIComponent(l.name) + "/update", {margin_seconds: Number(v)});
+    }}, "margin"));
     actions.append(" ", el("button", {onclick: () => act("/api/limits/" + encodeURIComponent(l.name) + "/delete", {}, "Delete " + l.name + "?")}, "delete"));
   }
   return el("tr", {"data-limit": l.name},

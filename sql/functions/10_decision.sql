@@ -50,9 +50,30 @@ CREATE FUNCTION pgslots._unleased(l pgslots.limits, at timestamptz) RETURNS floa
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT pgslots._decayed(l.unleased_slots, l.slot_decay_per_second, l.decayed_at, at) $$;
 
+-- The rate slots a decision sees in a bucket: as if its slots began to decay margin_seconds after
+-- they were counted (migration 0014). Decayed to now, plus rate x margin, never below empty (a
+-- bucket that emptied margin_seconds ago or earlier decides exactly); a bucket written empty
+-- (created, cleared, refunded) holds nothing to hold back. This is the conformance test of a
+-- token bucket whose tolerance is smaller by the margin (GCRA's jitter bound): a downstream bucket
+-- of the same rate and size accepts every grant that reaches it up to margin_seconds late. Writes
+-- keep the bucket itself (_unleased); only decisions see it held back.
+CREATE FUNCTION pgslots._unleased_seen(l pgslots.limits, at timestamptz) RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN l.slot_decay_per_second > 0 AND l.unleased_slots > 0
+        THEN greatest(0::float8, l.unleased_slots - l.slot_decay_per_second
+             * (greatest(0::float8, pg_catalog.date_part('epoch', at - l.decayed_at)::float8) - l.margin_seconds))
+        ELSE l.unleased_slots END
+$$;
+
 CREATE FUNCTION pgslots._short(l pgslots.limits, at timestamptz, queued bigint, slots integer) RETURNS float8
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT pgslots._shortfall(l."limit", l.leased_slots, pgslots._unleased(l, at), queued, slots) $$;
+AS $$ SELECT pgslots._shortfall(l."limit", l.leased_slots, pgslots._unleased_seen(l, at), queued, slots) $$;
+
+-- How long a window limit counts a grant: its window, and its margin (migration 0014).
+CREATE FUNCTION pgslots._span(window_seconds float8, margin_seconds float8) RETURNS float8
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT window_seconds + margin_seconds $$;
 
 -- The grant test. The tolerance absorbs the rounding of continuous decay.
 CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean

@@ -1,9 +1,12 @@
 -- Sliding windows (the grant log of a window limit) and giving limits new values.
 
--- Forgets the grants of a window limit (whose row lock the caller holds) that have left its window,
--- taking their slots off unleased_slots (for a window limit: the slots granted in the window).
--- A grant made exactly `window` seconds ago has left: spans are half-open.
-CREATE FUNCTION pgslots._window_purge(target uuid, window_seconds float8, at timestamptz) RETURNS void
+-- A window limit counts each grant for `span` seconds: its window_seconds plus its margin_seconds
+-- (see _span), which every caller below passes.
+
+-- Forgets the grants of a window limit (whose row lock the caller holds) that have left its span,
+-- taking their slots off unleased_slots (for a window limit: the slots granted in the span).
+-- A grant made exactly `span` seconds ago has left: spans are half-open.
+CREATE FUNCTION pgslots._window_purge(target uuid, span float8, at timestamptz) RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -11,7 +14,7 @@ DECLARE
 BEGIN
     WITH gone AS (
         DELETE FROM pgslots.window_grants g
-        WHERE g.limit_id = target AND g.granted_at <= at - make_interval(secs => window_seconds)
+        WHERE g.limit_id = target AND g.granted_at <= at - make_interval(secs => span)
         RETURNING g.slots
     )
     SELECT sum(gone.slots) INTO freed FROM gone;
@@ -60,10 +63,10 @@ BEGIN
 END
 $$;
 
--- Seconds until `shortfall` slots of a window limit have left its window: the oldest grants leave
--- first, each exactly `window` seconds after it was made. Exact; when the window holds fewer slots
--- than that (slots of waiters ahead count too), a whole window.
-CREATE FUNCTION pgslots._window_wait(target uuid, shortfall float8, window_seconds float8, at timestamptz)
+-- Seconds until `shortfall` slots of a window limit have left its span: the oldest grants leave
+-- first, each exactly `span` seconds after it was made. Exact; when the span holds fewer slots than
+-- that (slots of waiters ahead count too), a whole span.
+CREATE FUNCTION pgslots._window_wait(target uuid, shortfall float8, span float8, at timestamptz)
 RETURNS float8
 LANGUAGE plpgsql STABLE
 AS $$
@@ -75,23 +78,23 @@ BEGIN
     SELECT g.granted_at INTO leaves
     FROM (SELECT x.granted_at, sum(x.slots) OVER (ORDER BY x.granted_at, x.id ROWS UNBOUNDED PRECEDING) AS freed
           FROM pgslots.window_grants x
-          WHERE x.limit_id = target AND x.granted_at > at - make_interval(secs => window_seconds)
+          WHERE x.limit_id = target AND x.granted_at > at - make_interval(secs => span)
           ORDER BY x.granted_at, x.id) g
     WHERE pgslots._fits(shortfall - g.freed)
     LIMIT 1;
     IF leaves IS NULL THEN
-        RETURN window_seconds;
+        RETURN span;
     END IF;
-    RETURN greatest(0, window_seconds - pg_catalog.date_part('epoch', at - leaves)::float8);
+    RETURN greatest(0, span - pg_catalog.date_part('epoch', at - leaves)::float8);
 END
 $$;
 
--- The slots a window limit granted in its window up to `at` (for readers: purged or not).
-CREATE FUNCTION pgslots._window_used(target uuid, window_seconds float8, at timestamptz) RETURNS float8
+-- The slots a window limit granted in its span up to `at` (for readers: purged or not).
+CREATE FUNCTION pgslots._window_used(target uuid, span float8, at timestamptz) RETURNS float8
 LANGUAGE sql STABLE
 AS $$
     SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
-    WHERE g.limit_id = target AND g.granted_at > at - make_interval(secs => window_seconds)
+    WHERE g.limit_id = target AND g.granted_at > at - make_interval(secs => span)
 $$;
 
 -- Gives limits (whose row locks the caller holds) new values; NULL leaves a value as it is. What
@@ -99,7 +102,8 @@ $$;
 -- a window limit counts what its bucket still held as one grant made now; a window limit that
 -- stops being one keeps the slots of its window, which then decay (or stay, without decay).
 CREATE FUNCTION pgslots._set_values(ids uuid[], at timestamptz, "limit" integer, slot_decay_per_second float8,
-                                    window_seconds float8, active boolean, shadow boolean)
+                                    window_seconds float8, active boolean, shadow boolean,
+                                    margin_seconds float8)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -114,7 +118,7 @@ BEGIN
     UPDATE pgslots.limits l SET
         unleased_slots = CASE
             WHEN l.window_seconds > 0 AND coalesce(_set_values.window_seconds, l.window_seconds) > 0 THEN l.unleased_slots
-            WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
+            WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at)
             ELSE pgslots._unleased(l, at) END,
         decayed_at = at,
         "limit" = coalesce(_set_values."limit", l."limit"),
@@ -122,6 +126,7 @@ BEGIN
         window_seconds = coalesce(_set_values.window_seconds, l.window_seconds),
         active = coalesce(_set_values.active, l.active),
         shadow = coalesce(_set_values.shadow, l.shadow),
+        margin_seconds = coalesce(_set_values.margin_seconds, l.margin_seconds),
         updated = at
     WHERE l.id = ANY (ids);
     IF window_seconds = 0 THEN

@@ -54,9 +54,9 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
-    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, margin_seconds, shadow, active,
                                      decayed_at, created, updated, template_id)
-    SELECT k.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.shadow, t.active, at, at, at, t.id
+    SELECT k.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.margin_seconds, t.shadow, t.active, at, at, at, t.id
     FROM unnest(new_keys, their_templates) AS k(name, template)
     JOIN pgslots.limits t ON t.id = k.template
     ORDER BY k.name
@@ -85,7 +85,7 @@ AS $$
 BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0 AND NOT pgslots._paused(l.paused_until, at)
        AND CASE WHEN l.retiring THEN true
-                WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at) <= 1e-9
+                WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at) <= 1e-9
                 ELSE pgslots._unleased(l, at) <= 1e-9 END
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);

@@ -77,7 +77,7 @@ END
 $$;
 
 CREATE FUNCTION pgslots._check_limit_values("limit" integer, slot_decay_per_second float8,
-                                            window_seconds float8)
+                                            window_seconds float8, margin_seconds float8)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 AS $$
@@ -98,6 +98,11 @@ BEGIN
         RAISE EXCEPTION 'window_seconds must be 0 (no window) or a number of seconds up to 100000000, got %.',
             window_seconds
             USING ERRCODE = 'PS002', HINT = 'Use e.g. 3600 for "at most limit slots in any hour".';
+    END IF;
+    IF margin_seconds IS NOT NULL AND NOT (margin_seconds >= 0 AND margin_seconds <= 60) THEN
+        RAISE EXCEPTION 'margin_seconds must be a number of seconds from 0 to 60, got %.', margin_seconds
+            USING ERRCODE = 'PS002',
+                  HINT = 'Use the most a request may take from its grant to the downstream (default 0.05), or 0 for exact.';
     END IF;
     PERFORM pgslots._check_one_kind(slot_decay_per_second, window_seconds);
 END

@@ -32,7 +32,7 @@ BEGIN
     shadowed := '{}';
     retry_after := 0;
     FOR lim IN SELECT l.id, l."limit", l.leased_slots, l.slot_decay_per_second, l.avg_slot_occupancy_seconds,
-                      l.window_seconds, l.shadow, l.paused_until,
+                      l.window_seconds, l.margin_seconds, l.shadow, l.paused_until,
                       pgslots._short(l, at, pgslots._ahead(l.id, at, aging, ticket, priority, fairness_key), slots)
                           AS short
                FROM pgslots.limits l WHERE l.id = ANY (ids) LOOP
@@ -48,7 +48,7 @@ BEGIN
         END IF;
         blocked := blocked || lim.id;
         retry_after := greatest(retry_after, CASE WHEN lim.window_seconds > 0
-            THEN pgslots._window_wait(lim.id, lim.short, lim.window_seconds, at)
+            THEN pgslots._window_wait(lim.id, lim.short, pgslots._span(lim.window_seconds, lim.margin_seconds), at)
             ELSE pgslots._retry_after(lim.short, lim."limit", lim.leased_slots, slots,
                                       lim.slot_decay_per_second, lim.avg_slot_occupancy_seconds) END);
     END LOOP;
@@ -230,7 +230,8 @@ BEGIN
         RETURN d;
     END IF;
     -- Grants that have left their window no longer count.
-    PERFORM pgslots._window_purge(l.id, l.window_seconds, at) FROM pgslots.limits l WHERE l.id = ANY (windowed);
+    PERFORM pgslots._window_purge(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at)
+    FROM pgslots.limits l WHERE l.id = ANY (windowed);
     -- Decide; on a refusal, take back expired leases of the limits that refused and decide again.
     FOR attempt IN 1..2 LOOP
         SELECT * INTO verdict

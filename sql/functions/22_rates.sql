@@ -184,12 +184,12 @@ BEGIN
     diff := actual - r.slots;   -- 0: settled with this value already, nothing changes
     holds := coalesce(r.held, array_fill(r.slots, ARRAY[cardinality(r.limit_ids)]));
     since := coalesce(r.held_at, r.reserved_at);
-    FOR lim IN SELECT l.id, l."limit", l.slot_decay_per_second, l.window_seconds, u.ord::integer AS ord
+    FOR lim IN SELECT l.id, l."limit", l.slot_decay_per_second, l.window_seconds, l.margin_seconds, u.ord::integer AS ord
                FROM pgslots.limits l JOIN unnest(r.limit_ids) WITH ORDINALITY AS u(id, ord) ON u.id = l.id
                WHERE diff <> 0 ORDER BY l.id FOR UPDATE OF l LOOP
         IF lim.window_seconds > 0 THEN
             -- The cost counts when the grant was made: while that grant is in the window.
-            PERFORM pgslots._window_purge(lim.id, lim.window_seconds, at);
+            PERFORM pgslots._window_purge(lim.id, pgslots._span(lim.window_seconds, lim.margin_seconds), at);
             SELECT x.id, x.granted_at, x.slots INTO g FROM pgslots.window_grants x
             WHERE x.limit_id = lim.id AND x.reservation_id = settle.reservation_id;
             IF FOUND THEN

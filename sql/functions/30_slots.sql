@@ -202,11 +202,12 @@ BEGIN
     PERFORM pgslots._drop_expired_waiters(NULL, at);
     -- Grants that left their window (of limits nobody is deciding on right now), and reservations
     -- that can no longer be settled.
-    PERFORM pgslots._window_purge(l.id, l.window_seconds, at)
-    FROM (SELECT m.id, m.window_seconds FROM pgslots.limits m
+    PERFORM pgslots._window_purge(l.id, l.span, at)
+    FROM (SELECT m.id, pgslots._span(m.window_seconds, m.margin_seconds) AS span FROM pgslots.limits m
           WHERE m.window_seconds > 0
             AND EXISTS (SELECT 1 FROM pgslots.window_grants g
-                        WHERE g.limit_id = m.id AND g.granted_at <= at - make_interval(secs => m.window_seconds))
+                        WHERE g.limit_id = m.id
+                          AND g.granted_at <= at - make_interval(secs => pgslots._span(m.window_seconds, m.margin_seconds)))
           ORDER BY m.id FOR UPDATE SKIP LOCKED) l;
     WITH gone AS (DELETE FROM pgslots.reservations r WHERE r.expires_at <= at RETURNING r.owner, r.shard),
          counted AS (SELECT g.owner, g.shard, count(*) AS n FROM gone g GROUP BY g.owner, g.shard),

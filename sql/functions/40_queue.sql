@@ -31,7 +31,7 @@ BEGIN
                              WHERE x.limit_id = target
                                AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds))
                AS live_leased,
-           pgslots._unleased(l, at) AS unleased
+           pgslots._unleased_seen(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF pgslots._paused(lim.paused_until, at) THEN
         RETURN woken;   -- closed: nobody can be served before it opens
@@ -102,7 +102,7 @@ BEGIN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow, l.paused_until,
-           pgslots._unleased(l, at) AS unleased
+           pgslots._unleased_seen(l, at) AS unleased
     INTO lim FROM pgslots.limits l WHERE l.id = target;
     IF FOUND AND pgslots._paused(lim.paused_until, at) THEN
         RETURN 0;   -- closed: nothing is handed over, nobody woken, before it opens

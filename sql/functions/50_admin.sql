@@ -3,7 +3,7 @@
 CREATE FUNCTION pgslots.create_limit(
     name text, "limit" integer, slot_decay_per_second float8 DEFAULT 0, active boolean DEFAULT true,
     active_slots integer DEFAULT 0, window_seconds float8 DEFAULT 0, shadow boolean DEFAULT false,
-    max_keys integer DEFAULT NULL)
+    max_keys integer DEFAULT NULL, margin_seconds float8 DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -17,7 +17,7 @@ BEGIN
     IF "limit" IS NULL THEN
         RAISE EXCEPTION 'limit is required: the number of slots the limit has.' USING ERRCODE = 'PS002';
     END IF;
-    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds);
+    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds, margin_seconds);
     IF active_slots IS NULL OR active_slots < 0 THEN
         RAISE EXCEPTION 'active_slots must be 0 or more, got %.', coalesce(active_slots::text, 'NULL')
             USING ERRCODE = 'PS002';
@@ -37,15 +37,16 @@ BEGIN
         RETURNING l.id INTO new_id;
         IF new_id IS NOT NULL THEN
             PERFORM pgslots._set_values(ARRAY[new_id], at, "limit", coalesce(slot_decay_per_second, 0),
-                                        coalesce(window_seconds, 0), coalesce(active, true), coalesce(shadow, false));
+                                        coalesce(window_seconds, 0), coalesce(active, true), coalesce(shadow, false),
+                                        coalesce(margin_seconds, 0.05));
             PERFORM pgslots._add_slots(new_id, active_slots, at);
             PERFORM pgslots._wake(new_id, at);
             RETURN new_id;
         END IF;
     END IF;
-    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, shadow, active,
-                                     decayed_at, created, updated, is_template, max_keys)
-    VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(window_seconds, 0),
+    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, margin_seconds, shadow,
+                                     active, decayed_at, created, updated, is_template, max_keys)
+    VALUES (name, "limit", coalesce(slot_decay_per_second, 0), coalesce(window_seconds, 0), coalesce(margin_seconds, 0.05),
             coalesce(shadow, false), coalesce(active, true), at, at, at, template, nullif(max_keys, 0))
     ON CONFLICT ON CONSTRAINT limits_name_key DO NOTHING
     RETURNING l.id INTO new_id;
@@ -65,7 +66,7 @@ BEGIN
     RETURN new_id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer, float8, boolean, integer) IS
+COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer, float8, boolean, integer, float8) IS
 'Creates a limit of "limit" slots; returns its id. Names are unique, non-empty, at most 255 '
 'characters, without / % & > <. A decay > 0 makes it usable for rate limits (a token bucket); '
 'window_seconds > 0 instead makes it a window limit: at most "limit" slots granted in any span of '
@@ -74,7 +75,10 @@ COMMENT ON FUNCTION pgslots.create_limit(text, integer, float8, boolean, integer
 '(tenant:*) creates a template: every name that starts with its prefix (tenant:acme) gets a limit '
 'of its own with these values on first use; the longest matching prefix wins. A plain limit named '
 'like a key (tenant:acme) is an override: it wins over every template. max_keys (templates only) '
-'caps its live keys (NULL or 0: settings.max_keys_per_template); a new key beyond it is refused.';
+'caps its live keys (NULL or 0: settings.max_keys_per_template); a new key beyond it is refused. '
+'margin_seconds (0 to 60, default 0.05) holds the grants of a decay or window limit back by the '
+'delay a request may take to reach a downstream that enforces the same rate: a window counts each '
+'grant that much longer, a bucket''s burst is smaller by rate x margin; 0 is exact.';
 
 -- Adds `slots` occupied slots to a limit (whose row the caller has locked or created): rate slots
 -- that decay, or for a window limit one grant made now.
@@ -101,11 +105,12 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN;
     END IF;
-    SELECT l."limit", l.slot_decay_per_second, l.window_seconds, l.active, l.shadow INTO t
+    SELECT l."limit", l.slot_decay_per_second, l.window_seconds, l.active, l.shadow, l.margin_seconds INTO t
     FROM pgslots.limits l WHERE l.id = template;
     PERFORM 1 FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id FOR UPDATE;
     UPDATE pgslots.limits l SET template_id = _follow_template.template, retiring = false WHERE l.id = ANY (ids);
-    PERFORM pgslots._set_values(ids, at, t."limit", t.slot_decay_per_second, t.window_seconds, t.active, t.shadow);
+    PERFORM pgslots._set_values(ids, at, t."limit", t.slot_decay_per_second, t.window_seconds, t.active, t.shadow,
+                                t.margin_seconds);
     PERFORM pgslots._wake(w.limit_id, at)
     FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x WHERE x.limit_id = ANY (ids)) w;
 END
@@ -114,7 +119,8 @@ $$;
 CREATE FUNCTION pgslots.update_limit(
     name text, "limit" integer DEFAULT NULL, slot_decay_per_second float8 DEFAULT NULL,
     active boolean DEFAULT NULL, active_slots integer DEFAULT NULL, new_name text DEFAULT NULL,
-    window_seconds float8 DEFAULT NULL, shadow boolean DEFAULT NULL, max_keys integer DEFAULT NULL)
+    window_seconds float8 DEFAULT NULL, shadow boolean DEFAULT NULL, max_keys integer DEFAULT NULL,
+    margin_seconds float8 DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
@@ -123,7 +129,7 @@ DECLARE
     at timestamptz;
     lim record;
 BEGIN
-    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds);
+    PERFORM pgslots._check_limit_values("limit", slot_decay_per_second, window_seconds, margin_seconds);
     IF new_name IS NOT NULL THEN
         PERFORM pgslots._check_name(new_name);
     END IF;
@@ -145,7 +151,7 @@ BEGIN
                                     coalesce(window_seconds, lim.window_seconds));
     IF lim.template_id IS NOT NULL AND ("limit" IS NOT NULL OR slot_decay_per_second IS NOT NULL
                                         OR active IS NOT NULL OR window_seconds IS NOT NULL
-                                        OR shadow IS NOT NULL) THEN
+                                        OR shadow IS NOT NULL OR margin_seconds IS NOT NULL) THEN
         RAISE EXCEPTION '% is a key of template %: it follows the template.', quote_literal(name),
             quote_literal((SELECT t.name FROM pgslots.limits t WHERE t.id = lim.template_id))
             USING ERRCODE = 'PS016',
@@ -170,7 +176,8 @@ BEGIN
     END IF;
     at := pgslots._now();
     -- What the limit holds carries over exactly (see _set_values).
-    PERFORM pgslots._set_values(ARRAY[lim.id], at, "limit", slot_decay_per_second, window_seconds, active, shadow);
+    PERFORM pgslots._set_values(ARRAY[lim.id], at, "limit", slot_decay_per_second, window_seconds, active, shadow,
+                                margin_seconds);
     IF active_slots IS NOT NULL THEN
         DELETE FROM pgslots.window_grants g WHERE g.limit_id = lim.id;
         UPDATE pgslots.limits l SET unleased_slots = 0 WHERE l.id = lim.id;
@@ -189,14 +196,15 @@ BEGIN
     RETURN lim.id;
 END
 $$;
-COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text, float8, boolean, integer) IS
+COMMENT ON FUNCTION pgslots.update_limit(text, integer, float8, boolean, integer, text, float8, boolean, integer, float8) IS
 'Changes a limit; NULL arguments leave a field as it is. A limit has decay or a window, not both: '
 'to switch, set the other to 0 in the same call (what it holds carries over). Lowering the limit '
 'below the slots held '
 'pre-empts nobody. active_slots sets the occupied count (it cannot go below the leased slots). '
 'Raising the limit or activating it wakes the waiters that now fit. Changing a template changes '
 'every key of it at once; a key itself follows its template (only its active_slots can be set). '
-'max_keys (templates only; 0: back to settings.max_keys_per_template) caps its live keys.';
+'max_keys (templates only; 0: back to settings.max_keys_per_template) caps its live keys. '
+'margin_seconds: see create_limit.';
 
 CREATE FUNCTION pgslots.delete_limit(name text) RETURNS uuid
 LANGUAGE plpgsql
@@ -266,7 +274,7 @@ BEGIN
     ids := ARRAY(SELECT l.id FROM pgslots.limits l
                  WHERE l.id = target.id OR (target.is_template AND l.template_id = target.id)
                  ORDER BY l.id FOR UPDATE);
-    SELECT coalesce(sum(CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, l.window_seconds, at)
+    SELECT coalesce(sum(CASE WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at)
                              ELSE pgslots._unleased(l, at) END), 0)
     INTO cleared FROM pgslots.limits l WHERE l.id = ANY (ids);
     DELETE FROM pgslots.window_grants g WHERE g.limit_id = ANY (ids);

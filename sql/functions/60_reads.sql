@@ -54,14 +54,16 @@ SELECT l.id,
        CASE WHEN l.is_template THEN coalesce(l.max_keys, (SELECT s.max_keys_per_template FROM pgslots.settings s)) END
            AS max_keys,
        CASE WHEN pgslots._paused(l.paused_until, c.at) THEN l.paused_until END AS paused_until,
-       CASE WHEN pgslots._paused(l.paused_until, c.at) THEN l.pause_reason END AS pause_reason
+       CASE WHEN pgslots._paused(l.paused_until, c.at) THEN l.pause_reason END AS pause_reason,
+       l.margin_seconds
 FROM pgslots.limits l,
      -- One row (LIMIT 1): the planner cannot know that settings holds one, and a guess of hundreds
      -- multiplies the view's estimated cost past jit_above_cost on a fresh database.
      LATERAL (SELECT pgslots._clock(s.clock_offset) AS at FROM pgslots.settings s LIMIT 1) c,
      LATERAL (SELECT CASE WHEN l.window_seconds > 0
                           THEN (SELECT coalesce(sum(g.slots), 0)::float8 FROM pgslots.window_grants g
-                                WHERE g.limit_id = l.id AND g.granted_at > c.at - make_interval(secs => l.window_seconds))
+                                WHERE g.limit_id = l.id
+                                  AND g.granted_at > c.at - make_interval(secs => pgslots._span(l.window_seconds, l.margin_seconds)))
                           ELSE pgslots._unleased(l, c.at)
                      END AS unleased) d,
      -- Counters: a limit's own; a template's are the totals of its keys, those removed as idle included.
@@ -89,7 +91,9 @@ COMMENT ON VIEW pgslots.status IS
 'limit was created: grants_total, refusals_total (requests), wait_seconds_total (queued waiters'' '
 'waits before their grant), expired_leases_total (leases taken back: expired or of a dead session), '
 'shadow_refusals; a template''s are the totals over its keys, removed ones included. '
-'paused_until and pause_reason: while the limit is paused (see pause). '
+'paused_until and pause_reason: while the limit is paused (see pause). margin_seconds: how long '
+'after a grant a request may reach a downstream that enforces the same rate (decay and window '
+'limits hold grants back by that much; a window limit''s active_slots counts its window plus it). '
 'waiter_priorities: the distinct priorities of the waiters, highest first. Keys of templates (instances) name their template; '
 'templates count their instances. A key of a deleted template still held by someone is listed with '
 'no template until it is idle.';

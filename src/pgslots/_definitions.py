@@ -12,9 +12,9 @@ from . import _queries as q
 from . import _validate as check
 from ._connections import Connections
 from .errors import InvalidArgumentError
-from .types import LimitInfo
+from .types import DEFAULT_MARGIN_SECONDS, LimitInfo
 
-FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow", "max_keys")
+FIELDS = ("limit", "slot_decay_per_second", "window_seconds", "active", "shadow", "max_keys", "margin_seconds")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Desired:
     shadow: bool = False
     #: For a template: how many live keys it may have (None: not declared, the database's default).
     max_keys: int | None = None
+    margin_seconds: float = DEFAULT_MARGIN_SECONDS
 
 
 @dataclass
@@ -70,8 +71,16 @@ def parse(data: Mapping[str, Any], source: str) -> list[Desired]:
         check.number(f"{where}: max_keys", max_keys, minimum=1, integer=True, allow_none=True)
         if max_keys is not None and not name.endswith("*"):
             raise InvalidArgumentError(f"{where}: max_keys is for templates (names ending in *), and {name!r} is a plain limit.")
-        desired.append(Desired(name, limit, decay, window, active, shadow, max_keys))
+        margin = table.get("margin_seconds", DEFAULT_MARGIN_SECONDS)
+        desired.append(Desired(name, limit, decay, window, active, shadow, max_keys, _margin(margin, where)))
     return desired
+
+
+def _margin(value: Any, where: str) -> float:
+    check.number(f"{where}: margin_seconds", value, minimum=0, integer=False)
+    if value > check.MAX_MARGIN_SECONDS:
+        raise InvalidArgumentError(f"{where}: margin_seconds must be at most {check.MAX_MARGIN_SECONDS:g} seconds, got {value!r}.")
+    return float(value)
 
 
 def _seconds(table: Mapping[str, Any], key: str, where: str) -> float:
@@ -138,6 +147,7 @@ def _carry_out(db: Any, conn: Any, todo: Plan) -> None:
                 "window_seconds": want.window_seconds,
                 "shadow": want.shadow,
                 "max_keys": want.max_keys,
+                "margin_seconds": want.margin_seconds,
             },
         )
     for want, changes in todo.change:

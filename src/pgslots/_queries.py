@@ -33,11 +33,11 @@ LEAVE_QUEUE: LiteralString = "SELECT pgslots.leave_queue(%(ticket)s, %(queue_cli
 SWEEP: LiteralString = "SELECT pgslots.sweep()"
 CREATE_LIMIT: LiteralString = (
     "SELECT pgslots.create_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s,"
-    " %(window_seconds)s, %(shadow)s, %(max_keys)s)"
+    " %(window_seconds)s, %(shadow)s, %(max_keys)s, %(margin_seconds)s)"
 )
 UPDATE_LIMIT: LiteralString = (
     "SELECT pgslots.update_limit(%(name)s, %(limit)s, %(slot_decay_per_second)s, %(active)s, %(active_slots)s, %(new_name)s,"
-    " %(window_seconds)s, %(shadow)s, %(max_keys)s)"
+    " %(window_seconds)s, %(shadow)s, %(max_keys)s, %(margin_seconds)s)"
 )
 DELETE_LIMIT: LiteralString = "SELECT pgslots.delete_limit(%(name)s)"
 PAUSE: LiteralString = "SELECT pgslots.pause(%(name)s, %(seconds)s, %(reason)s) AS until"

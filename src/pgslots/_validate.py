@@ -10,6 +10,7 @@ from typing import Any
 from .errors import InvalidArgumentError
 
 LARGEST = 2**31 - 1  # limits, slots and key counts are PostgreSQL integers
+MAX_MARGIN_SECONDS = 60.0  # the most a limit's margin_seconds may be (migration 0014)
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 MAX_FAIRNESS_KEY = 255
 
@@ -47,6 +48,11 @@ def limit_values(**values: Any) -> None:
     not given)."""
     for label, value in values.items():
         number(label, value, minimum=0, integer=label in ("limit", "active_slots", "max_keys"), allow_none=True)
+        if label == "margin_seconds" and value is not None and value > MAX_MARGIN_SECONDS:
+            raise InvalidArgumentError(
+                f"margin_seconds must be from 0 to {MAX_MARGIN_SECONDS:g} seconds (the most a request may take from"
+                f" its grant to the downstream; 0 for exact), got {value!r}."
+            )
 
 
 def names(given: Any) -> tuple[str, ...]:

@@ -115,26 +115,33 @@ class Client:
         window_seconds: float = 0.0,
         shadow: bool = False,
         max_keys: int | None = None,
+        margin_seconds: float | None = None,
         exist_ok: bool = False,
     ) -> LimitInfo:
         """Creates a limit. ``slot_decay_per_second`` > 0 makes it a token bucket for rate limits;
         ``window_seconds`` > 0 instead grants at most ``limit`` slots in any span of that length.
         ``shadow=True`` grants everything and counts what it would have refused. ``max_keys`` (for
         a template) caps how many live keys it may have (None: the database's
-        ``max_keys_per_template``). ``exist_ok=True``: a limit of that name already there is left
-        as it is and returned (to make it match, use :meth:`apply`)."""
+        ``max_keys_per_template``). ``margin_seconds`` (decay and window limits; None: 0.05) is the
+        most a request may take from its grant to reach a downstream that enforces the same rate:
+        grants are held back by that much so that it accepts them (0: exact on the database's
+        clock). ``exist_ok=True``: a limit of that name already there is left as it is and returned
+        (to make it match, use :meth:`apply`)."""
         check.limit_values(
             limit=limit,
             slot_decay_per_second=slot_decay_per_second,
             active_slots=active_slots,
             window_seconds=window_seconds,
             max_keys=max_keys,
+            margin_seconds=margin_seconds,
         )
         check.flag("exist_ok", exist_ok)
         try:
             self._call(
                 q.CREATE_LIMIT,
-                self._create_params(name, limit, slot_decay_per_second, active, active_slots, window_seconds, shadow, max_keys),
+                self._create_params(
+                    name, limit, slot_decay_per_second, active, active_slots, window_seconds, shadow, max_keys, margin_seconds
+                ),
             )
         except LimitExistsError:
             if not exist_ok:
@@ -151,6 +158,7 @@ class Client:
         window_seconds: float,
         shadow: bool,
         max_keys: int | None,
+        margin_seconds: float | None,
     ) -> dict[str, Any]:
         return {
             "name": name,
@@ -161,6 +169,7 @@ class Client:
             "window_seconds": float(window_seconds),
             "shadow": check.flag("shadow", shadow),
             "max_keys": max_keys,
+            "margin_seconds": None if margin_seconds is None else float(margin_seconds),
         }
 
     def update_limit(
@@ -175,15 +184,18 @@ class Client:
         window_seconds: float | None = None,
         shadow: bool | None = None,
         max_keys: int | None = None,
+        margin_seconds: float | None = None,
     ) -> LimitInfo:
         """Changes the given fields. A limit has decay or a window, not both: to switch, set the
-        other to 0 in the same call. ``max_keys=0`` puts a template back on the database's default."""
+        other to 0 in the same call. ``max_keys=0`` puts a template back on the database's default.
+        ``margin_seconds``: see :meth:`create_limit`."""
         check.limit_values(
             limit=limit,
             slot_decay_per_second=slot_decay_per_second,
             active_slots=active_slots,
             window_seconds=window_seconds,
             max_keys=max_keys,
+            margin_seconds=margin_seconds,
         )
         self._call(
             q.UPDATE_LIMIT,
@@ -197,6 +209,7 @@ class Client:
                 "window_seconds": None if window_seconds is None else float(window_seconds),
                 "shadow": None if shadow is None else check.flag("shadow", shadow),
                 "max_keys": max_keys,
+                "margin_seconds": None if margin_seconds is None else float(margin_seconds),
             },
         )
         return self.read_limit(new_name or name)

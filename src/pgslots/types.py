@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+#: A new decay or window limit's margin_seconds when none is given (the database's default too).
+DEFAULT_MARGIN_SECONDS = 0.05
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -79,6 +82,9 @@ class LimitInfo:
     #: While the limit is paused (see :meth:`pgslots.Client.pause`): when it opens, and why.
     paused_until: datetime | None = None
     pause_reason: str | None = None
+    #: For a decay or window limit: the most a request may take from its grant to a downstream that
+    #: enforces the same rate; grants are held back by that much (0: exact on the database's clock).
+    margin_seconds: float = DEFAULT_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -161,4 +167,4 @@ class ReservationBase:
         return f"Reservation({self.reservation_id}, names={list(self.names)!r}, slots={self.slots}, actual={self.actual!r})"
 
 
-__all__ = ["CodeFile", "Lease", "LeaseInfo", "LimitInfo", "Migration", "MigrationPlan", "ReservationBase"]
+__all__ = ["DEFAULT_MARGIN_SECONDS", "CodeFile", "Lease", "LeaseInfo", "LimitInfo", "Migration", "MigrationPlan", "ReservationBase"]

@@ -162,7 +162,7 @@ def test_rate_limit_needs_decay(client: Client) -> None:
 
 
 def test_rate_limit_sleeps_the_exact_wait(client: Client) -> None:
-    client.create_limit("api", 2, slot_decay_per_second=5)
+    client.create_limit("api", 2, slot_decay_per_second=5, margin_seconds=0)  # exact: no margin
     start = time.monotonic()
     for _ in range(2 + 5):
         rate_limit("api")

@@ -18,9 +18,10 @@ Conn = psycopg.Connection[Any]
 
 
 def make(conn: Conn, name: str, limit: int, decay: float = 0, window: float = 0, shadow: bool = False) -> Any:
+    """A limit for tests of exact figures: no margin (see test_margins.py)."""
     return one(
         conn,
-        "SELECT pgslots.create_limit(%s, %s, %s, window_seconds => %s, shadow => %s) AS id",
+        "SELECT pgslots.create_limit(%s, %s, %s, window_seconds => %s, shadow => %s, margin_seconds => 0) AS id",
         [name, limit, decay, window, shadow],
     )["id"]
 
