@@ -35,7 +35,11 @@ from psycopg import sql as pgsql
 import pgslots
 from pgslots._cluster import LocalCluster, find_bindir, server_user
 from pgslots.client import Client, configure
-from pgslots.types import DEFAULT_MARGIN_SECONDS
+
+try:
+    from pgslots.types import DEFAULT_MARGIN_SECONDS
+except ImportError:  # a version before margins, measured for comparison (scenarios without margins)
+    DEFAULT_MARGIN_SECONDS = 0.05
 
 CTX = mp.get_context("fork")
 HERE = Path(__file__).resolve().parent
@@ -507,8 +511,12 @@ def margins(server: Server, seconds: float) -> dict[str, Any]:
             for name in (window, bucket):
                 stop_at = time.time() + seconds + 0.5
                 stamps = sorted(x for r in run_processes(_rater, 4, dsn, stop_at, name) for x in r)
-                steady = stamps[10:] if name == bucket else stamps
-                found.setdefault(f"{name.split('-')[0]}_{tag}_rate", []).append((len(steady) - 1) / (steady[-1] - steady[0]))
+                if name == bucket:  # after its first burst
+                    rate = (len(stamps) - 11) / (stamps[-1] - stamps[10])
+                else:  # bursts of 50: from the first burst's start to the last whole burst's start
+                    last = (len(stamps) // 50 - 1) * 50
+                    rate = last / (stamps[last] - stamps[0])
+                found.setdefault(f"{name.split('-')[0]}_{tag}_rate", []).append(rate)
                 most = _most_in_window(stamps, 1.0) / 50 if name == window else _fullest_bucket(stamps, 50.0) / 10
                 found.setdefault(f"{name.split('-')[0]}_{tag}_fullest", []).append(most)
     client.close()
@@ -693,6 +701,112 @@ def keys(server: Server, seconds: float, used_once: int = 100_000) -> dict[str, 
     }
 
 
+def _median_seconds(call: Callable[[], Any], times: int = 3) -> float:
+    return statistics.median(_timed(call) for _ in range(times))
+
+
+def _cli_seconds(dsn: str, *args: str) -> float:
+    """The median wall time of a `pgslots` command run in this process (click's test runner)."""
+    from click.testing import CliRunner
+
+    from pgslots_cli.main import cli
+
+    def once() -> None:
+        result = CliRunner().invoke(cli, ["--dsn", dsn, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    return _median_seconds(once)
+
+
+def _page_seconds(dsn: str, path: str) -> float:
+    """The median time of GET `path` from a `pgslots ui` started for it (read-only, loopback)."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgslots_cli", "--dsn", dsn, "ui", "--port", "0", "--interval", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert found, f"pgslots ui said: {line!r}"
+        url = f"http://127.0.0.1:{found.group(1)}{path}"
+        return _median_seconds(lambda: urllib.request.urlopen(url, timeout=120).read())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _new_keys(dsn: str, count: int, out: Any) -> None:
+    """Uses `count` keys never used before, one rate_limit call each."""
+    prefix = f"tenant:p{os.getpid()}-"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(count):
+            conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY[%s])", [f"{prefix}{i}"]).fetchone()
+    out.put(count)
+
+
+def many_keys(server: Server, keys_live: int = 100_000) -> dict[str, Any]:
+    """A template with `keys_live` live keys (each holding a rate slot that decays over hours, so
+    none is idle; put in place by one INSERT as the schema owner): how fast new keys are created
+    through the API, a new key's first acquire and first rate limit against a plain limit's
+    (alternating, one process), and how long `pgslots ls`, `pgslots metrics`, `watch --once` and the
+    page's /api/limits and /metrics take."""
+    from pgslots.sync import rate_limit
+
+    dsn = fresh(server, "bench_many_keys")
+    client = Client(dsn)
+    client.create_limit("tenant:*", 5, slot_decay_per_second=0.0001, max_keys=keys_live + 100_000)
+    client.create_limit("plain", 1_000_000, slot_decay_per_second=1_000_000)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            'INSERT INTO pgslots.limits (name, "limit", slot_decay_per_second, unleased_slots, decayed_at, created, updated,'
+            " template_id) SELECT 'tenant:k' || i, 5, 0.0001, 1, now(), now(), now(), t.id"
+            " FROM generate_series(1, %s) AS i, pgslots.limits t WHERE t.name = 'tenant:*'",
+            [keys_live],
+        )
+        conn.execute("ANALYZE pgslots.limits")
+    # New keys through the API, one call each: one connection, then 4 processes at once.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        for i in range(500):
+            conn.execute("SELECT * FROM pgslots.rate_limit(ARRAY[%s])", [f"tenant:one{i}"]).fetchone()
+        created_per_s = 500 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    run_processes(_new_keys, 4, dsn, 500)
+    created_4_per_s = 2000 / (time.perf_counter() - t0)
+    first_acquire: list[float] = []
+    plain_acquire: list[float] = []
+    first_rate: list[float] = []
+    plain_rate: list[float] = []
+    for i in range(200):
+        first_acquire.append(_cycle(client, f"tenant:acq{i}"))
+        plain_acquire.append(_cycle(client, "plain"))
+        first_rate.append(_timed(lambda n=f"tenant:rate{i}": rate_limit(n, client=client)))  # type: ignore[misc]
+        plain_rate.append(_timed(lambda: rate_limit("plain", client=client)))
+    client.close()
+    result = {
+        "keys_live": keys_live,
+        "keys_created_per_s": created_per_s,
+        "keys_created_4_processes_per_s": created_4_per_s,
+        "first_acquire_p50_ms": ms(pct(first_acquire, 0.5)),
+        "plain_acquire_p50_ms": ms(pct(plain_acquire, 0.5)),
+        "first_acquire_vs_plain": pct(first_acquire, 0.5) / pct(plain_acquire, 0.5),
+        "first_rate_limit_p50_ms": ms(pct(first_rate, 0.5)),
+        "plain_rate_limit_p50_ms": ms(pct(plain_rate, 0.5)),
+        "first_rate_limit_vs_plain": pct(first_rate, 0.5) / pct(plain_rate, 0.5),
+        "ls_s": _cli_seconds(dsn, "ls"),
+        "metrics_s": _cli_seconds(dsn, "metrics"),
+        "watch_once_s": _cli_seconds(dsn, "watch", "--once"),
+        "page_api_limits_s": _page_seconds(dsn, "/api/limits"),
+        "page_metrics_s": _page_seconds(dsn, "/metrics"),
+    }
+    server.drop("bench_many_keys")
+    return result
+
+
 def fairness(server: Server, seconds: float) -> dict[str, Any]:
     """16 processes on 4 slots, 1 ms body: plain first-come-first-served against the same load with
     priorities and 4 tenants' fairness keys, in alternating rounds."""
@@ -800,8 +914,17 @@ def real_apis(server: Server, seconds: float) -> dict[str, Any]:
 # ---- report -------------------------------------------------------------------------------------
 
 
+def _at_least(bound: float) -> Callable[[float], bool]:
+    return lambda v: v >= bound
+
+
+def _at_most(bound: float) -> Callable[[float], bool]:
+    return lambda v: v <= bound
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     c = r["ceiling"]
+    k = r["many_keys"]
     rows = [
         (
             "uncontended sync cycles/s vs raw two-UPDATE semaphore (1 process, alternating rounds)",
@@ -848,6 +971,14 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("margin 0.05 s: rate admitted / without (window 50 per 1 s)", r["margins"]["window_rate_cost"], "(reported)", None),
         ("margin 0.05 s: rate admitted / without (bucket 50/s)", r["margins"]["bucket_rate_cost"], "(reported)", None),
         ("scale: acquire p50 with 10k limits, 100k leases vs empty", r["scale"]["ratio"], "<= 1.2", lambda v: v <= 1.2),
+        ("100,000 live keys: new keys created per second (one connection)", k["keys_created_per_s"], "(reported)", None),
+        ("100,000 live keys: new keys created per second (4 processes)", k["keys_created_4_processes_per_s"], ">= 1000", _at_least(1000)),
+        ("100,000 live keys: a new key's first acquire p50 vs a plain limit's", k["first_acquire_vs_plain"], "<= 2", _at_most(2)),
+        ("100,000 live keys: a new key's first rate limit p50 vs a plain's", k["first_rate_limit_vs_plain"], "<= 2", _at_most(2)),
+        ("100,000 live keys: pgslots ls (s)", k["ls_s"], "< 0.5", lambda v: v < 0.5),
+        ("100,000 live keys: the page's /api/limits (s)", k["page_api_limits_s"], "< 0.5", lambda v: v < 0.5),
+        ("100,000 live keys: pgslots metrics (s)", k["metrics_s"], "< 1", lambda v: v < 1),
+        ("100,000 live keys: pgslots watch --once (s)", k["watch_once_s"], "(reported)", None),
         ("waiters: connections for 1,000 waiting tasks", r["waiters"]["connections"], "<= 2", lambda v: v <= 2),
         ("waiters: queries/s while idle", r["waiters"]["queries_per_s_idle"], "<= 20", lambda v: v <= 20),
         ("SIGKILLed holder to waiter holding (s), liveness_seconds 10", r["recovery"]["liveness_10s"], "<= 11", lambda v: v <= 11),
@@ -1061,6 +1192,7 @@ def main() -> None:
         ("waiters", lambda: waiters(fresh(server, "bench_waiters"))),
         ("recovery", lambda: recovery(server)),
         ("keys", lambda: keys(server, s)),
+        ("many_keys", lambda: many_keys(server)),
         ("fairness", lambda: fairness(server, 2 * s)),
         ("real_apis", lambda: real_apis(server, s)),
     ]
@@ -1087,6 +1219,7 @@ def main() -> None:
             "bench_fair",
             "bench_apis",
             "bench_margins",
+            "bench_many_keys",
         ):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)

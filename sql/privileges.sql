@@ -17,9 +17,9 @@ DO $$
 DECLARE
     user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
                                    'leave_queue', 'keep_alive', 'get_limits', 'get_instances', 'reclaimable_slots', 'pause',
-                                   'schema_version'];
+                                   'schema_version', 'get_overview', 'template_gauges'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit', 'resume',
-                                    'list_leases', 'lock_for_apply', 'clear_debt'];
+                                    'list_leases', 'list_holders', 'lock_for_apply', 'clear_debt'];
     view_helpers text[] := ARRAY['_clock', '_decayed', '_unleased', '_paused', '_span'];
     f record;
     has_user boolean := EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgslots_user');

@@ -2,7 +2,8 @@
 sum of its lease rows, the slots occupied now (leases plus decayed rate-limit slots, or the slots
 granted in a window limit's window) never exceed the limit, and a window limit's count equals the
 sum of its grant log. A shadow limit may exceed its limit (it grants everything), as may a limit
-that a settled reservation left in debt (named in `owing`)."""
+that a settled reservation left in debt (named in `owing`). A template's count of its keys (kept
+in shards as keys come and go) equals the keys it has."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 QUERY = """
-SELECT l.name, l."limit", l.active, l.leased_slots,
+SELECT l.name, l."limit", l.active, l.leased_slots, l.is_template,
+       (SELECT count(*) FROM pgslots.limits k WHERE k.template_id = l.id) AS keys,
+       (SELECT coalesce(sum(c.keys), 0) FROM pgslots.template_keys c WHERE c.template_id = l.id) AS keys_counted,
        coalesce((SELECT sum(x.slots) FROM pgslots.leases x WHERE x.limit_id = l.id), 0) AS lease_sum,
        s.active_slots, l.shadow, l.window_seconds, l.unleased_slots,
        (SELECT coalesce(sum(g.slots), 0) FROM pgslots.window_grants g WHERE g.limit_id = l.id) AS log_sum
@@ -33,6 +36,10 @@ def problems(conn: psycopg.Connection[Any], lowered: tuple[str, ...] = (), owing
                 found.append(f"{row['name']}: counts {row['leased_slots']} leased slots, lease rows hold {row['lease_sum']}")
             if row["window_seconds"] > 0 and abs(row["unleased_slots"] - row["log_sum"]) > 1e-6:
                 found.append(f"{row['name']}: counts {row['unleased_slots']} window slots, its grant log holds {row['log_sum']}")
+            if row["keys"] != row["keys_counted"]:
+                found.append(f"{row['name']}: has {row['keys']} keys, counted {row['keys_counted']}")
+            if row["is_template"]:
+                continue  # its gauges are its keys' summed: each key is checked on its own row
             if row["active_slots"] > row["limit"] + 1e-9 and not row["shadow"] and row["name"] not in lowered + owing:
                 found.append(f"{row['name']}: {row['active_slots']} slots occupied on a limit of {row['limit']}")
             if row["leased_slots"] < 0 or row["active_slots"] < -1e-9:

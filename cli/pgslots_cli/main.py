@@ -168,18 +168,23 @@ def create(
 
 @cli.command("ls", short_help="List limits and templates, or a template's keys.")
 @click.argument("template", required=False)
+@click.option(
+    "--keys", "most", type=click.IntRange(1, 1000), default=100, show_default=True, help="With TEMPLATE: how many keys, the busiest first."
+)
 @output_options
 @pass_state
-def ls(state: State, template: str | None, output: str | None) -> None:
-    """List every limit and template (with its number of keys in use): slots in use after decay (or
-    in the window), the rate (decay per second or window), waiters. ACTIVE says 'shadow' for a limit
-    in shadow mode. With TEMPLATE (e.g. 'tenant:*'), list that template's keys instead."""
+def ls(state: State, template: str | None, most: int, output: str | None) -> None:
+    """List every limit and template: slots in use after decay (or in the window), the rate (decay
+    per second or window), waiters; a template's figures are its keys' summed, with its number of
+    keys in use. ACTIVE says 'shadow' for a limit in shadow mode. With TEMPLATE (e.g. 'tenant:*'),
+    list that template's keys instead: the --keys busiest (100 unless given)."""
     as_json = check_output(output)
+    info = None
     if template is not None:
-        _check_template(state, template)
-        limits = state.client.read_instances(template)
+        info = _check_template(state, template)
+        limits = state.client.read_instances(template, busiest=most)
     else:
-        limits = state.client.read_limits(instances=False)
+        limits = state.client.overview(busiest=0, holders=0).limits
     if as_json:
         click.echo(dumps([limit_json(i) for i in limits]))
         return
@@ -191,16 +196,18 @@ def ls(state: State, template: str | None, output: str | None) -> None:
         [
             i.name + (f" (override of {overrides[i.name]})" if i.name in overrides else ""),
             str(i.limit),
-            "-" if i.is_template else held(i),
+            held(i),
             _rate(i),
             paused(i) or (("shadow" if i.shadow else "yes") if i.active else "no"),
-            "-" if i.is_template else str(i.waiters),
+            str(i.waiters),
             str(i.instances) if i.is_template else "-",
             str(i.id),
         ]
         for i in limits
     ]
     click.echo(table(["NAME", "LIMIT", "ACTIVE SLOTS", "RATE", "ACTIVE", "WAITERS", "INSTANCES", "ID"], rows, shrink=0))
+    if info is not None and (info.instances or 0) > len(limits):
+        click.echo(f"The {len(limits)} busiest of {info.instances} keys; --keys N shows more (up to 1000).")
 
 
 def _overrides(limits: list[LimitInfo]) -> dict[str, str]:
@@ -215,14 +222,14 @@ def _overrides(limits: list[LimitInfo]) -> dict[str, str]:
     return found
 
 
-def _check_template(state: State, template: str) -> None:
+def _check_template(state: State, template: str) -> LimitInfo:
     """TEMPLATE must name a template; for a bare prefix ('tenant'), say which template it may mean."""
     try:
         info = state.client.read_limit(template)
     except pgslots.LimitNotFoundError:
         info = None
     if info is not None and info.is_template:
-        return
+        return info
     near = sorted(t.name for t in state.client.read_limits(instances=False) if t.is_template and t.name.startswith(template))
     hint = f" Did you mean {_command('ls', near[0])}?" if near else " Run 'pgslots ls' to see the templates."
     if info is None:

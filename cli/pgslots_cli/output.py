@@ -76,12 +76,14 @@ def table(headers: list[str], rows: list[list[str]], shrink: int = 0) -> str:
 
 def held(info: LimitInfo) -> str:
     """Slots in use, the reclaimable ones (whose holders are gone) apart: '2', or '1 +1 reclaimable'."""
-    used = number(round(info.active_slots - info.reclaimable_slots, 2))
+    used = number(round(info.held_slots, 2))
     return f"{used} +{info.reclaimable_slots} reclaimable" if info.reclaimable_slots else used
 
 
 def paused(info: LimitInfo) -> str:
-    """'' when open; else 'paused 12 s' and the reason."""
+    """'' when open; else 'paused 12 s' and the reason (a template: how many keys are paused)."""
+    if info.paused_keys:
+        return f"{info.paused_keys} key(s) paused"
     if info.paused_until is None:
         return ""
     left = max(0.0, (info.paused_until - datetime.now(UTC)).total_seconds())
@@ -113,6 +115,8 @@ def limit_json(info: LimitInfo) -> dict[str, Any]:
         "active_slots": info.active_slots,
         "leased_slots": info.leased_slots,
         "reclaimable_slots": info.reclaimable_slots,
+        "held_slots": info.held_slots,
+        "paused_keys": info.paused_keys,
         "paused_until": info.paused_until,
         "pause_reason": info.pause_reason,
         "slot_decay_per_second": info.slot_decay_per_second,

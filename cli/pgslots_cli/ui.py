@@ -25,8 +25,8 @@ import click
 
 import pgslots
 from pgslots.client import Client
-from pgslots.metrics import exposition
-from pgslots.types import LeaseInfo, LimitInfo
+from pgslots.metrics import read as read_metrics
+from pgslots.types import LeaseInfo, LimitInfo, Overview
 
 from .app import State, cli, fail, pass_state
 from .output import dumps, limit_json
@@ -36,18 +36,37 @@ HISTORY_SECONDS = 3600.0
 BUSIEST_SHOWN = 5
 
 
-def _with_keys(limits: list[LimitInfo]) -> tuple[list[LimitInfo], dict[str, list[LimitInfo]]]:
-    """Limits and templates, and each template's keys: from one read of every limit."""
-    keys: dict[str, list[LimitInfo]] = collections.defaultdict(list)
-    for info in limits:
-        if info.template is not None:
-            keys[info.template].append(info)
-    return [i for i in limits if i.template is None], keys
+HOLDERS_SHOWN = 10  # per limit and key
 
 
-def _used(info: LimitInfo, keys: dict[str, list[LimitInfo]]) -> float:
-    """Slots in use: a template's are its keys' summed."""
-    return sum(k.active_slots for k in keys.get(info.name, [])) if info.is_template else info.active_slots
+def page_json(seen: Overview, now: datetime) -> dict[str, Any]:
+    """What /api/limits answers, from one overview: every limit and template as the database gives
+    its figures (a template's summed over its keys), each with its holders, a template with its
+    busiest keys and theirs."""
+
+    def holder(lease: LeaseInfo) -> dict[str, Any]:
+        return {
+            "lease_id": str(lease.lease_id),
+            "slots": lease.slots,
+            "host": lease.host,
+            "pid": lease.pid,
+            "application": lease.application_name,
+            "holder": lease.holder,
+            "held_seconds": max(0.0, (now - lease.acquired_at).total_seconds()),
+            "expired": lease.expired,
+            "gone": lease.gone,
+        }
+
+    def row(info: LimitInfo) -> dict[str, Any]:
+        return limit_json(info) | {"holders": [holder(h) for h in seen.holders.get(info.name, [])]}
+
+    rows = []
+    for info in seen.limits:
+        shown = row(info)
+        if info.is_template:
+            shown["busiest"] = [row(k) for k in seen.busiest.get(info.name, [])]
+        rows.append(shown)
+    return {"limits": rows, "holders_note": seen.holders_error, "time": now.isoformat()}
 
 
 MAX_BODY = 65536  # bytes of an admin action's JSON
@@ -111,11 +130,11 @@ class Sampler:
 
     def sample(self) -> None:
         now = time.time()
-        limits, keys = _with_keys(self.client.read_limits())
+        limits = self.client.overview(busiest=0, holders=0).limits
         with self._lock:
             for info in limits:
                 capacity = info.limit * (info.instances or 0) if info.is_template else info.limit
-                used = _used(info, keys)
+                used = info.held_slots
                 self.points[info.name].append((now, info.grants_total, info.refusals_total, used / capacity if capacity else 0.0))
             for gone in set(self.points) - {i.name for i in limits}:
                 del self.points[gone]
@@ -155,46 +174,8 @@ class Dashboard:
         return hmac.compare_digest(header[len("Bearer ") :].encode(), self.token.encode())
 
     def limits(self) -> dict[str, Any]:
-        infos, keys = _with_keys(self.client.read_limits())
-        holders: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-        holders_note = None
-        try:
-            leases: list[LeaseInfo] = self.client.list_leases()
-        except pgslots.PgSlotsError as exc:
-            leases, holders_note = [], f"Holders are not shown: {exc}"
-        now = datetime.now(UTC)
-        for lease in leases:
-            row = {
-                "lease_id": str(lease.lease_id),
-                "slots": lease.slots,
-                "host": lease.host,
-                "pid": lease.pid,
-                "application": lease.application_name,
-                "holder": lease.holder,
-                "held_seconds": max(0.0, (now - lease.acquired_at).total_seconds()),
-                "expired": lease.expired,
-                "gone": lease.gone,
-            }
-            for name in lease.limit_names:
-                holders[name].append(row)
-        rows = []
-        for info in infos:
-            row = limit_json(info)
-            row["holders"] = holders.get(info.name, [])
-            if info.is_template:
-                # Busiest first, as get_instances(template, busiest) orders them.
-                busiest = sorted(keys.get(info.name, []), key=lambda k: (-k.active_slots, -k.waiters, k.name))[:BUSIEST_SHOWN]
-                row["busiest"] = [limit_json(k) | {"holders": holders.get(k.name, [])} for k in busiest]
-                row["active_slots"] = _used(info, keys)
-                row["reclaimable_slots"] = sum(k.reclaimable_slots for k in keys.get(info.name, []))
-            rows.append(row)
-        return {
-            "limits": rows,
-            "admin": self.allow_admin,
-            "holders_note": holders_note,
-            "sample_error": self.sampler.error,
-            "time": now.isoformat(),
-        }
+        seen = self.client.overview(busiest=BUSIEST_SHOWN, holders=HOLDERS_SHOWN)
+        return page_json(seen, datetime.now(UTC)) | {"admin": self.allow_admin, "sample_error": self.sampler.error}
 
     def act(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One admin action; raises PgSlotsError (shown to the page) on a bad request."""
@@ -280,7 +261,7 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 if path == "/metrics":
-                    self._send(200, exposition(board.client.read_limits()).encode(), "text/plain; version=0.0.4; charset=utf-8")
+                    self._send(200, read_metrics(board.client).encode(), "text/plain; version=0.0.4; charset=utf-8")
                 elif path == "/api/limits":
                     self._json(200, board.limits())
                 elif path == "/api/history":
@@ -321,18 +302,25 @@ def handler_for(board: Dashboard) -> type[BaseHTTPRequestHandler]:
 
 
 @cli.command(short_help="Print every limit in Prometheus's text format.")
-@click.option("--per-key", is_flag=True, help="List each key of a template as a series of its own, instead of the template's sums.")
+@click.option("--per-key", is_flag=True, help="Also list each template's busiest keys as series of their own (see --keys).")
+@click.option(
+    "--keys",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="With --per-key: how many keys of each template, the busiest first.",
+)
 @pass_state
-def metrics(state: State, per_key: bool) -> None:
+def metrics(state: State, per_key: bool, keys: int) -> None:
     """Print every limit's gauges and counters in Prometheus's text exposition format:
     pgslots_limit_slots, pgslots_active_slots, pgslots_leased_slots, pgslots_waiters,
     pgslots_oldest_waiter_seconds, pgslots_instances (templates), pgslots_grants_total,
     pgslots_refusals_total, pgslots_wait_seconds_total, pgslots_expired_leases_total and
     pgslots_shadow_refusals_total, each labelled limit="NAME". A template is one series (its
-    per-key limit, its keys' sums) unless --per-key, which labels each key with its template.
-    'pgslots ui' serves the same at /metrics.
+    per-key limit, its keys' sums, summed by the database); --per-key adds its --keys busiest keys,
+    each labelled with its template. 'pgslots ui' serves the same (without keys) at /metrics.
     """
-    click.echo(exposition(state.client.read_limits(), per_key=per_key), nl=False)
+    click.echo(read_metrics(state.client, per_key=keys if per_key else 0), nl=False)
 
 
 @cli.command(short_help="Serve a live web page of the limits, and /metrics.")

@@ -125,7 +125,7 @@ function holderRow(h) {
   return row;
 }
 function limitRow(l, indent) {
-  const gone = l.reclaimable_slots || 0, used = l.active_slots - gone, cap = l.is_template ? l.limit * (l.instances || 0) : l.limit;
+  const gone = l.reclaimable_slots || 0, used = l.held_slots, cap = l.is_template ? l.limit * (l.instances || 0) : l.limit;
   const share = cap > 0 ? Math.min(1, used / cap) : (used > 0 ? 1 : 0);
   const bar = el("span", {className: "bar"}, el("i", {className: share >= 1 ? "full" : ""}));
   bar.firstChild.style.width = (share * 100).toFixed(1) + "%";

@@ -21,32 +21,36 @@ KEYS_SHOWN = 3  # a template's busiest keys
 def frame(client: Client, names: tuple[str, ...] = ()) -> str:
     """One screenful: per limit a bar of occupied/limit, its holders and its queue; per template its
     busiest keys."""
-    limits = client.read_limits(list(names) if names else None, instances=bool(names))
-    leases = client.list_leases()
+    seen = client.overview(list(names) if names else None, busiest=KEYS_SHOWN, holders=HOLDERS_SHOWN)
+    limits = seen.limits
     now = datetime.now(UTC)
     lines = [f"pgslots watch - {now.astimezone().strftime('%Y-%m-%d %H:%M:%S')} - {len(limits)} limit(s)", ""]
     if not limits:
         lines.append("No global concurrency limits found.")
-    busiest = {i.name: client.read_instances(i.name, busiest=KEYS_SHOWN) for i in limits if i.is_template}
+    busiest = {i.name: seen.busiest.get(i.name, []) for i in limits if i.is_template}
     width = max([len(i.name) for i in limits] + [len(k.name) + 2 for keys in busiest.values() for k in keys] + [4])
     for info in limits:
         if info.is_template:
             keys = busiest[info.name]
-            lines.append(f"{info.name.ljust(width)}  template: {info.limit} per key, {info.instances} key(s) in use{_state(info)}")
+            lines.append(
+                f"{info.name.ljust(width)}  template: {info.limit} per key, {info.instances} key(s) in use, "
+                f"{number(round(info.held_slots, 2))} slot(s) held, waiters {info.waiters}{_state(info)}"
+            )
             for key in keys:
                 lines.append(_limit_line(key, width, indent="  "))
             if (info.instances or 0) > len(keys):
                 lines.append(f"{'':{width}}    ... and {(info.instances or 0) - len(keys)} more key(s): pgslots ls {info.name!r}")
             continue
         lines.append(_limit_line(info, width))
-        held = [lease for lease in leases if info.name in lease.limit_names]
-        for lease in held[:HOLDERS_SHOWN]:
+        for lease in seen.holders.get(info.name, []):
             age = seconds((now - lease.acquired_at).total_seconds())
             who = f"{lease.host or '?'} pid {lease.pid or '?'}"
             expired = "  EXPIRED" if lease.expired else ""
             lines.append(f"{'':{width}}    {lease.slots} slot(s)  {who}  held {age}{expired}")
-        if len(held) > HOLDERS_SHOWN:
-            lines.append(f"{'':{width}}    ... and {len(held) - HOLDERS_SHOWN} more lease(s)")
+        if info.leases > len(seen.holders.get(info.name, [])) and seen.holders_error is None:
+            lines.append(f"{'':{width}}    ... and {info.leases - len(seen.holders.get(info.name, []))} more lease(s)")
+    if seen.holders_error is not None:
+        lines += ["", seen.holders_error]
     # Names, hosts and keys are the callers' words: no character of theirs acts on the terminal.
     return "\n".join(shown(line) for line in lines)
 
@@ -70,8 +74,8 @@ def _limit_line(info: LimitInfo, width: int, indent: str = "") -> str:
         waiting += f" (oldest {seconds(info.oldest_waiter_seconds)})"
     gone = f"  reclaimable {info.reclaimable_slots} (holders gone)" if info.reclaimable_slots else ""
     return (
-        f"{(indent + info.name).ljust(width)}  {bar(info.active_slots - info.reclaimable_slots, info.limit)} "
-        f"{number(round(info.active_slots - info.reclaimable_slots, 2))}/{info.limit}{gone}{decay}{waiting}{_state(info)}"
+        f"{(indent + info.name).ljust(width)}  {bar(info.held_slots, info.limit)} "
+        f"{number(round(info.held_slots, 2))}/{info.limit}{gone}{decay}{waiting}{_state(info)}"
     )
 
 

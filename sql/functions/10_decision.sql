@@ -75,6 +75,11 @@ CREATE FUNCTION pgslots._span(window_seconds float8, margin_seconds float8) RETU
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT window_seconds + margin_seconds $$;
 
+-- True while a limit is paused (see 23_pause.sql).
+CREATE FUNCTION pgslots._paused(paused_until timestamptz, at timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT paused_until IS NOT NULL AND paused_until > at $$;
+
 -- The grant test. The tolerance absorbs the rounding of continuous decay.
 CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean
 LANGUAGE sql IMMUTABLE

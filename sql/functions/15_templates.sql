@@ -25,7 +25,7 @@ CREATE FUNCTION pgslots._create_instances(names text[], at timestamptz) RETURNS 
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    created integer;
+    made_for uuid[];
     new_keys text[];
     their_templates uuid[];
     tpl record;
@@ -44,9 +44,9 @@ BEGIN
                FROM unnest(new_keys, their_templates) AS k(name, template)
                JOIN pgslots.limits t ON t.id = k.template
                GROUP BY k.template LOOP
-        IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+        IF pgslots._keys_of(tpl.template) >= tpl.most THEN
             PERFORM pgslots._drop_idle(tpl.template, at, 8);
-            IF pgslots._keys_of(tpl.template, tpl.most) >= tpl.most THEN
+            IF pgslots._keys_of(tpl.template) >= tpl.most THEN
                 RAISE EXCEPTION 'Template % has % live keys, its most: key % cannot be created now.',
                     quote_literal(tpl.template_name), tpl.most, quote_literal(left(tpl.example, 80))
                     USING ERRCODE = 'PS016',
@@ -54,38 +54,61 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
-    INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, margin_seconds, shadow, active,
-                                     decayed_at, created, updated, template_id)
-    SELECT k.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.margin_seconds, t.shadow, t.active, at, at, at, t.id
-    FROM unnest(new_keys, their_templates) AS k(name, template)
-    JOIN pgslots.limits t ON t.id = k.template
-    ORDER BY k.name
-    ON CONFLICT (name) DO NOTHING;
-    GET DIAGNOSTICS created = ROW_COUNT;
-    RETURN created;
+    WITH made AS (
+        INSERT INTO pgslots.limits AS l (name, "limit", slot_decay_per_second, window_seconds, margin_seconds, shadow,
+                                         active, decayed_at, created, updated, template_id)
+        SELECT k.name, t."limit", t.slot_decay_per_second, t.window_seconds, t.margin_seconds, t.shadow, t.active,
+               at, at, at, t.id
+        FROM unnest(new_keys, their_templates) AS k(name, template)
+        JOIN pgslots.limits t ON t.id = k.template
+        ORDER BY k.name
+        ON CONFLICT (name) DO NOTHING
+        RETURNING l.template_id)
+    SELECT array_agg(m.template_id ORDER BY m.template_id) INTO made_for FROM made m;
+    PERFORM pgslots._count_keys(m.template, count(*))
+    FROM unnest(made_for) AS m(template) GROUP BY m.template ORDER BY m.template;
+    RETURN coalesce(cardinality(made_for), 0);
 END
 $$;
 
--- The live keys of a template, counted up to `most` (an index-only walk of at most that many entries).
--- PL/pgSQL, not SQL: a SQL function that is not inlined is planned again on every call.
-CREATE FUNCTION pgslots._keys_of(template uuid, most integer) RETURNS bigint
+-- The keys of a template: the sum of its shards of pgslots.template_keys (migration 0015), kept by
+-- every function that gives a key a template or takes it away (_count_keys). PL/pgSQL, not SQL: a
+-- SQL function that is not inlined is planned again on every call.
+CREATE FUNCTION pgslots._keys_of(template uuid) RETURNS bigint
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    RETURN (SELECT count(*) FROM (SELECT 1 FROM pgslots.limits l WHERE l.template_id = template LIMIT most) k);
+    RETURN (SELECT coalesce(sum(c.keys), 0) FROM pgslots.template_keys c WHERE c.template_id = template);
+END
+$$;
+
+-- Counts `delta` more keys (fewer, when negative) for a template, in this backend's shard; nothing
+-- for a template that is gone (the keys of a deleted one retire uncounted).
+CREATE FUNCTION pgslots._count_keys(template uuid, delta bigint) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF delta = 0 OR template IS NULL OR NOT EXISTS (SELECT 1 FROM pgslots.limits t WHERE t.id = template) THEN
+        RETURN;
+    END IF;
+    INSERT INTO pgslots.template_keys AS c (template_id, shard, keys)
+    VALUES (template, pg_catalog.pg_backend_pid() % 16, delta)
+    ON CONFLICT (template_id, shard) DO UPDATE SET keys = c.keys + excluded.keys;
 END
 $$;
 
 -- An instance nobody uses (retiring ones included: they keep their deleted template's id): no
 -- lease, no waiter, and no rate slot left after decay or in its window; a retiring instance's rate
--- slots (a debt, say) go with it, as its template is gone.
+-- slots (a debt, say) go with it, as its template is gone. PL/pgSQL: with its subqueries a SQL
+-- function would not be inlined, and would be planned again on every call.
 CREATE FUNCTION pgslots._idle(l pgslots.limits, at timestamptz) RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN l.template_id IS NOT NULL AND l.leased_slots = 0 AND NOT pgslots._paused(l.paused_until, at)
        AND CASE WHEN l.retiring THEN true
-                WHEN l.window_seconds > 0 THEN pgslots._window_used(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at) <= 1e-9
+                WHEN l.window_seconds > 0
+                    THEN pgslots._window_used(l.id, pgslots._span(l.window_seconds, l.margin_seconds), at) <= 1e-9
                 ELSE pgslots._unleased(l, at) <= 1e-9 END
        AND NOT EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = l.id)
        AND NOT EXISTS (SELECT 1 FROM pgslots.waiters w WHERE w.limit_id = l.id);
@@ -100,8 +123,8 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     gone uuid[];
+    dropped_from uuid[];
     start uuid;
-    candidate pgslots.limits;
 BEGIN
     IF template IS NULL OR most IS NULL THEN
         gone := ARRAY(SELECT l.id FROM pgslots.limits l
@@ -112,18 +135,16 @@ BEGIN
     ELSE
         -- A few keys from a random point of the template's keys (wrapping around), never all of
         -- them: a template with many busy keys costs a new key as little as one with none. The
-        -- loop stops at the first `most` idle keys it meets.
-        gone := '{}';
+        -- first `most` idle keys among them go.
         start := gen_random_uuid();
-        FOR candidate IN (SELECT l.* FROM pgslots.limits l
-                          WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 4 * most)
-                         UNION ALL
-                         (SELECT l.* FROM pgslots.limits l
-                          WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 4 * most) LOOP
-            CONTINUE WHEN NOT pgslots._idle(candidate, at);
-            gone := gone || candidate.id;
-            EXIT WHEN cardinality(gone) >= most;
-        END LOOP;
+        gone := ARRAY(SELECT c.id
+                      FROM ((SELECT l.* FROM pgslots.limits l
+                             WHERE l.template_id = template AND l.id >= start ORDER BY l.id LIMIT 2 * most)
+                            UNION ALL
+                            (SELECT l.* FROM pgslots.limits l
+                             WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 2 * most)) c
+                      WHERE pgslots._idle(c, at)
+                      LIMIT most);
         gone := ARRAY(SELECT l.id FROM pgslots.limits l WHERE l.id = ANY (gone) FOR UPDATE SKIP LOCKED);
     END IF;
     IF cardinality(gone) > 0 THEN
@@ -144,11 +165,42 @@ BEGIN
             wait_seconds_total = c.wait_seconds_total + excluded.wait_seconds_total,
             expired_leases_total = c.expired_leases_total + excluded.expired_leases_total,
             shadow_refusals = c.shadow_refusals + excluded.shadow_refusals;
-        DELETE FROM pgslots.limits l WHERE l.id = ANY (gone) AND pgslots._idle(l, at);
+        WITH d AS (DELETE FROM pgslots.limits l WHERE l.id = ANY (gone) AND pgslots._idle(l, at) RETURNING l.template_id)
+        SELECT array_agg(d.template_id ORDER BY d.template_id) INTO dropped_from FROM d;
+        PERFORM pgslots._count_keys(d.template, -count(*))
+        FROM unnest(dropped_from) AS d(template) GROUP BY d.template ORDER BY d.template;
         DELETE FROM pgslots.refusals r WHERE r.limit_id = ANY (gone);
         DELETE FROM pgslots.served_keys s WHERE s.limit_id = ANY (gone);
     END IF;
     RETURN cardinality(gone);
+END
+$$;
+
+-- Makes the given instances (ids) follow one template: they take its values now (decay brought up
+-- to now at their old rate) and their waiters that now fit are woken. Locks them in id order.
+CREATE FUNCTION pgslots._follow_template(template uuid, at timestamptz, ids uuid[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    t record;
+BEGIN
+    IF cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT l."limit", l.slot_decay_per_second, l.window_seconds, l.active, l.shadow, l.margin_seconds INTO t
+    FROM pgslots.limits l WHERE l.id = template;
+    PERFORM 1 FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id FOR UPDATE;
+    PERFORM pgslots._count_keys(o.template_id, -o.n)
+    FROM (SELECT l.template_id, count(*) AS n FROM pgslots.limits l
+          WHERE l.id = ANY (ids) AND l.template_id IS DISTINCT FROM _follow_template.template
+          GROUP BY l.template_id ORDER BY l.template_id) o;
+    PERFORM pgslots._count_keys(template, count(*))
+    FROM pgslots.limits l WHERE l.id = ANY (ids) AND l.template_id IS DISTINCT FROM _follow_template.template;
+    UPDATE pgslots.limits l SET template_id = _follow_template.template, retiring = false WHERE l.id = ANY (ids);
+    PERFORM pgslots._set_values(ids, at, t."limit", t.slot_decay_per_second, t.window_seconds, t.active, t.shadow,
+                                t.margin_seconds);
+    PERFORM pgslots._wake(w.limit_id, at)
+    FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x WHERE x.limit_id = ANY (ids)) w;
 END
 $$;
 

@@ -5,10 +5,7 @@
 -- the pause is over, the first heartbeat of their clients finds the slots they fit and tells them
 -- to ask again, in queue order.
 
--- True while the limit is closed.
-CREATE FUNCTION pgslots._paused(paused_until timestamptz, at timestamptz) RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $$ SELECT paused_until IS NOT NULL AND paused_until > at $$;
+-- (_paused, the test every decision makes, is with the pieces of a decision in 10_decision.sql.)
 
 CREATE FUNCTION pgslots.pause(name text, seconds float8, reason text DEFAULT NULL) RETURNS timestamptz
 LANGUAGE plpgsql

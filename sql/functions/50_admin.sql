@@ -11,6 +11,7 @@ AS $$
 DECLARE
     at timestamptz := pgslots._now();
     new_id uuid;
+    left_template uuid;
     template boolean := right(name, 1) = '*';
 BEGIN
     PERFORM pgslots._check_name(name);
@@ -33,9 +34,12 @@ BEGIN
         -- The key of a template in use (or of a deleted one) becomes an override: a limit of its
         -- own with these values, keeping its holders and its queue.
         UPDATE pgslots.limits l SET template_id = NULL, retiring = false
-        WHERE l.name = create_limit.name AND l.template_id IS NOT NULL   -- retiring ones too
-        RETURNING l.id INTO new_id;
+        FROM (SELECT k.id, k.template_id FROM pgslots.limits k
+              WHERE k.name = create_limit.name AND k.template_id IS NOT NULL) was   -- retiring ones too
+        WHERE l.id = was.id
+        RETURNING l.id, was.template_id INTO new_id, left_template;
         IF new_id IS NOT NULL THEN
+            PERFORM pgslots._count_keys(left_template, -1);
             PERFORM pgslots._set_values(ARRAY[new_id], at, "limit", coalesce(slot_decay_per_second, 0),
                                         coalesce(window_seconds, 0), coalesce(active, true), coalesce(shadow, false),
                                         coalesce(margin_seconds, 0.05));
@@ -91,28 +95,6 @@ BEGIN
         INSERT INTO pgslots.window_grants (limit_id, granted_at, slots)
         SELECT l.id, at, slots FROM pgslots.limits l WHERE l.id = target AND l.window_seconds > 0;
     END IF;
-END
-$$;
-
--- Makes the given instances (ids) follow one template: they take its values now (decay brought up
--- to now at their old rate) and their waiters that now fit are woken. Locks them in id order.
-CREATE FUNCTION pgslots._follow_template(template uuid, at timestamptz, ids uuid[]) RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    t record;
-BEGIN
-    IF cardinality(ids) = 0 THEN
-        RETURN;
-    END IF;
-    SELECT l."limit", l.slot_decay_per_second, l.window_seconds, l.active, l.shadow, l.margin_seconds INTO t
-    FROM pgslots.limits l WHERE l.id = template;
-    PERFORM 1 FROM pgslots.limits l WHERE l.id = ANY (ids) ORDER BY l.id FOR UPDATE;
-    UPDATE pgslots.limits l SET template_id = _follow_template.template, retiring = false WHERE l.id = ANY (ids);
-    PERFORM pgslots._set_values(ids, at, t."limit", t.slot_decay_per_second, t.window_seconds, t.active, t.shadow,
-                                t.margin_seconds);
-    PERFORM pgslots._wake(w.limit_id, at)
-    FROM (SELECT DISTINCT x.limit_id FROM pgslots.waiters x WHERE x.limit_id = ANY (ids)) w;
 END
 $$;
 
@@ -213,14 +195,16 @@ AS $$
 DECLARE
     gone uuid;
     was_template boolean;
+    its_template uuid;
     at timestamptz := pgslots._now();
     keys uuid[];
 BEGIN
     DELETE FROM pgslots.limits l WHERE l.name = delete_limit.name AND NOT l.retiring
-    RETURNING l.id, l.is_template INTO gone, was_template;
+    RETURNING l.id, l.is_template, l.template_id INTO gone, was_template, its_template;
     IF gone IS NULL THEN
         PERFORM pgslots._limit_not_found(name);
     END IF;
+    PERFORM pgslots._count_keys(its_template, -1);   -- a key of a template: one fewer
     IF was_template THEN
         -- Its keys: those another template matches follow that one; the others' names are missing
         -- again, and each is deleted once idle (now, or by a later sweep); until then its holders

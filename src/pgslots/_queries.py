@@ -48,6 +48,8 @@ GET_INSTANCES: LiteralString = "SELECT * FROM pgslots.get_instances(%(template)s
 # apply: serializes appliers for the rest of the transaction.
 LOCK_FOR_APPLY: LiteralString = "SELECT pgslots.lock_for_apply()"
 LIST_LEASES: LiteralString = "SELECT * FROM pgslots.list_leases(%(name)s)"
+GET_OVERVIEW: LiteralString = "SELECT * FROM pgslots.get_overview(%(names)s, %(busiest)s)"
+LIST_HOLDERS: LiteralString = "SELECT * FROM pgslots.list_holders(%(names)s, %(per_limit)s)"
 SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
 # The first call of a client: the schema's version, and the port the server itself listens on (a
 # different port from the one connected to means a pooler such as PgBouncer sits in between).

@@ -21,9 +21,11 @@ from . import _queries as q
 from . import _validate as check
 from ._connections import DEFAULT_POOL_SIZE, Connections
 from ._definitions import Plan, apply_desired, parse
-from .errors import InvalidArgumentError, LimitExistsError, LimitNotFoundError
+from .errors import InvalidArgumentError, LimitExistsError, LimitNotFoundError, PgSlotsError
 from .migrate import migrate, migration_plan
-from .types import LeaseInfo, LimitInfo, MigrationPlan
+from .types import LeaseInfo, LimitInfo, MigrationPlan, Overview
+
+MAX_SHOWN = 1000  # the most keys per template, or holders per limit, one overview reads
 
 DEFAULT_FAIL_OPEN_SECONDS = 5.0
 
@@ -267,6 +269,35 @@ class Client:
 
     def list_leases(self, name: str | None = None) -> list[LeaseInfo]:
         return [LeaseInfo(**row) for row in self._call(q.LIST_LEASES, {"name": name})]
+
+    def overview(self, names: Sequence[str] | None = None, *, busiest: int = 5, holders: int = 10) -> Overview:
+        """Every limit and template (or the named ones) with their gauges, each template's
+        ``busiest`` keys, and at most ``holders`` holders of each limit and key shown: what a view
+        of the limits shows, read in two queries however many keys there are. Holders need
+        pgslots_admin (lease ids are in them); without it ``holders_error`` says so."""
+        check.number("busiest", busiest, minimum=0, integer=True)
+        check.number("holders", holders, minimum=0, integer=True)
+        if busiest > MAX_SHOWN or holders > MAX_SHOWN:
+            raise InvalidArgumentError(f"busiest and holders must be at most {MAX_SHOWN}, got {busiest} and {holders}.")
+        rows = self._call(q.GET_OVERVIEW, {"names": None if names is None else list(names), "busiest": busiest})
+        infos = [LimitInfo(**row) for row in rows]
+        # The limits come first (by name), then the templates' busiest keys.
+        asked = None if names is None else set(names)
+        first = next((n for n, i in enumerate(infos) if (i.template is not None if asked is None else i.name not in asked)), len(infos))
+        limits = infos[:first]
+        busiest_keys: dict[str, list[LimitInfo]] = {}
+        for info in infos[first:]:
+            busiest_keys.setdefault(info.template or "", []).append(info)
+        held: dict[str, list[LeaseInfo]] = {}
+        error = None
+        shown = [i.name for i in limits if not i.is_template] + [k.name for keys in busiest_keys.values() for k in keys]
+        if holders and shown:
+            try:
+                for row in self._call(q.LIST_HOLDERS, {"names": shown, "per_limit": holders}):
+                    held.setdefault(row.pop("name"), []).append(LeaseInfo(**row))
+            except PgSlotsError as exc:
+                error = f"Holders are not shown: {exc}"
+        return Overview(limits, busiest_keys, held, error)
 
     def release(self, lease_id: uuid.UUID | str) -> bool:
         """Releases one lease (any holder's); False when it was already gone."""

@@ -2,9 +2,10 @@
 ``/metrics`` page of ``pgslots ui``.
 
 A template is one series labelled with its own name (``limit="tenant:*"``): ``pgslots_limit_slots``
-is its per-key limit, the other figures are sums over its keys (counters include keys removed as
-idle), and ``pgslots_instances`` counts its keys. With ``per_key``, each key is a series of its own,
-labelled ``limit`` (the key) and ``template``.
+is its per-key limit, the other figures are sums over its keys, summed by the database (counters
+include keys removed as idle), ``pgslots_instances`` counts its keys and ``pgslots_paused_keys`` those
+paused. Keys are opt-in: ``per_key=N`` adds each template's N busiest keys as series of their own,
+labelled ``limit`` (the key) and ``template``: a bounded output however many keys there are.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _GAUGES = (
     ("pgslots_waiters", "Waiters queued now."),
     ("pgslots_oldest_waiter_seconds", "How long the oldest queued waiter has waited (0 without waiters)."),
     ("pgslots_instances", "Keys a template has now (templates only)."),
-    ("pgslots_paused_seconds", "Seconds until a paused limit opens (0 when open; a template: its longest paused key)."),
+    ("pgslots_paused_seconds", "Seconds until a paused limit or key opens (0 when open; not for templates)."),
+    ("pgslots_paused_keys", "Keys of a template paused now (templates only)."),
 )
 _COUNTERS = (
     ("pgslots_grants_total", "Requests granted."),
@@ -62,20 +64,18 @@ def _left(until: datetime | None) -> float:
     return 0.0 if until is None else max(0.0, (until - datetime.now(UTC)).total_seconds())
 
 
-def _series(info: LimitInfo, per_key_of: dict[str, list[LimitInfo]] | None) -> dict[str, float | None]:
-    """The figures of one series: a limit, a key, or a template with its keys summed."""
-    keys = per_key_of.get(info.name, []) if (per_key_of is not None and info.is_template) else []
-    parts = keys if info.is_template else [info]
-    oldest = [k.oldest_waiter_seconds for k in parts if k.oldest_waiter_seconds is not None]
+def _series(info: LimitInfo) -> dict[str, float | None]:
+    """The figures of one series, as the database gives them (a template's: its keys' summed)."""
     return {
         "pgslots_limit_slots": info.limit,
-        "pgslots_active_slots": sum(k.active_slots for k in parts),
-        "pgslots_leased_slots": sum(k.leased_slots for k in parts),
-        "pgslots_reclaimable_slots": sum(k.reclaimable_slots for k in parts),
-        "pgslots_waiters": sum(k.waiters for k in parts),
-        "pgslots_oldest_waiter_seconds": max(oldest, default=0.0),
+        "pgslots_active_slots": info.active_slots,
+        "pgslots_leased_slots": info.leased_slots,
+        "pgslots_reclaimable_slots": info.reclaimable_slots,
+        "pgslots_waiters": info.waiters,
+        "pgslots_oldest_waiter_seconds": info.oldest_waiter_seconds or 0.0,
         "pgslots_instances": info.instances if info.is_template else None,
-        "pgslots_paused_seconds": max((_left(k.paused_until) for k in parts), default=0.0),
+        "pgslots_paused_seconds": None if info.is_template else _left(info.paused_until),
+        "pgslots_paused_keys": info.paused_keys if info.is_template else None,
         # Counters: a template's row already holds the totals over its keys (removed ones included).
         "pgslots_grants_total": info.grants_total,
         "pgslots_refusals_total": info.refusals_total,
@@ -85,21 +85,15 @@ def _series(info: LimitInfo, per_key_of: dict[str, list[LimitInfo]] | None) -> d
     }
 
 
-def exposition(limits: Iterable[LimitInfo], per_key: bool = False) -> str:
-    """The exposition of these limits (keys of templates included in `limits`)."""
-    everything = list(limits)
-    keys_of: dict[str, list[LimitInfo]] = {}
-    for info in everything:
-        if info.template is not None:
-            keys_of.setdefault(info.template, []).append(info)
+def exposition(limits: Iterable[LimitInfo], keys: Iterable[LimitInfo] = ()) -> str:
+    """The exposition of these limits and templates, and of these keys (each labelled with its
+    template)."""
     rows: list[tuple[dict[str, str], dict[str, float | None]]] = []
-    for info in everything:
-        if info.template is not None and not per_key:
-            continue  # counted in its template's series
+    for info in [*limits, *keys]:
         labels = {"limit": info.name}
         if info.template is not None:
             labels["template"] = info.template
-        rows.append((labels, _series(info, keys_of)))
+        rows.append((labels, _series(info)))
     lines: list[str] = []
     for kind, metrics in (("gauge", _GAUGES), ("counter", _COUNTERS)):
         for name, text in metrics:
@@ -113,9 +107,11 @@ def exposition(limits: Iterable[LimitInfo], per_key: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read(client: Client, per_key: bool = False) -> str:
-    """The exposition of every limit of the client's database."""
-    return exposition(client.read_limits(), per_key=per_key)
+def read(client: Client, per_key: int = 0) -> str:
+    """The exposition of every limit and template of the client's database, and of each template's
+    ``per_key`` busiest keys (0: none; at most 1000)."""
+    seen = client.overview(busiest=per_key, holders=0)
+    return exposition(seen.limits, [k for keys in seen.busiest.values() for k in keys])
 
 
 __all__ = ["exposition", "read"]

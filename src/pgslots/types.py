@@ -85,6 +85,10 @@ class LimitInfo:
     #: For a decay or window limit: the most a request may take from its grant to a downstream that
     #: enforces the same rate; grants are held back by that much (0: exact on the database's clock).
     margin_seconds: float = DEFAULT_MARGIN_SECONDS
+    #: For a template: how many of its keys are paused now.
+    paused_keys: int | None = None
+    #: Slots in use by living holders: ``active_slots`` less ``reclaimable_slots``.
+    held_slots: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,22 @@ class LeaseInfo:
     #: Its holder is gone (expired, or its session dead): its slots are held by nobody, and the
     #: next caller that needs them takes them back.
     gone: bool = False
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Everything a view of the limits shows, read in one go (:meth:`pgslots.Client.overview`): what
+    ``pgslots ls``, ``watch``, ``metrics`` and the page show, so that none computes a figure itself."""
+
+    #: Every limit and template (or those asked for), by name; a template's gauges (slots, leases,
+    #: reclaimable slots, waiters, oldest wait, paused keys) are its keys' summed, in SQL.
+    limits: list[LimitInfo]
+    #: Per template: its busiest keys, the most slots in use first.
+    busiest: dict[str, list[LimitInfo]]
+    #: Per limit or key shown: who holds it (at most the number asked for), oldest first.
+    holders: dict[str, list[LeaseInfo]]
+    #: Why ``holders`` is empty when holders were asked for (listing leases is for pgslots_admin).
+    holders_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,4 +187,14 @@ class ReservationBase:
         return f"Reservation({self.reservation_id}, names={list(self.names)!r}, slots={self.slots}, actual={self.actual!r})"
 
 
-__all__ = ["DEFAULT_MARGIN_SECONDS", "CodeFile", "Lease", "LeaseInfo", "LimitInfo", "Migration", "MigrationPlan", "ReservationBase"]
+__all__ = [
+    "DEFAULT_MARGIN_SECONDS",
+    "CodeFile",
+    "Lease",
+    "LeaseInfo",
+    "LimitInfo",
+    "Migration",
+    "MigrationPlan",
+    "Overview",
+    "ReservationBase",
+]

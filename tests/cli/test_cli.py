@@ -364,14 +364,17 @@ def test_templates_in_create_ls_inspect_watch_and_apply(fresh_dsn: str, tmp_path
             listed = run(fresh_dsn, "ls").output
             header, row = listed.splitlines()[0], next(line for line in listed.splitlines() if line.startswith("tenant:*"))
             assert "INSTANCES" in header and row.split()[-2] == "2", listed
+            assert row.split()[2] == "3", "a template's slots in use: its keys', summed"
             assert "tenant:acme" not in listed, "ls lists templates, not every key"
             keys = run(fresh_dsn, "ls", "tenant:*").output
             assert "tenant:acme" in keys and "tenant:beta" in keys and "tenant:*" not in keys
             as_json = json.loads(run(fresh_dsn, "ls", "tenant:*", "-o", "json").output)
             assert [(k["name"], k["template"], k["active_slots"]) for k in as_json] == [
+                ("tenant:beta", "tenant:*", 2),  # the busiest first
                 ("tenant:acme", "tenant:*", 1),
-                ("tenant:beta", "tenant:*", 2),
             ]
+            one = run(fresh_dsn, "ls", "tenant:*", "--keys", "1").output
+            assert "tenant:beta" in one and "tenant:acme" not in one and "The 1 busiest of 2 keys" in one
             shown = json.loads(run(fresh_dsn, "inspect", "tenant:*", "-o", "json").output)
             assert shown["is_template"] is True and shown["instances"] == 2
             frame = run(fresh_dsn, "watch", "--once").output

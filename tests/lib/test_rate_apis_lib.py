@@ -239,7 +239,7 @@ def _reserver(dsn: str, seed: int, deadline: float, out: Any) -> None:
 
 def test_processes_settling_random_costs_hold_the_rate_of_actual_cost(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgslots.create_limit('llm', %s, %s)", [LIMIT, RATE])
+        conn.execute("SELECT pgslots.create_limit('llm', %s, %s, margin_seconds => 0)", [LIMIT, RATE])  # the exact rate
     ctx = mp.get_context("fork")
     out: Any = ctx.Queue()
     deadline = time.time() + SECONDS

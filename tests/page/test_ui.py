@@ -48,6 +48,8 @@ def test_metrics_are_valid_prometheus_text_with_templates_summed(fresh_dsn: str)
         with concurrency("db", client=client), concurrency("tenant:a", client=client), concurrency("tenant:b", occupy=2, client=client):
             text = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "metrics"]).output
             per_key = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "metrics", "--per-key"]).output
+            client.pause("tenant:a", 60)
+            busiest = CliRunner().invoke(cli, ["--dsn", fresh_dsn, "metrics", "--per-key", "--keys", "1"]).output
     finally:
         client.close()
     families = _families(text)
@@ -66,6 +68,10 @@ def test_metrics_are_valid_prometheus_text_with_templates_summed(fresh_dsn: str)
     assert _value(keyed, "pgslots_grants_total", limit="tenant:a", template="tenant:*") == 1
     for name in ("refusals", "wait_seconds", "expired_leases", "shadow_refusals"):
         assert keyed[f"pgslots_{name}"].type == "counter"
+    one_key = _families(busiest)
+    assert _value(one_key, "pgslots_active_slots", limit="tenant:b", template="tenant:*") == 2, "the busiest key"
+    assert not any(s.labels.get("limit") == "tenant:a" for f in one_key.values() for s in f.samples), "--keys 1: one key"
+    assert _value(one_key, "pgslots_paused_keys", limit="tenant:*") == 1
 
 
 def test_ui_refuses_to_listen_beyond_loopback_without_a_token(fresh_dsn: str) -> None:

@@ -169,14 +169,19 @@ def test_deleting_a_template_makes_its_names_missing_and_removes_keys_once_idle(
 
 
 def test_idle_keys_are_removed_by_sweep_and_by_new_keys(sql: Conn) -> None:
-    create(sql, "user:*", 1, decay=0.0)
+    one(sql, "SELECT pgslots.create_limit('user:*', 1, max_keys => 100) AS id")
     create(sql, "calls:*", 1, decay=1.0)
     leases = [acquire(sql, [f"user:{i}"])["lease_id"] for i in range(30)]
     assert all(release(sql, lease) for lease in leases)
     assert len(instances(sql, "user:*")) == 30
-    # Each new key takes up to four idle ones away.
+    # Below half its max_keys, a template keeps its idle keys for sweep; past it, each new key
+    # takes up to four idle ones away.
+    first = acquire(sql, ["user:first"])
+    assert first["granted"] and len(instances(sql, "user:*")) == 31
+    assert release(sql, first["lease_id"])
+    one(sql, "SELECT pgslots.update_limit('user:*', max_keys => 50) AS id")
     assert acquire(sql, ["user:new"])["granted"]
-    assert len(instances(sql, "user:*")) == 27
+    assert len(instances(sql, "user:*")) == 28
     assert rate_limit(sql, ["calls:x"])["granted"]
     held = acquire(sql, ["user:held"])
     one(sql, "SELECT pgslots.sweep() AS n")
