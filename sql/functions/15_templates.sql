@@ -71,6 +71,20 @@ BEGIN
 END
 $$;
 
+-- After new keys of the limits `ids` were granted: past half its max_keys, each new key of a
+-- template takes a few idle ones away (below that, its keys cost nothing to keep: sweep takes them).
+CREATE FUNCTION pgslots._after_new_keys(ids uuid[], at timestamptz, cfg pgslots.settings) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM pgslots._drop_idle(t.template_id, at, 4)
+    FROM (SELECT DISTINCT l.template_id FROM pgslots.limits l
+          WHERE l.id = ANY (ids) AND l.template_id IS NOT NULL) t
+    WHERE 2 * pgslots._keys_of(t.template_id)
+          > (SELECT coalesce(m.max_keys, cfg.max_keys_per_template) FROM pgslots.limits m WHERE m.id = t.template_id);
+END
+$$;
+
 -- The keys of a template: the sum of its shards of pgslots.template_keys (migration 0015), kept by
 -- every function that gives a key a template or takes it away (_count_keys). PL/pgSQL, not SQL: a
 -- SQL function that is not inlined is planned again on every call.

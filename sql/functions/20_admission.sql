@@ -1,7 +1,8 @@
 -- Admission: acquire, a pipeline of three stages; the first that decides answers.
 --
 --   1. _fast_grant     one limit with room for us after those queued: one UPDATE decides and
---                      counts under the row lock, like a bare semaphore
+--                      counts under the row lock, like a bare semaphore (_fast_new_key: the same,
+--                      for a template's key used for the first time, after creating it)
 --   2. _queue_refusal  one full limit, a caller that queues: queued without the limit's row lock
 --   3. _admit          everything else (several limits, errors, a queued caller asking again,
 --                      leases to take back), in 21_admit.sql
@@ -43,6 +44,30 @@ BEGIN
     INTO target, others_wait;
     IF others_wait AND (fairness_key IS NOT NULL OR NOT pgslots._plain_queue(target)) THEN
         PERFORM pgslots._served(ARRAY[target], fairness_key, at);
+    END IF;
+    RETURN target;
+END
+$$;
+
+-- Stage 1 for a key's first use (a name with no limit that a template matches): creates it, as
+-- _admit would, and grants with stage 1's UPDATE. NULL when the name has a limit, matches no
+-- template, or the new key cannot grant (then _admit decides).
+CREATE FUNCTION pgslots._fast_new_key(wanted text, slots integer, priority integer, fairness_key text,
+                                      cfg pgslots.settings, at timestamptz)
+RETURNS uuid
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    target uuid;
+BEGIN
+    IF pgslots._bad_name(wanted)   -- _admit says what is wrong with it
+       OR EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.name = wanted)
+       OR pgslots._create_instances(ARRAY[wanted], at) = 0 THEN
+        RETURN NULL;
+    END IF;
+    target := pgslots._fast_grant(wanted, slots, priority, fairness_key, cfg.priority_aging_seconds, at);
+    IF target IS NOT NULL THEN
+        PERFORM pgslots._after_new_keys(ARRAY[target], at, cfg);
     END IF;
     RETURN target;
 END
@@ -155,7 +180,8 @@ BEGIN
     SELECT * INTO cfg FROM pgslots.settings;
     at := pgslots._clock(cfg.clock_offset);
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 AND pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
-        target := pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at);
+        target := coalesce(pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at),
+                           pgslots._fast_new_key(names[1], slots, priority, fairness_key, cfg, at));
         IF target IS NOT NULL THEN
             d := pgslots._lease_for(ARRAY[target], new_lease_id, lease_seconds, at);
         ELSIF queue_client IS NOT NULL THEN

@@ -243,13 +243,7 @@ BEGIN
         PERFORM pgslots._grant(ids, windowed, verdict.shadowed, slots, d.waiter, for_rate_limit, reservation,
                                fairness_key, at);
         IF created > 0 THEN
-            -- New keys come and go: past half its max_keys, each new key of a template takes a few
-            -- idle ones away (below, its keys cost nothing to keep: sweep takes them).
-            PERFORM pgslots._drop_idle(t.template_id, at, 4)
-            FROM (SELECT DISTINCT l.template_id FROM pgslots.limits l
-                  WHERE l.id = ANY (ids) AND l.template_id IS NOT NULL) t
-            WHERE 2 * pgslots._keys_of(t.template_id)
-                  > (SELECT coalesce(m.max_keys, cfg.max_keys_per_template) FROM pgslots.limits m WHERE m.id = t.template_id);
+            PERFORM pgslots._after_new_keys(ids, at, cfg);
         END IF;
         IF for_rate_limit THEN
             d.granted := true;

@@ -232,3 +232,80 @@ def test_a_pause_reason_with_markup_and_quotes_is_shown_as_text(read_only_ui: Se
     finally:
         browser.quit()
         client.close()
+
+
+LAYOUT_NAMES = ("db", "payments-api-with-a-rather-long-name-to-wrap", "tenant:*", "llm-tokens")
+
+
+def _layout(browser: Any) -> tuple[int, int]:
+    """(the page's width, the window's): a page wider than its window scrolls sideways."""
+    width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    return int(width), int(inner)
+
+
+# Read at one moment (the page re-renders every second): for each name, whether its row is shown
+# within the window's width.
+ROWS_SHOWN = """
+return arguments[0].map((name) => {
+  const row = [...document.querySelectorAll("[data-limit]")].find((r) => r.dataset.limit === name);
+  if (!row || !row.getClientRects().length) return false;
+  const box = row.getBoundingClientRect();
+  return box.width > 0 && box.left >= 0 && box.right <= window.innerWidth + 1;
+});
+"""
+CHARTS = """
+return [...document.querySelectorAll("#charts figure")].map((f) =>
+  [f.dataset.chart, [...f.querySelectorAll("svg text")].map((t) => t.textContent)]);
+"""
+
+
+def test_the_page_reads_at_1400_and_800_pixels(read_only_ui: Served, fresh_dsn: str, tmp_path: Path) -> None:
+    """Screenshots at 1400 and 800 px: no sideways scrolling, every limit's row shown; a limit's own
+    view has four charts with values on their axes, and holders as host, pid, application and
+    their own fields."""
+    from selenium.webdriver.common.by import By
+
+    client = Client(fresh_dsn)
+    client.create_limit("db", 3)
+    client.create_limit(LAYOUT_NAMES[1], 5, slot_decay_per_second=2)
+    client.create_limit("tenant:*", 2)
+    client.create_limit("llm-tokens", 90000, window_seconds=60)
+    client.pause(LAYOUT_NAMES[1], 120, reason="429 from payments")
+    shots = Path(os.environ.get("PGSLOTS_UI_SCREENSHOTS", str(tmp_path)))
+    browser = _browser()
+    try:
+        with (
+            concurrency("db", client=client, holder={"type": "job", "id": "browser-7", "queue": "reports"}),
+            concurrency("tenant:acme", client=client),
+        ):
+            browser.get(read_only_ui.url)
+            for name in LAYOUT_NAMES:
+                _until(lambda n=name: browser.find_elements(By.CSS_SELECTOR, f'[data-limit="{n}"]'))
+            _until(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-limit="tenant:acme"]'))
+            for width in (1400, 800):
+                browser.set_window_size(width, 1000)
+                time.sleep(1.2)  # a refresh at the new width
+                page, window = _layout(browser)
+                assert page <= window, f"at {width} px the page is {page} px wide in a {window} px window"
+                shown = browser.execute_script(ROWS_SHOWN, list(LAYOUT_NAMES))
+                assert shown == [True] * len(LAYOUT_NAMES), (width, dict(zip(LAYOUT_NAMES, shown, strict=True)))
+                browser.save_screenshot(str(shots / f"pgslots-ui-{width}.png"))
+            time.sleep(1.5)  # a few samples for the charts
+            browser.get(read_only_ui.url + "#limit=db")
+            charts = _until(lambda: browser.execute_script(CHARTS))
+            assert [title for title, _ in charts] == ["Slots held", "Grants and refusals", "Waiters queued", "Time spent waiting"]
+            held_axis = charts[0][1]
+            assert held_axis[:3] == ["0", "1.5", "3"], held_axis  # one scale, from 0 to the limit, then the times
+            assert len(held_axis) == 7 and all(":" in t for t in held_axis[3:]), held_axis
+            text = _until(lambda: browser.execute_script("return document.querySelector('#detail-holders [data-holder]')?.innerText"))
+            assert "job" in text and "browser-7" in text and "reports" in text and "{" not in text, text
+            assert "pgslots" in text or "python" in text or "-" in text  # the application column
+            page, window = _layout(browser)
+            assert page <= window, f"a limit's view at 800 px is {page} px wide in a {window} px window"
+            browser.save_screenshot(str(shots / "pgslots-ui-limit-800.png"))
+            browser.set_window_size(1400, 1000)
+            time.sleep(1.2)
+            browser.save_screenshot(str(shots / "pgslots-ui-limit-1400.png"))
+    finally:
+        browser.quit()
+        client.close()
