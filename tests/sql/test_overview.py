@@ -127,6 +127,17 @@ def test_plain_roles_read_the_overview_but_not_its_holders(roles: Roles) -> None
             assert [k.name for k in seen.busiest["tenant:*"]] == ["tenant:mine"]
         finally:
             client.close()
+    # A template's gauges answer for any id, and only read: nothing to learn beyond the status view.
+    with psycopg.connect(roles.attacker, autocommit=True) as conn:
+        template_id = rows(conn, "SELECT id FROM pgslots.status WHERE name = 'tenant:*'")[0]["id"]
+        gauges = rows(conn, "SELECT (pgslots.template_gauges(%s)).*", [template_id])[0]
+        assert (gauges["instances"], gauges["leased"], gauges["leases"]) == (1, 2, 2)
+        for other in (None, uuid.uuid4(), rows(conn, "SELECT id FROM pgslots.status WHERE name = 'shared'")[0]["id"]):
+            assert rows(conn, "SELECT (pgslots.template_gauges(%s)).instances AS n", [other])[0]["n"] == 0
+        for bad in ("SELECT * FROM pgslots.get_overview(NULL, 100000)", "SELECT * FROM pgslots.list_holders(ARRAY['shared'], 5)"):
+            with pytest.raises(psycopg.Error) as refused:
+                conn.execute(bad)
+            assert refused.value.sqlstate in ("PS011", "42501")
     admin = Client(roles.owner)
     try:
         seen = admin.overview(busiest=1, holders=5)
