@@ -61,8 +61,7 @@ DECLARE
     target uuid;
 BEGIN
     IF pgslots._bad_name(wanted)   -- _admit says what is wrong with it
-       OR EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.name = wanted)
-       OR pgslots._create_instances(ARRAY[wanted], at) = 0 THEN
+       OR pgslots._create_instances(ARRAY[wanted], at) = 0 THEN   -- it has a limit, or no template
         RETURN NULL;
     END IF;
     target := pgslots._fast_grant(wanted, slots, priority, fairness_key, cfg.priority_aging_seconds, at);
