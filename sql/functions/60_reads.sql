@@ -197,6 +197,8 @@ SET search_path = pg_catalog, pgslots, pg_temp
 SET jit = off
 SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+    at timestamptz := pgslots._now();   -- one moment for every key compared
 BEGIN
     IF busiest < 1 THEN
         RAISE EXCEPTION 'busiest must be 1 or more (or NULL: every key), got %.', busiest
@@ -215,10 +217,9 @@ BEGIN
     -- one pass over its keys, not 100,000 status rows.
     RETURN QUERY
     SELECT * FROM pgslots.status s
-    WHERE s.id IN (SELECT i.id FROM pgslots.limits i JOIN pgslots.limits t ON t.id = i.template_id,
-                                    pgslots.settings c
+    WHERE s.id IN (SELECT i.id FROM pgslots.limits i JOIN pgslots.limits t ON t.id = i.template_id
                    WHERE t.name = get_instances.template
-                   ORDER BY i.leased_slots + pgslots._unleased(i, pgslots._clock(c.clock_offset)) DESC, i.name
+                   ORDER BY i.leased_slots + pgslots._unleased(i, at) DESC, i.name
                    LIMIT busiest)
     ORDER BY s.active_slots DESC, s.waiters DESC, s.name;
 END

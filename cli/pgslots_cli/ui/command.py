@@ -49,9 +49,9 @@ def metrics(state: State, per_key: bool, keys: int) -> None:
 @click.option("--interval", type=click.FloatRange(min=0.5), default=2.0, show_default=True, help="Seconds between samples for the charts.")
 @pass_state
 def ui(state: State, host: str, port: int, allow_admin: bool, token: str | None, interval: float) -> None:
-    """Serve a web page of every limit, updated live: occupancy, holders, waiters, grants and
-    refusals per second and utilisation over the last hour, templates with their busiest keys.
-    Also /metrics (Prometheus) and /api/limits (JSON). Read-only unless --allow-admin; admin
+    """Serve a web page of every limit, updated live: slots held, holders, waiters, grants and
+    refusals per second, templates with their busiest keys; a limit's name opens its charts (since
+    the page started sampling, up to an hour). Also /metrics (Prometheus) and /api/limits (JSON). Read-only unless --allow-admin; admin
     actions need the token printed at start. Ctrl-C to stop.
 
     \b
