@@ -49,8 +49,8 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 @contextmanager
-def _running(command: list[str], port: int, what: str) -> Iterator[None]:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def running(command: list[str], port: int, what: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         _wait_for_port(port, proc, what)
         yield
@@ -108,7 +108,7 @@ http {{
 """
     )
     command = [NGINX, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(workdir / "nginx.conf")]
-    with _running(command, port, "nginx"):
+    with running(command, port, "nginx"):
         yield f"http://127.0.0.1:{port}/ok"
 
 
@@ -116,7 +116,7 @@ http {{
 def sliding_window(limit: int, window_seconds: float) -> Iterator[str]:
     """The sliding-window server of this file, in a subprocess. Yields its URL."""
     port = free_port()
-    with _running([sys.executable, __file__, str(port), str(limit), str(window_seconds)], port, "the sliding-window server"):
+    with running([sys.executable, __file__, str(port), str(limit), str(window_seconds)], port, "the sliding-window server"):
         yield f"http://127.0.0.1:{port}/ok"
 
 

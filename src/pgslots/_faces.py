@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._flow import Request
+from ._observe import Holding
 from .types import Lease
 
 logger = logging.getLogger("pgslots")
@@ -79,4 +80,5 @@ class ConcurrencyArguments:
         self._raise_on_failure = strict if raise_on_lease_renewal_failure is None else raise_on_lease_renewal_failure
         self._client = client
         self._lease: Lease | None = None
+        self._holding = Holding(None)
         self._args = (names, occupy, timeout_seconds, max_retries, lease_duration, strict, holder, raise_on_lease_renewal_failure)

@@ -43,6 +43,7 @@ CLEAN_UP_SECONDS = 1.0  # a clean-up the caller waits for never takes longer; th
 # Each SQL call bounds its waits for locks another session holds (an open transaction, say):
 RELEASE_WAIT_SECONDS = 2.0  # a release at the end of a body; past it, the release goes on in the background
 BACKGROUND_WAIT_SECONDS = 1.0  # a background call: past it, the engine turns to renewals and comes back later
+FIRST_ASK_SECONDS = 1.0  # the first attempt is always made (timeout_seconds=0: try once), given this long to answer
 
 
 class Clock(Protocol):
@@ -241,8 +242,10 @@ def list_literal(names: tuple[str, ...] | list[str]) -> str:
     return repr(list(names))
 
 
-def timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
-    return AcquireConcurrencySlotTimeoutError(f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)")
+def timeout_error(timeout_seconds: float | None, retry_after: float | None = None) -> AcquireConcurrencySlotTimeoutError:
+    return AcquireConcurrencySlotTimeoutError(
+        f"Attempt to acquire concurrency slots timed out after {timeout_seconds} second(s)", retry_after=retry_after
+    )
 
 
 # ---- one acquire across its attempts ---------------------------------------------------------
@@ -288,6 +291,10 @@ class Attempts:
     # Fail open once the database has been unreachable this long (None: never).
     fail_open_after: float | None = None
     call_started: float | None = None
+    # Whether an attempt has been sent (the first one is, whatever the timeout), and the database's
+    # last estimate of the seconds until the request could be granted (None: it gave none).
+    asked: bool = False
+    hint: float | None = None
 
     def __post_init__(self) -> None:
         self.started = self.clock.now()
@@ -304,7 +311,9 @@ class Attempts:
             return None
         left = deadline - self.clock.now()
         if left <= 0:
-            raise timeout_error(self.request.timeout_seconds)
+            if not self.asked:
+                return FIRST_ASK_SECONDS
+            raise timeout_error(self.request.timeout_seconds, self.hint)
         return left
 
     def query(self) -> tuple[Any, dict[str, Any]]:
@@ -335,6 +344,7 @@ class Attempts:
     def record(self, row: dict[str, Any]) -> Answer:
         """Digests one attempt's row."""
         self.attempts += 1
+        self.asked = True
         r = self.request
         if row["missing"] and not self.warned:
             self.warned = True
@@ -366,7 +376,8 @@ class Attempts:
                 f"Unable to acquire concurrency slots on {list_literal(r.names)}: still full "
                 f"({', '.join(row['blocked_by'] or [])}) after {self.attempts} attempts (max_retries={r.max_retries})"
             )
-        hint = 0.1 if row["retry_after"] is None else float(row["retry_after"])
+        self.hint = None if row["retry_after"] is None else float(row["retry_after"])
+        hint = 0.1 if self.hint is None else self.hint
         if r.rate_limit:
             wait = hint  # exact: the time until enough slots have decayed
         elif r.max_retries is not None:
@@ -433,15 +444,16 @@ class Attempts:
         RECONNECT_SECONDS, within the caller's timeout; the attempt may have committed before the
         connection went, so its lease is released in the background. With fail_open, an outage of
         fail_open_after seconds ends in a Lease that holds nothing (see failed_open)."""
+        self.asked = True
         if not isinstance(exc, DatabaseUnavailableError):
             if self.ticket is None:
                 self.pending_lease = None  # rolled back; while queued, a release may still hand it over
             if isinstance(exc, LockWaitTimeoutError) and self.deadline is not None:
-                return Recovery(error=timeout_error(self.request.timeout_seconds))  # blocked up to the deadline
+                return Recovery(error=timeout_error(self.request.timeout_seconds, self.hint))  # blocked up to the deadline
             return Recovery(error=exc)
         now = self.clock.now()
         if (exc.pool_exhausted or exc.answered) and self.deadline is not None and now >= self.deadline:
-            return Recovery(error=timeout_error(self.request.timeout_seconds))  # the caller's timeout, not an outage
+            return Recovery(error=timeout_error(self.request.timeout_seconds, self.hint))  # the caller's timeout, not an outage
         if exc.answered:
             # Busy, not down: the statement never ran or was rolled back, and nothing fails open.
             if self.ticket is None:
@@ -458,6 +470,10 @@ class Attempts:
             self.unreachable_since = started
         if self.fail_open_after is not None and self.unreachable_since is not None and now - self.unreachable_since >= self.fail_open_after:
             return Recovery(lease=self.failed_open())
+        if self.unreachable_since is not None and self.deadline is not None and now >= self.deadline:
+            # The caller waits no longer and the database never answered: that is an outage, not a
+            # refusal. With fail_open the caller goes through now; without, it learns the cause.
+            return Recovery(lease=self.failed_open()) if self.fail_open_after is not None else Recovery(error=exc)
         if now - self.outage_since > RECONNECT_SECONDS:
             return Recovery(error=exc)
         self.outage_retries += 1
@@ -578,7 +594,7 @@ def acquire_in_transaction(request: Request, clock: Clock) -> Flow[Lease]:
         except BaseException as exc:
             yield Call(q.ROLLBACK_TO_SAVEPOINT, in_transaction=True)
             if isinstance(exc, LockWaitTimeoutError) and state.deadline is not None:
-                raise timeout_error(request.timeout_seconds) from exc
+                raise timeout_error(request.timeout_seconds, state.hint) from exc
             raise
         if answer.lease is not None:
             yield Call(q.RELEASE_SAVEPOINT, in_transaction=True)

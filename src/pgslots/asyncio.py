@@ -31,6 +31,7 @@ from . import _flow as flows
 from ._connections import Connections
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
 from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from ._observe import Holding, observe
 from .client import Client, connections_of, default_client
 from .errors import InvalidArgumentError
 from .types import Lease, ReservationBase
@@ -136,22 +137,30 @@ class concurrency(ConcurrencyArguments):  # noqa: N801 - named like the function
         if self._request is None:
             return None
         fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
-        self._lease = await run(
-            connections_of(self._client), flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
-        )
+        with observe("acquire", self._request.names, self._request.slots) as seen:
+            self._lease = await run(
+                connections_of(self._client), flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
+            )
+            seen.granted(self._lease)
+        self._holding = Holding(self._lease)
         return self._lease
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
-            await run(connections_of(self._client), flows.release(lease, in_transaction=False))
+            self._holding.end(exc)
+            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id and str(lease.lease_id)):
+                await run(connections_of(self._client), flows.release(lease, in_transaction=False))
 
 
 async def _rate_slots(request: Request | None, client: Client | None) -> Lease | None:
     if request is None:
         return None
     fail_open_after = (client or default_client())._fail_open_after(request.fail_open)
-    return await run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
+    with observe("reserve" if request.reserve else "rate_limit", request.names, request.slots) as seen:
+        lease = await run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
+        seen.granted(lease)
+    return lease
 
 
 async def rate_limit(
@@ -190,7 +199,8 @@ class Reservation(ReservationBase):
 
     async def settle(self, actual: float) -> bool:
         """As ``pgslots.sync.Reservation.settle``."""
-        changed = await run(connections_of(self._client), flows.settle(self.reservation_id, actual, False))
+        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id and str(self.reservation_id)):
+            changed = await run(connections_of(self._client), flows.settle(self.reservation_id, actual, False))
         self.actual = float(actual)
         return changed
 

@@ -21,6 +21,7 @@ from . import _queries as q
 from . import _validate as check
 from ._connections import DEFAULT_POOL_SIZE, Connections
 from ._definitions import Plan, apply_desired, parse
+from ._observe import observe
 from .errors import InvalidArgumentError, LimitExistsError, LimitNotFoundError, PgSlotsError
 from .migrate import migrate, migration_plan
 from .types import LeaseInfo, LimitInfo, MigrationPlan, Overview
@@ -233,7 +234,9 @@ class Client:
         check.number("seconds", seconds, minimum=0, integer=False)
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgumentError(f"reason must be a string (or None), got {reason!r}.")
-        until: datetime = self._call(q.PAUSE, {"name": name, "seconds": float(seconds), "reason": reason})[0]["until"]
+        with observe("pause", [name], seconds=float(seconds), reason=reason) as seen:
+            until: datetime = self._call(q.PAUSE, {"name": name, "seconds": float(seconds), "reason": reason})[0]["until"]
+            seen.note(until=until.isoformat())
         return until
 
     def resume(self, name: str) -> bool:

@@ -136,4 +136,12 @@ class WindowLimitError(ConcurrencySlotAcquisitionError):
 
 
 class AcquireConcurrencySlotTimeoutError(PgSlotsError, TimeoutError):
-    """Waiting for slots took longer than ``timeout_seconds``."""
+    """Waiting for slots took longer than ``timeout_seconds`` (0: the one attempt was refused).
+
+    ``retry_after`` is the database's last estimate of the seconds until the request could be
+    granted (the time until enough rate slots decay or leave the window, or a pause ends; for held
+    slots a guess), None when it gave none: what an HTTP ``Retry-After`` or a task's retry uses."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -32,6 +32,7 @@ from ._connections import Connections
 from ._engine import interrupt_thread
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
 from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from ._observe import Holding, observe
 from .client import Client, connections_of, default_client
 from .types import Lease, ReservationBase
 
@@ -131,22 +132,31 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
         else:
             fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
             flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
-        self._lease = run(connections_of(self._client), flow, self._connection)
+        with observe("acquire", self._request.names, self._request.slots) as seen:
+            self._lease = run(connections_of(self._client), flow, self._connection)
+            seen.granted(self._lease)
+        self._holding = Holding(self._lease)
         return self._lease
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
-            run(connections_of(self._client), flows.release(lease, in_transaction=self._connection is not None), self._connection)
+            self._holding.end(exc)
+            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id and str(lease.lease_id)):
+                run(connections_of(self._client), flows.release(lease, in_transaction=self._connection is not None), self._connection)
 
 
 def _rate_slots(request: Request | None, client: Client | None, connection: psycopg.Connection[Any] | None) -> Lease | None:
     if request is None:
         return None
-    if connection is not None:
-        return run(connections_of(client), flows.acquire_in_transaction(request, CLOCK), connection)
-    fail_open_after = (client or default_client())._fail_open_after(request.fail_open)
-    return run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
+    with observe("reserve" if request.reserve else "rate_limit", request.names, request.slots) as seen:
+        if connection is not None:
+            lease = run(connections_of(client), flows.acquire_in_transaction(request, CLOCK), connection)
+        else:
+            fail_open_after = (client or default_client())._fail_open_after(request.fail_open)
+            lease = run(connections_of(client), flows.acquire(request, CLOCK, fail_open_after))
+        seen.granted(lease)
+    return lease
 
 
 def rate_limit(
@@ -196,9 +206,10 @@ class Reservation(ReservationBase):
         debt the limit must work off first when higher. Settling again applies the difference from
         the last value; the same value again changes nothing (returns False). Raises
         ``ReservationError`` once ``reservation_seconds`` (1 hour by default) have passed."""
-        changed = run(
-            connections_of(self._client), flows.settle(self.reservation_id, actual, self._connection is not None), self._connection
-        )
+        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id and str(self.reservation_id)):
+            changed = run(
+                connections_of(self._client), flows.settle(self.reservation_id, actual, self._connection is not None), self._connection
+            )
         self.actual = float(actual)
         return changed
 

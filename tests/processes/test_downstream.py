@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from strict_downstream import nginx_bucket, sliding_window
-
 import pgslots
 from pgslots.client import Client
 from pgslots.types import DEFAULT_MARGIN_SECONDS
+from strict_downstream import nginx_bucket, sliding_window
 
 PROCESSES = 4
 SECONDS = 4.0
