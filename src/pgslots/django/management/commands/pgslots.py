@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -16,30 +17,27 @@ class Command(BaseCommand):  # type: ignore[misc]
         "inspect NAME, pause NAME SECONDS, ... (manage.py pgslots --help lists them)."
     )
 
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        self._prog = f"{prog_name} {subcommand}"
-        return parser
-
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("args", nargs="*", metavar="ARG", help="the pgslots command and its arguments (--help for the list)")
 
     def run_from_argv(self, argv: list[str]) -> None:
-        # Every argument after `manage.py pgslots` is the pgslots command line's, --help included.
-        self._prog = f"{argv[0]} {argv[1]}"
-        self.execute(*argv[2:], no_color=False, force_color=False, skip_checks=True, stdout=None, stderr=None)
+        # From the shell, every argument after `manage.py pgslots` is the command line's (--help
+        # included), and it exits as pgslots does: its message on stderr, status 1, no traceback.
+        self._cli(argv[2:], f"{os.path.basename(argv[0])} {argv[1]}")
 
     def handle(self, *args: str, **options: Any) -> None:
-        from pgslots_cli.app import cli
-
-        dsn = settings_dsn()
-        command = list(args)
-        if dsn is not None:
-            command = ["--dsn", dsn, *command]
+        # From call_command(): a failure is a CommandError (the command line printed the reason).
         try:
-            cli.main(args=command, prog_name=getattr(self, "_prog", "manage.py pgslots"))
-        except SystemExit as done:  # the command line always ends this way; errors are printed already
+            self._cli(list(args), "manage.py pgslots")
+        except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             if code:
                 what = args[0] if args else "pgslots"
                 raise CommandError(f"pgslots {what} failed (exit status {code}): see the message above.", returncode=code) from None
+
+    @staticmethod
+    def _cli(args: list[str], prog_name: str) -> None:
+        from pgslots_cli.main import cli
+
+        dsn = settings_dsn()
+        cli.main(args=args if dsn is None else ["--dsn", dsn, *args], prog_name=prog_name)
