@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -18,7 +19,10 @@ class Command(BaseCommand):  # type: ignore[misc]
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("args", nargs="*", metavar="ARG", help="the pgslots command and its arguments (--help for the list)")
+        # Everything after the command's name is the command line's own (its options included).
+        parser.add_argument(
+            "args", nargs=argparse.REMAINDER, metavar="ARG", help="the pgslots command and its arguments (--help for the list)"
+        )
 
     def run_from_argv(self, argv: list[str]) -> None:
         # From the shell, every argument after `manage.py pgslots` is the command line's (--help
