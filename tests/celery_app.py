@@ -28,7 +28,7 @@ def work(tenant: str, n: int, die: bool = False) -> int:
     started = time.time()
     if die:
         os.kill(os.getpid(), signal.SIGKILL)  # the worker process is lost while it holds a slot
-    time.sleep(0.15)
+    time.sleep(0.4)  # longer than a task waits for its slot (0.2 s): tasks behind it are retried
     _record("work", tenant, n, started)
     return n
 
@@ -44,3 +44,9 @@ def call_partner(n: int) -> int:
 @limited(concurrency="tenant:{tenant}", wait_seconds=0.2)
 def fail(tenant: str) -> None:
     raise RuntimeError(f"task for {tenant} failed on purpose")
+
+
+@app.task(max_retries=None)  # type: ignore[untyped-decorator]
+@limited(concurrency="tenant:{tenant}", wait_seconds=0.2)
+def hold(tenant: str) -> None:
+    time.sleep(30)  # until revoked

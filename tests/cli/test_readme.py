@@ -22,7 +22,7 @@ from clihelp import run
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 RUNNABLE = {"python", "sql", "toml", "bash"}
 LONG_RUNNING = {"demo", "ui", "watch"}
@@ -38,7 +38,7 @@ def test_every_code_block_is_of_a_kind_this_test_runs_or_configuration() -> None
     assert sum(lang == "python" for lang, _ in blocks(README)) == 1
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_code_blocks_of_a_page_run_as_written(page: Path, fresh_dsn: str, tmp_path: Path) -> None:
     env = {**os.environ, "PGSLOTS_DSN": fresh_dsn}
     ran = 0

@@ -106,6 +106,22 @@ def test_workers_never_run_more_bodies_than_the_limit_and_every_task_finishes(cl
     assert acme.held_slots == 0, acme
 
 
+def test_a_revoked_task_that_is_terminated_gives_its_slot_back(client: pgslots.Client, celery_env: dict[str, Any]) -> None:
+    client.create_limit("tenant:*", 1)
+    tasks = celery_env["app"]
+    held = tasks.hold.delay("gamma")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not client.read_limits(["tenant:gamma"]):
+        time.sleep(0.1)
+    while time.monotonic() < deadline and client.read_limit("tenant:gamma").held_slots < 1:
+        time.sleep(0.1)
+    assert client.read_limit("tenant:gamma").held_slots == 1
+    tasks.app.control.revoke(held.id, terminate=True)
+    after = tasks.work.delay("gamma", 7)  # needs the revoked task's slot
+    assert after.get(timeout=30) == 7
+    assert held.state == "REVOKED"
+
+
 def test_a_rate_limited_task_is_retried_after_the_database_hint(client: pgslots.Client, celery_env: dict[str, Any]) -> None:
     client.create_limit("partner-api", 2, slot_decay_per_second=5, margin_seconds=0)
     tasks = celery_env["app"]
