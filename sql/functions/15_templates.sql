@@ -23,6 +23,8 @@ $$;
 -- drops a few idle ones; a new key that still finds no room is refused with PS016.
 CREATE FUNCTION pgslots._create_instances(names text[], at timestamptz) RETURNS integer
 LANGUAGE plpgsql
+-- One plan for every call: a custom plan per call costs more than the statements themselves.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     made_for uuid[];
@@ -75,6 +77,8 @@ $$;
 -- template takes a few idle ones away (below that, its keys cost nothing to keep: sweep takes them).
 CREATE FUNCTION pgslots._after_new_keys(ids uuid[], at timestamptz, cfg pgslots.settings) RETURNS void
 LANGUAGE plpgsql
+-- One plan for every call: a custom plan per call costs more than the statements themselves.
+SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     PERFORM pgslots._drop_idle(t.template_id, at, 4)
@@ -134,6 +138,8 @@ $$;
 -- many it deleted.
 CREATE FUNCTION pgslots._drop_idle(template uuid, at timestamptz, most integer) RETURNS integer
 LANGUAGE plpgsql
+-- One plan for every call: a custom plan per call costs more than the statements themselves.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     gone uuid[];
@@ -157,7 +163,10 @@ BEGIN
                             UNION ALL
                             (SELECT l.* FROM pgslots.limits l
                              WHERE l.template_id = template AND l.id < start ORDER BY l.id LIMIT 2 * most)) c
-                      WHERE pgslots._idle(c, at)
+                      -- Busy keys fail the first, cheap tests (no function call); _idle looks further.
+                      WHERE c.leased_slots = 0
+                        AND (c.retiring OR c.window_seconds > 0 OR pgslots._unleased(c, at) <= 1e-9)
+                        AND pgslots._idle(c, at)
                       LIMIT most);
         gone := ARRAY(SELECT l.id FROM pgslots.limits l WHERE l.id = ANY (gone) FOR UPDATE SKIP LOCKED);
     END IF;

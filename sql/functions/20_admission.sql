@@ -2,7 +2,8 @@
 --
 --   1. _fast_grant     one limit with room for us after those queued: one UPDATE decides and
 --                      counts under the row lock, like a bare semaphore (_fast_new_key: the same,
---                      for a template's key used for the first time, after creating it)
+--                      for a template's key used for the first time, after creating it); rate
+--                      limits and reservations on one decay limit take this stage too (22_rates.sql)
 --   2. _queue_refusal  one full limit, a caller that queues: queued without the limit's row lock
 --   3. _admit          everything else (several limits, errors, a queued caller asking again,
 --                      leases to take back), in 21_admit.sql
@@ -14,10 +15,11 @@
 -- deadlock.
 
 -- Stage 1. Should the UPDATE wait for the row lock, it checks the count the other transaction
--- committed. Shadow, window and paused limits, templates and retiring keys are left to _admit. Returns the
--- limit's id when it granted, NULL otherwise.
+-- committed. Shadow, window and paused limits, templates and retiring keys are left to _admit. With
+-- `rate` (rate_limit and reserve on a decay limit), the slots are counted as rate slots, as _grant
+-- counts them. Returns the limit's id when it granted, NULL otherwise.
 CREATE FUNCTION pgslots._fast_grant(wanted text, slots integer, priority integer, fairness_key text,
-                                    aging float8, at timestamptz)
+                                    aging float8, at timestamptz, rate boolean)
 RETURNS uuid
 LANGUAGE plpgsql
 AS $$
@@ -25,9 +27,14 @@ DECLARE
     target uuid;
     others_wait boolean;
 BEGIN
-    UPDATE pgslots.limits l SET leased_slots = l.leased_slots + slots, grants_total = l.grants_total + 1
+    UPDATE pgslots.limits l
+    SET leased_slots = l.leased_slots + CASE WHEN rate THEN 0 ELSE slots END,
+        unleased_slots = CASE WHEN rate THEN pgslots._unleased(l, at) + slots ELSE l.unleased_slots END,
+        decayed_at = CASE WHEN rate THEN at ELSE l.decayed_at END,
+        grants_total = l.grants_total + 1
     WHERE l.name = wanted AND l.active AND NOT l.is_template AND NOT l.retiring
       AND NOT l.shadow AND l.window_seconds = 0 AND NOT pgslots._paused(l.paused_until, at)
+      AND (NOT rate OR l.slot_decay_per_second > 0)
       -- A full limit refuses before anyone counts the queue (cheaper quals run first).
       AND pgslots._fits(pgslots._short(l, at, 0, slots))
       AND pgslots._fits(pgslots._short(l, at,
@@ -53,7 +60,7 @@ $$;
 -- _admit would, and grants with stage 1's UPDATE. NULL when the name has a limit, matches no
 -- template, or the new key cannot grant (then _admit decides).
 CREATE FUNCTION pgslots._fast_new_key(wanted text, slots integer, priority integer, fairness_key text,
-                                      cfg pgslots.settings, at timestamptz)
+                                      cfg pgslots.settings, at timestamptz, rate boolean)
 RETURNS uuid
 LANGUAGE plpgsql
 AS $$
@@ -64,7 +71,7 @@ BEGIN
        OR pgslots._create_instances(ARRAY[wanted], at) = 0 THEN   -- it has a limit, or no template
         RETURN NULL;
     END IF;
-    target := pgslots._fast_grant(wanted, slots, priority, fairness_key, cfg.priority_aging_seconds, at);
+    target := pgslots._fast_grant(wanted, slots, priority, fairness_key, cfg.priority_aging_seconds, at, rate);
     IF target IS NOT NULL THEN
         PERFORM pgslots._after_new_keys(ARRAY[target], at, cfg);
     END IF;
@@ -179,8 +186,8 @@ BEGIN
     SELECT * INTO cfg FROM pgslots.settings;
     at := pgslots._clock(cfg.clock_offset);
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 AND pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
-        target := coalesce(pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at),
-                           pgslots._fast_new_key(names[1], slots, priority, fairness_key, cfg, at));
+        target := coalesce(pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at, false),
+                           pgslots._fast_new_key(names[1], slots, priority, fairness_key, cfg, at, false));
         IF target IS NOT NULL THEN
             d := pgslots._lease_for(ARRAY[target], new_lease_id, lease_seconds, at);
         ELSIF queue_client IS NOT NULL THEN

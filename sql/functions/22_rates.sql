@@ -19,8 +19,22 @@ BEGIN
     IF reserving THEN
         reservation_id := gen_random_uuid();
     END IF;
-    d := pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
-                        coalesce(priority, 0), fairness_key, reservation_id);
+    -- Stage 1 of admission (20_admission.sql): one decay limit with room, or a template's new key.
+    IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+        at := pgslots._clock(cfg.clock_offset);
+        d.lease_limits := ARRAY[coalesce(
+            pgslots._fast_grant(names[1], slots, coalesce(priority, 0), fairness_key, cfg.priority_aging_seconds, at, true),
+            pgslots._fast_new_key(names[1], slots, coalesce(priority, 0), fairness_key, cfg, at, true))];
+        IF d.lease_limits[1] IS NOT NULL THEN
+            d.granted := true;
+            d.missing := '{}';
+        END IF;
+    END IF;
+    IF d.granted IS NULL THEN
+        d := pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
+                            coalesce(priority, 0), fairness_key, reservation_id);
+    END IF;
     granted := d.granted;
     retry_after := d.retry_after;
     missing := d.missing;
@@ -29,8 +43,10 @@ BEGIN
     -- A reservation that counted on no limit (its names have none, or none is active) has nothing
     -- to settle: nothing is stored, and reservation_id is NULL.
     IF reserving AND granted AND cardinality(d.lease_limits) > 0 THEN
-        SELECT * INTO cfg FROM pgslots.settings;
-        at := pgslots._clock(cfg.clock_offset);
+        IF at IS NULL THEN
+            SELECT * INTO cfg FROM pgslots.settings;
+            at := pgslots._clock(cfg.clock_offset);
+        END IF;
         INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner, held, held_at, shard)
         VALUES (reservation_id, d.lease_limits, slots, at, at + make_interval(secs => cfg.reservation_seconds), session_user,
                 array_fill(slots::float8, ARRAY[cardinality(d.lease_limits)]), at, pg_backend_pid() % 16);
