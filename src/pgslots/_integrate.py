@@ -98,8 +98,9 @@ class Guard:
         wait_seconds: float | None,
         lease_duration: float,
         client: Client | None,
-        where: str,
+        decorator: str,
     ) -> None:
+        where = f"{decorator} on {getattr(function, '__qualname__', function)!r}"
         self.concurrency = templates(concurrency, where)
         self.rate = templates(rate_limit, where)
         if not self.concurrency and not self.rate:
@@ -137,6 +138,24 @@ class Guard:
 # ---- keys taken from requests ----------------------------------------------------------------
 
 
+class Key:
+    """A key taken from a request (by ``take``), named (``describe``) for the 400 answer when it is
+    missing or unusable."""
+
+    def __init__(self, describe: str, take: Callable[[Any], Any]) -> None:
+        self.describe, self._take = describe, take
+
+    def __call__(self, request: Any) -> Any:
+        return self._take(request)
+
+
+def header(name: str) -> Key:
+    """The key is the value of request header ``name`` (``header("X-Tenant")``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgumentError(f"header(): name the header the key is taken from, got {name!r}.")
+    return Key(f"the {name} header", lambda request: request.headers.get(name))
+
+
 def key_name(template: str, key: Any) -> str | None:
     """The name of ``key``'s limit under ``template`` (``"tenant:*"`` and ``"acme"``:
     ``"tenant:acme"``), or None when the key cannot name a limit: missing, empty, too long, with a
@@ -150,10 +169,21 @@ def key_name(template: str, key: Any) -> str | None:
     return template[:-1] + text
 
 
-def check_template(template: str, where: str) -> None:
-    if not isinstance(template, str) or not template.endswith("*") or template == "*" or template.endswith("**"):
-        raise InvalidArgumentError(f"{where}: with key=, the limit must be a template such as 'tenant:*', got {template!r}.")
-    _check_name(template, where)
+def check_request_limit(limit: Any, key: Any, occupy: Any, wait_seconds: Any, where: str, keys: str) -> None:
+    """Checks what a web limit is declared with: a limit name, or a template with a ``key``
+    (``keys`` lists the key functions the framework offers, for the error)."""
+    if not isinstance(limit, str) or not limit:
+        raise InvalidArgumentError(f"{where}: name the limit (or template, with key=), got {limit!r}.")
+    if key is not None:
+        if not callable(key):
+            raise InvalidArgumentError(f"{where}: key= must be {keys} or a function of the request.")
+        if not limit.endswith("*") or limit == "*" or limit.endswith("**"):
+            raise InvalidArgumentError(f"{where}: with key=, the limit must be a template such as 'tenant:*', got {limit!r}.")
+        _check_name(limit, where)
+    elif limit.endswith("*"):
+        raise InvalidArgumentError(f"{where}: {limit!r} is a template: say which key of it a request uses with key=.")
+    check.number("occupy", occupy, minimum=1, integer=True)
+    check.number("wait_seconds", wait_seconds, minimum=0, integer=False)
 
 
 # ---- the answer to a refusal -----------------------------------------------------------------

@@ -70,7 +70,7 @@ def limited(
             wait_seconds=wait_seconds,
             lease_duration=lease_duration,
             client=client,
-            where=f"pgslots.celery.limited on {getattr(function, '__qualname__', function)!r}",
+            decorator="pgslots.celery.limited",
         )
 
         @functools.wraps(function)

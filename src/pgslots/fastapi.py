@@ -33,49 +33,32 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _validate as check
 from . import asyncio as pg_async
-from ._integrate import LimitCache, check_template, key_name, refusal_headers
+from ._integrate import Key, LimitCache, check_request_limit, header, key_name, refusal_headers
 from .client import Client
 from .errors import AcquireConcurrencySlotTimeoutError, ConfigurationError, InvalidArgumentError
 
 KeyFunction = Callable[[HTTPConnection], Any]
 
 
-class _Key:
-    """A key taken from a request, named for the 400 answer when it is missing."""
-
-    def __init__(self, describe: str, take: KeyFunction) -> None:
-        self.describe, self._take = describe, take
-
-    def __call__(self, request: HTTPConnection) -> Any:
-        return self._take(request)
-
-
-def header(name: str) -> _Key:
-    """The key is the value of request header ``name`` (``header("X-Tenant")``)."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgumentError(f"header(): name the header the key is taken from, got {name!r}.")
-    return _Key(f"the {name} header", lambda request: request.headers.get(name))
-
-
-def path_param(name: str) -> _Key:
+def path_param(name: str) -> Key:
     """The key is path parameter ``name`` of the matched route (``/tenants/{tenant}/...``); in a
     dependency only (a middleware runs before routing)."""
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"path_param(): name the path parameter the key is taken from, got {name!r}.")
-    return _Key(f"the path parameter {name}", lambda request: request.path_params.get(name))
+    return Key(f"the path parameter {name}", lambda request: request.path_params.get(name))
 
 
-def query_param(name: str) -> _Key:
+def query_param(name: str) -> Key:
     """The key is query parameter ``name`` (``?api_key=...``)."""
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"query_param(): name the query parameter the key is taken from, got {name!r}.")
-    return _Key(f"the query parameter {name}", lambda request: request.query_params.get(name))
+    return Key(f"the query parameter {name}", lambda request: request.query_params.get(name))
 
 
-def client_address() -> _Key:
+def client_address() -> Key:
     """The key is the client's address as the server saw it (behind a proxy, run uvicorn with
     ``--proxy-headers`` and ``--forwarded-allow-ips`` so that it is the real client's)."""
-    return _Key("the client's address", lambda request: request.client.host if request.client else None)
+    return Key("the client's address", lambda request: request.client.host if request.client else None)
 
 
 class _Limiter:
@@ -83,16 +66,7 @@ class _Limiter:
     declared, and the answers to a refusal."""
 
     def __init__(self, limit: str, key: KeyFunction | None, occupy: int, wait_seconds: float, client: Client | None, where: str) -> None:
-        if not isinstance(limit, str) or not limit:
-            raise InvalidArgumentError(f"{where}: name the limit (or template, with key=), got {limit!r}.")
-        if key is not None:
-            if not callable(key):
-                raise InvalidArgumentError(f"{where}: key= must be header(...), path_param(...), client_address() or a callable.")
-            check_template(limit, where)
-        elif limit.endswith("*"):
-            raise InvalidArgumentError(f"{where}: {limit!r} is a template: say which key of it a request uses with key=.")
-        check.number("occupy", occupy, minimum=1, integer=True)
-        check.number("wait_seconds", wait_seconds, minimum=0, integer=False)
+        check_request_limit(limit, key, occupy, wait_seconds, where, "header(...), path_param(...), query_param(...), client_address()")
         self.limit, self.key, self.occupy, self.wait_seconds, self.client = limit, key, occupy, float(wait_seconds), client
         self._limits = LimitCache()
 

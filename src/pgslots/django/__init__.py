@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 from .. import _validate as check
 from .. import asyncio as pg_async
 from .. import sync as pg_sync
-from .._integrate import Guard, LimitCache, check_template, key_name, refusal_headers
+from .._integrate import Guard, Key, LimitCache, check_request_limit, header, key_name, refusal_headers
 from ..client import Client, configure
-from ..errors import AcquireConcurrencySlotTimeoutError, ConfigurationError, InvalidArgumentError
+from ..errors import AcquireConcurrencySlotTimeoutError, ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeyFunction = Callable[[Any], Any]
@@ -101,34 +101,19 @@ def configure_from_settings() -> Client | None:
 # ---- keys ------------------------------------------------------------------------------------
 
 
-class _Key:
-    def __init__(self, describe: str, take: KeyFunction) -> None:
-        self.describe, self._take = describe, take
-
-    def __call__(self, request: Any) -> Any:
-        return self._take(request)
-
-
-def header(name: str) -> _Key:
-    """The key is the value of request header ``name``."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgumentError(f"header(): name the header the key is taken from, got {name!r}.")
-    return _Key(f"the {name} header", lambda request: request.headers.get(name))
-
-
-def client_address() -> _Key:
+def client_address() -> Key:
     """The key is ``REMOTE_ADDR`` (behind a proxy, make sure it is the real client's)."""
-    return _Key("the client's address", lambda request: request.META.get("REMOTE_ADDR"))
+    return Key("the client's address", lambda request: request.META.get("REMOTE_ADDR"))
 
 
-def user() -> _Key:
+def user() -> Key:
     """The key is the signed-in user's primary key (an anonymous request has none: 400)."""
 
     def take(request: Any) -> Any:
         who = getattr(request, "user", None)
         return who.pk if who is not None and who.is_authenticated else None
 
-    return _Key("a signed-in user", take)
+    return Key("a signed-in user", take)
 
 
 # ---- views -----------------------------------------------------------------------------------
@@ -157,17 +142,7 @@ def limit_view(
     ``concurrency=True`` holds them while it runs; with ``key=`` (``header(...)``,
     ``client_address()``, ``user()`` or a function of the request), ``limit`` is a template and
     each key has its own. Waits up to ``wait_seconds`` (default 0: answer at once)."""
-    where = "limit_view"
-    if not isinstance(limit, str) or not limit:
-        raise InvalidArgumentError(f"{where}: name the limit (or template, with key=), got {limit!r}.")
-    if key is not None:
-        if not callable(key):
-            raise InvalidArgumentError(f"{where}: key= must be header(...), client_address(), user() or a function of the request.")
-        check_template(limit, where)
-    elif limit.endswith("*"):
-        raise InvalidArgumentError(f"{where}: {limit!r} is a template: say which key of it a request uses with key=.")
-    check.number("occupy", occupy, minimum=1, integer=True)
-    check.number("wait_seconds", wait_seconds, minimum=0, integer=False)
+    check_request_limit(limit, key, occupy, wait_seconds, "limit_view", "header(...), client_address(), user()")
     check.number("lease_duration", lease_duration, minimum=1, integer=False)
     limits = LimitCache()
 
@@ -268,7 +243,7 @@ def limited(
             wait_seconds=wait_seconds,
             lease_duration=lease_duration,
             client=client,
-            where=f"pgslots.django.limited on {getattr(function, '__qualname__', function)!r}",
+            decorator="pgslots.django.limited",
         )
 
         @functools.wraps(function)
