@@ -345,6 +345,215 @@ def contended(dsn: str, seconds: float, body: float, processes: int = 16, limit:
     }
 
 
+def _server_pids(dsn: str) -> list[int]:
+    """The server's processes on this machine: the postmaster (the parent of this connection's
+    backend) and every child of it (backends, WAL writer, checkpointer, ...)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert backend is not None
+    postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _server_cpu_seconds(dsn: str) -> float:
+    """CPU seconds (user + system) the server has used: its processes alive now, and (through the
+    postmaster's cutime and cstime) the backends that have ended."""
+    tick = os.sysconf("SC_CLK_TCK")
+    postmaster, *children = _server_pids(dsn)
+    total = 0
+    for pid in (postmaster, *children):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            if pid == postmaster:
+                total += int(fields[13]) + int(fields[14])
+    return total / tick
+
+
+def _cpu_of(dsn: str, work: Callable[[], int]) -> tuple[float, int]:
+    """Runs `work` (which returns the cycles it made); the server's CPU seconds it cost, and its cycles."""
+    before = _server_cpu_seconds(dsn)
+    cycles = work()
+    return _server_cpu_seconds(dsn) - before, cycles
+
+
+def server_cpu(server: Server, seconds: float) -> dict[str, Any]:
+    """The CPU a limiter costs the database: the server's CPU time (all its processes, from /proc)
+    per cycle of pgslots (the library) against the raw two-UPDATE semaphore, uncontended (one
+    process) and contended (16 processes on 4 slots, 1 ms body; the raw semaphore busy-retries every
+    1 ms). Needs the server on this machine."""
+    from pgslots.sync import concurrency
+
+    dsn = fresh(server, "bench_cpu")
+    client = Client(dsn)
+    client.create_limit("solo", 1_000_000)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sem (id int PRIMARY KEY, used int NOT NULL, lim int NOT NULL); INSERT INTO sem VALUES (1, 0, 1000000)")
+    raw = psycopg.connect(dsn, autocommit=True, prepare_threshold=0)
+
+    def library_round() -> int:
+        cycles = 0
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            with concurrency("solo", client=client):
+                pass
+            cycles += 1
+        return cycles
+
+    for _ in range(50):
+        with concurrency("solo", client=client):
+            pass
+    raw_cpu, raw_cycles = _cpu_of(dsn, lambda: _raw_round(raw, seconds))
+    lib_cpu, lib_cycles = _cpu_of(dsn, library_round)
+    raw.close()
+    client.close()
+    contended_raw_cpu, contended_raw = _cpu_of(dsn, lambda: round(raw_semaphore(dsn, 16, 4, seconds, body=0.001) * seconds))
+    holder: dict[str, Any] = {}
+
+    def contended_round() -> int:
+        holder.update(contended(dsn, seconds, 0.001))
+        return round(holder["cycles_per_s"] * seconds)
+
+    contended_cpu, contended_cycles = _cpu_of(dsn, contended_round)
+    server.drop("bench_cpu")
+    us = 1e6
+    return {
+        "uncontended_us_per_cycle": lib_cpu / max(1, lib_cycles) * us,
+        "uncontended_raw_us_per_cycle": raw_cpu / max(1, raw_cycles) * us,
+        "uncontended_vs_raw": (lib_cpu / max(1, lib_cycles)) / max(1e-12, raw_cpu / max(1, raw_cycles)),
+        "contended_us_per_cycle": contended_cpu / max(1, contended_cycles) * us,
+        "contended_raw_us_per_cycle": contended_raw_cpu / max(1, contended_raw) * us,
+        "contended_vs_raw": (contended_cpu / max(1, contended_cycles)) / max(1e-12, contended_raw_cpu / max(1, contended_raw)),
+    }
+
+
+def _idle_process(dsn: str, flavour: str, seconds: float) -> None:
+    """One process that used a limit once, then idles (or holds a lease, for "holding")."""
+    import asyncio as aio
+
+    from pgslots.asyncio import concurrency as aconcurrency
+    from pgslots.sync import concurrency
+
+    configure(dsn)
+    if flavour == "async":
+
+        async def main() -> None:
+            async with aconcurrency("db"):
+                pass
+            await aio.sleep(seconds)
+
+        aio.run(main())
+        return
+    with concurrency("db"):
+        if flavour == "holding":
+            time.sleep(seconds)
+    time.sleep(seconds)
+
+
+def idle(server: Server, seconds: float = 20.0) -> dict[str, Any]:
+    """Idle chatter: the transactions per second one process sends to the database after using a
+    limit once and then doing nothing (sync and async), and while it holds one lease (keep-alives).
+    Counted by the database (pg_stat_database) over `seconds`, after 12 s of settling (a backend
+    reports its counts within 10 s of going idle)."""
+    result: dict[str, Any] = {}
+    admin = server.dsn
+    for flavour in ("sync", "async", "holding"):
+        name = f"bench_idle_{flavour}"
+        dsn = fresh(server, name)
+        c = Client(dsn)
+        c.create_limit("db", 5)
+        c.close()
+        proc = CTX.Process(target=_idle_process, args=(dsn, flavour, seconds + 30))
+        proc.start()
+
+        def counted(db: str = name) -> int:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                row = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [db]).fetchone()
+            return int(row[0]) if row else 0
+
+        time.sleep(12)
+        first, t0 = counted(), time.perf_counter()
+        time.sleep(seconds)
+        result[f"{flavour}_transactions_per_s"] = (counted() - first) / (time.perf_counter() - t0)
+        proc.kill()
+        proc.join(10)
+        server.drop(name)
+    return result
+
+
+def batching(dsn: str, seconds: float, tasks: int = 200, limit: int = 50, body: float = 0.001) -> dict[str, Any]:
+    """Many tasks of one process on one limit: `tasks` asyncio tasks cycling on a limit of `limit`
+    with a `body` s body, in alternating rounds against the raw two-UPDATE semaphore used by as many
+    tasks on one connection (a full semaphore retried after 1 ms). The async face batches the
+    tasks' concurrent acquires and releases into one call each."""
+    from pgslots.asyncio import concurrency as aconcurrency
+
+    client = Client(dsn)
+    client.create_limit("shared_by_tasks", limit)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sem (id int PRIMARY KEY, used int NOT NULL, lim int NOT NULL)")
+        conn.execute("INSERT INTO sem VALUES (1, 0, %s)", [limit])
+
+    async def raw_round(span: float) -> int:
+        done = 0
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            stop = time.perf_counter() + span
+
+            async def worker() -> None:
+                nonlocal done
+                while time.perf_counter() < stop:
+                    cur = await conn.execute("UPDATE sem SET used = used + 1 WHERE id = 1 AND used + 1 <= lim RETURNING used")
+                    if await cur.fetchone() is None:
+                        await asyncio.sleep(0.001)
+                        continue
+                    await asyncio.sleep(body)
+                    await conn.execute("UPDATE sem SET used = used - 1 WHERE id = 1")
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(tasks)))
+        return done
+
+    async def pgslots_round(span: float) -> tuple[int, int]:
+        done, inside, most = 0, 0, 0
+        stop = time.perf_counter() + span
+
+        async def worker() -> None:
+            nonlocal done, inside, most
+            while time.perf_counter() < stop:
+                async with aconcurrency("shared_by_tasks", client=client):
+                    inside += 1
+                    most = max(most, inside)
+                    await asyncio.sleep(body)
+                    inside -= 1
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+        return done, most
+
+    async def rounds() -> dict[str, Any]:
+        raw = lib = 0
+        most = 0
+        n = max(2, round(seconds))
+        await pgslots_round(0.5)  # warm up: the pool, the listener
+        for _ in range(n):
+            raw += await raw_round(seconds / n)
+            done, peak = await pgslots_round(seconds / n)
+            lib += done
+            most = max(most, peak)
+        return {"cycles_per_s": lib / seconds, "raw_semaphore_cycles_per_s": raw / seconds, "most_held": most}
+
+    result = asyncio.run(rounds())
+    client.close()
+    result.update(tasks=tasks, limit=limit, body_ms=body * 1000, ratio=result["cycles_per_s"] / result["raw_semaphore_cycles_per_s"])
+    return result
+
+
 def _handoff_waiter(dsn: str, rounds: int, go: Any, out: Any) -> None:
     from pgslots.sync import concurrency
 
@@ -940,14 +1149,14 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         (
             "uncontended async cycles/s vs raw two-UPDATE semaphore (1 process, alternating rounds)",
             r["uncontended"]["async"]["cycles_per_s"] / r["uncontended"]["async"]["raw_semaphore_cycles_per_s"],
-            "(reported)",
-            None,
+            ">= 0.75",
+            lambda v: v >= 0.75,
         ),
         (
             "SQL alone (pgbench): acquire + release cycle vs raw two-UPDATE semaphore",
             r["server_side"]["ratio"],
-            "(reported)",
-            None,
+            ">= 0.75",
+            lambda v: v >= 0.75,
         ),
         (
             "contended 16 on 4, body 1 ms: cycles/s vs raw semaphore busy-retrying every 1 ms",
@@ -1034,6 +1243,27 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             None,
         ),
     ]
+    cpu, idle_, batch = r.get("server_cpu"), r.get("idle"), r.get("batching")
+    if batch:
+        rows.append(
+            (
+                "200 asyncio tasks of one process on a limit of 50, 1 ms body: cycles/s vs the raw semaphore on one connection",
+                batch["ratio"],
+                ">= 2",
+                _at_least(2),
+            )
+        )
+    if cpu:
+        rows += [
+            ("server CPU per cycle, uncontended: pgslots vs raw semaphore", cpu["uncontended_vs_raw"], "(reported)", None),
+            ("server CPU per cycle, 16 on 4 with 1 ms body: pgslots vs raw semaphore", cpu["contended_vs_raw"], "(reported)", None),
+        ]
+    if idle_:
+        rows += [
+            ("idle chatter: transactions/s of a process holding nothing (sync)", idle_["sync_transactions_per_s"], "<= 1", _at_most(1)),
+            ("idle chatter: transactions/s of a process holding nothing (async)", idle_["async_transactions_per_s"], "<= 1", _at_most(1)),
+            ("idle chatter: transactions/s of a process holding one lease", idle_["holding_transactions_per_s"], "(reported)", None),
+        ]
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
 
 
@@ -1091,6 +1321,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"cycles/s vs {r['fairness']['fifo_cycles_per_s']:,.0f} first-come-first-served (alternating rounds); wait p99 "
         f"{r['fairness']['fair_wait_p99_ms']} ms vs {r['fairness']['fifo_wait_p99_ms']} ms |",
     ]
+    if r.get("comparison"):
+        lines += comparison_lines(r["comparison"])
     lines += ["", "## Findings of this run", "", *[f"- {n}" for n in findings(r)]]
     if r.get("history"):
         lines += ["", "## History of earlier runs (figures from those runs, not this one)", "", *r["history"]]
@@ -1126,6 +1358,82 @@ def findings(r: dict[str, Any]) -> list[str]:
     if hand:
         out.append(f"Hand-off from a release to a waiter in another process: p50 {hand['p50_ms']} ms, p99 {hand['p99_ms']} ms.")
     return out
+
+
+# ---- against the previous run ------------------------------------------------------------------
+
+_NOT_ROWS = {"date", "machine", "postgres", "settings", "seconds_per_scenario", "targets", "history", "comparison"}
+SPREAD = HERE / "spread.json"
+
+
+def rows(report: dict[str, Any]) -> dict[str, float]:
+    """Every figure of a report as one flat row each ("uncontended.sync.cycles_per_s": 853.6)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, bool):
+            return
+        if isinstance(value, (int, float)):
+            out[prefix] = float(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    for key, value in report.items():
+        if key not in _NOT_ROWS:
+            walk(key, value)
+    return out
+
+
+def measure_spread(pairs: list[Path]) -> dict[str, float]:
+    """Each row's run-to-run spread: the largest relative difference between two runs of the same
+    code on one server (`pairs`: result directories or JSON files, two by two)."""
+    spread: dict[str, float] = {}
+    loaded = [rows(json.loads((p / "partial.json" if p.is_dir() else p).read_text())) for p in pairs]
+    for a, b in zip(loaded[::2], loaded[1::2], strict=True):
+        for key in a.keys() & b.keys():
+            low, high = sorted((abs(a[key]), abs(b[key])))
+            if high > 0:
+                spread[key] = max(spread.get(key, 0.0), (high - low) / high)
+    return spread
+
+
+def compare(previous: dict[str, Any], report: dict[str, Any], spread: dict[str, float]) -> dict[str, Any]:
+    """Each row against the previous run's: how much it moved, and whether that is more than its
+    run-to-run spread (rows without a measured spread are listed apart, not judged)."""
+    before, now = rows(previous), rows(report)
+    moved, within, unjudged = [], 0, []
+    for key in sorted(before.keys() & now.keys()):
+        old, new = before[key], now[key]
+        change = (new - old) / abs(old) if old else (0.0 if new == old else float("inf"))
+        if key not in spread:
+            unjudged.append(key)
+        elif abs(change) > spread[key]:
+            moved.append({"row": key, "before": old, "now": new, "change": change, "spread": spread[key]})
+        else:
+            within += 1
+    return {
+        "previous_date": previous.get("date"),
+        "moved": moved,
+        "within_spread": within,
+        "not_judged": len(unjudged),
+        "new_rows": sorted(now.keys() - before.keys()),
+        "gone_rows": sorted(before.keys() - now.keys()),
+    }
+
+
+def comparison_lines(c: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Against the previous run ({c['previous_date']})", ""]
+    lines.append(
+        f"{len(c['moved'])} row(s) moved more than their run-to-run spread, {c['within_spread']} stayed within it, "
+        f"{c['not_judged']} have no measured spread (not judged); {len(c['new_rows'])} row(s) are new, "
+        f"{len(c['gone_rows'])} gone."
+    )
+    if c["moved"]:
+        lines += ["", "| row | previous | now | change | spread |", "|---|---|---|---|---|"]
+        for m in c["moved"]:
+            lines.append(f"| {m['row']} | {m['before']:.4g} | {m['now']:.4g} | {m['change']:+.1%} | {m['spread']:.1%} |")
+    return lines
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -1169,10 +1477,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--report-only", action="store_true", help="rebuild latest.md and latest.png from latest.json")
     parser.add_argument("--only", help="comma-separated scenarios to run (the ceiling always runs too); writes only those figures")
+    parser.add_argument(
+        "--compare", type=Path, help="the run to compare with (default: the latest.json in --out, i.e. the previous committed run)"
+    )
+    parser.add_argument(
+        "--spread",
+        type=Path,
+        nargs="+",
+        help="result directories of runs of the same code, two by two: write each row's run-to-run spread to spread.json",
+    )
     args = parser.parse_args()
+    if args.spread:
+        measured = measure_spread(args.spread)
+        SPREAD.write_text(json.dumps(dict(sorted(measured.items())), indent=1) + "\n")
+        print(f"Wrote {SPREAD}: the run-to-run spread of {len(measured)} rows")
+        return
     if args.report_only:
         report = json.loads((args.out / "latest.json").read_text())
-        write_report(report, args.out)
+        write_report(report, args.out, json.loads(args.compare.read_text()) if args.compare else None)
         return
     # A SIGTERM (e.g. from `timeout`) still stops the throwaway server in the finally below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1201,6 +1523,9 @@ def main() -> None:
         ("many_keys", lambda: many_keys(server)),
         ("fairness", lambda: fairness(server, 2 * s)),
         ("real_apis", lambda: real_apis(server, s)),
+        ("batching", lambda: batching(fresh(server, "bench_batch"), s)),
+        ("server_cpu", lambda: server_cpu(server, s)),
+        ("idle", lambda: idle(server)),
     ]
     if args.only:
         wanted = {"ceiling", *args.only.split(",")}
@@ -1226,6 +1551,11 @@ def main() -> None:
             "bench_apis",
             "bench_margins",
             "bench_many_keys",
+            "bench_cpu",
+            "bench_batch",
+            "bench_idle_sync",
+            "bench_idle_async",
+            "bench_idle_holding",
         ):
             with contextlib.suppress(psycopg.Error):
                 server.drop(db)
@@ -1235,11 +1565,16 @@ def main() -> None:
         (args.out / "partial.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"Wrote {args.out / 'partial.json'} (a partial run does not replace latest.*)")
         return
-    write_report(report, args.out)
+    previous_path = args.compare or args.out / "latest.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    write_report(report, args.out, previous)
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_report(report: dict[str, Any], out: Path, previous: dict[str, Any] | None = None) -> None:
     report["targets"] = targets(report)
+    if previous is not None:
+        spread = json.loads(SPREAD.read_text()) if SPREAD.exists() else {}
+        report["comparison"] = compare(previous, report, spread)
     history = HERE / "HISTORY.md"
     lines = history.read_text().splitlines() if history.exists() else []
     # Its dated sections (## headings) and their notes, shown after this run's own findings.

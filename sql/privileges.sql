@@ -15,7 +15,7 @@
 
 DO $$
 DECLARE
-    user_functions text[] := ARRAY['acquire', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
+    user_functions text[] := ARRAY['acquire', 'acquire_each', 'release_each', 'rate_limit', 'reserve', 'settle', 'release', 'renew', 'renew_leases', 'heartbeat',
                                    'leave_queue', 'keep_alive', 'get_limits', 'get_instances', 'reclaimable_slots', 'pause',
                                    'schema_version', 'get_overview', 'template_gauges'];
     admin_functions text[] := ARRAY['sweep', 'create_limit', 'update_limit', 'delete_limit', 'resume',

@@ -12,6 +12,9 @@ ACQUIRE: LiteralString = (
     "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
     " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s, %(session)s, %(priority)s, %(fairness_key)s)"
 )
+# The async face's batches: many acquires (a JSON array of acquire's arguments by name), or releases, in one call.
+ACQUIRE_EACH: LiteralString = "SELECT * FROM pgslots.acquire_each(%(requests)s::jsonb, %(wait_seconds)s)"
+RELEASE_EACH: LiteralString = "SELECT * FROM pgslots.release_each(%(lease_ids)s, %(wait_seconds)s)"
 RATE_LIMIT: LiteralString = (
     "SELECT * FROM pgslots.rate_limit(%(names)s, %(slots)s, %(strict)s, %(ticket)s, %(queue_client)s, %(wait_seconds)s,"
     " %(priority)s, %(fairness_key)s)"

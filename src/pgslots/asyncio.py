@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from . import _flow as flows
+from ._batching import batchable, batcher
 from ._connections import Connections
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
 from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
@@ -60,6 +61,8 @@ async def run(db: Connections, flow: Flow[T]) -> T:
 async def _perform(db: Connections, command: flows.Command) -> Any:
     # The commands of an uncontended acquire and release come first.
     if isinstance(command, Call):
+        if batchable(command.query):
+            return await batcher(db).call(command.query, command.params or {}, command.timeout)
         return await db.acall(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
         await db.apool()

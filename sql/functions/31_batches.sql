@@ -1,0 +1,81 @@
+-- Batches: the concurrent acquires (or releases) of one process's tasks sent as one call, decided
+-- in one transaction. Each request is decided in turn by acquire itself, exactly as if the requests
+-- had been sent one after another: all-or-nothing per request, a refused request queued (with its
+-- queue_client) before the next one is asked, so that no later request overtakes it; each granted
+-- request gets its own lease and fencing token. One transaction means one commit, and one wait for
+-- the WAL flush, for the whole batch.
+
+-- At most this many requests per batch: a batch holds the row locks of its limits until it commits.
+CREATE FUNCTION pgslots._most_per_batch() RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT 1000 $$;
+
+CREATE FUNCTION pgslots.acquire_each(requests jsonb, wait_seconds float8 DEFAULT NULL)
+RETURNS TABLE (granted boolean, lease_id uuid, fencing_token bigint, expires_at timestamptz, retry_after float8,
+               missing text[], blocked_by text[], waiter bigint, liveness_seconds float8)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+DECLARE
+    r jsonb;
+    commit_mode text := current_setting('synchronous_commit');
+BEGIN
+    IF jsonb_typeof(requests) IS DISTINCT FROM 'array' OR jsonb_array_length(requests) > pgslots._most_per_batch() THEN
+        RAISE EXCEPTION 'requests must be a JSON array of at most % acquire requests, got %.', pgslots._most_per_batch(),
+            CASE WHEN jsonb_typeof(requests) = 'array' THEN jsonb_array_length(requests) || ' requests'
+                 ELSE coalesce(jsonb_typeof(requests), 'NULL') END
+            USING ERRCODE = 'PS002',
+                  HINT = 'Each element: {"names": [...], "slots": n, "lease_seconds": s, "holder": {...}, "strict": b, '
+                         '"ticket": t, "queue_client": id, "new_lease_id": id, "session": id, "priority": p, "fairness_key": k}.';
+    END IF;
+    FOR r IN SELECT a.e FROM jsonb_array_elements(requests) WITH ORDINALITY AS a(e, i) ORDER BY a.i LOOP
+        IF jsonb_typeof(r) IS DISTINCT FROM 'object' OR jsonb_typeof(r -> 'names') IS DISTINCT FROM 'array' THEN
+            RAISE EXCEPTION 'Each request must be a JSON object with "names", an array of limit names; got %.', left(r::text, 80)
+                USING ERRCODE = 'PS002';
+        END IF;
+        RETURN QUERY
+        SELECT a.granted, a.lease_id, a.fencing_token, a.expires_at, a.retry_after, a.missing, a.blocked_by, a.waiter,
+               a.liveness_seconds
+        FROM pgslots.acquire(
+            ARRAY(SELECT jsonb_array_elements_text(r -> 'names')),
+            coalesce((r ->> 'slots')::integer, 1),
+            coalesce((r ->> 'lease_seconds')::float8, 300),
+            nullif(r -> 'holder', 'null'::jsonb),
+            coalesce((r ->> 'strict')::boolean, false),
+            (r ->> 'ticket')::bigint,
+            (r ->> 'queue_client')::uuid,
+            (r ->> 'new_lease_id')::uuid,
+            wait_seconds,
+            (r ->> 'session')::uuid,
+            coalesce((r ->> 'priority')::integer, 0),
+            r ->> 'fairness_key') a;
+    END LOOP;
+    -- A refusal lets its transaction commit without waiting for the WAL flush (_refuse): the grants
+    -- of the same batch must not, so the batch commits as the caller's session would.
+    PERFORM set_config('synchronous_commit', commit_mode, true);
+END
+$$;
+COMMENT ON FUNCTION pgslots.acquire_each(jsonb, float8) IS
+'Several acquires in one call and one transaction, decided in order as if sent one after another: '
+'one row per request, in order, as acquire answers it. requests: a JSON array (at most 1000) of '
+'objects with acquire''s arguments by name (names is required). wait_seconds bounds each lock wait.';
+
+CREATE FUNCTION pgslots.release_each(lease_ids uuid[], wait_seconds float8 DEFAULT NULL)
+RETURNS TABLE (lease_id uuid, released boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgslots, pg_temp
+AS $$
+BEGIN
+    IF lease_ids IS NULL OR cardinality(lease_ids) > pgslots._most_per_batch() THEN
+        RAISE EXCEPTION 'lease_ids must be an array of at most % lease ids, got %.', pgslots._most_per_batch(),
+            coalesce(cardinality(lease_ids)::text, 'NULL')
+            USING ERRCODE = 'PS002';
+    END IF;
+    -- Durable releases: the batch waits for one WAL flush, so a hand-off it makes is never lost.
+    RETURN QUERY SELECT i.id, pgslots.release(i.id, true, wait_seconds)
+                 FROM unnest(lease_ids) WITH ORDINALITY AS i(id, n) ORDER BY i.n;
+END
+$$;
+COMMENT ON FUNCTION pgslots.release_each(uuid[], float8) IS
+'Several releases in one call and one transaction, in order: one row per lease id (released: false '
+'when it was not held). At most 1000.';

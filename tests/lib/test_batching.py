@@ -1,0 +1,117 @@
+"""The async face's batches with a real database: many tasks of one process, and several
+processes, on one limit: never more bodies at once than the limit (counted outside the database),
+every task its own lease and fencing token, and an error in one request reaching only its task."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pgslots
+import pgslots.client
+from pgslots.asyncio import concurrency
+
+CTX = mp.get_context("fork")
+
+
+async def _cycle_tasks(name: str, tasks: int, seconds: float, log: Path | None = None) -> dict[str, Any]:
+    inside, most, tokens, done = 0, 0, [], 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal inside, most, done
+        while time.perf_counter() < stop:
+            async with concurrency(name, timeout_seconds=30) as lease:
+                assert lease is not None
+                tokens.append(lease.fencing_token)
+                inside += 1
+                most = max(most, inside)
+                started = time.time()
+                await asyncio.sleep(0.002)
+                inside -= 1
+                if log is not None:
+                    with open(log, "a", encoding="utf-8") as f:
+                        f.write(f"{started:.6f} {time.time():.6f}\n")
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return {"most": most, "tokens": tokens, "done": done}
+
+
+def test_many_tasks_share_a_limit_through_batches(client: pgslots.Client) -> None:
+    client.create_limit("api", 20)
+    seen = asyncio.run(_cycle_tasks("api", 100, 2.0))
+    assert seen["most"] == 20  # the limit was full, never more
+    assert len(set(seen["tokens"])) == len(seen["tokens"]) == seen["done"] > 100
+    info = client.read_limit("api")
+    assert info.leased_slots == 0 and info.grants_total == seen["done"]
+
+
+def _process(dsn: str, log: str) -> None:
+    pgslots.configure(dsn)
+    asyncio.run(_cycle_tasks("shared", 40, 2.0, Path(log)))
+
+
+def test_several_processes_of_many_tasks_never_exceed_the_limit(fresh_dsn: str, client: pgslots.Client, tmp_path: Path) -> None:
+    client.create_limit("shared", 10)
+    log = tmp_path / "bodies"
+    procs = [CTX.Process(target=_process, args=(fresh_dsn, str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    assert len(spans) > 100 and most <= 10, most
+    assert client.read_limit("shared").leased_slots == 0
+
+
+def test_an_error_in_one_request_of_a_batch_reaches_only_its_task(client: pgslots.Client) -> None:
+    client.create_limit("api", 50)
+
+    async def main() -> list[Any]:
+        async def one(name: str, strict: bool) -> Any:
+            async with concurrency(name, strict=strict):
+                await asyncio.sleep(0.01)
+                return name
+
+        calls = [one("api", False) for _ in range(10)] + [one("not-there", True)] + [one("api", False) for _ in range(10)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert [g for g in got if isinstance(g, BaseException)] == [got[10]]
+    assert isinstance(got[10], pgslots.MissingLimitsError)
+    assert got[:10] + got[11:] == ["api"] * 20
+    assert client.read_limit("api").leased_slots == 0
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.005])
+def test_a_task_cancelled_while_its_batch_is_on_its_way_holds_nothing(client: pgslots.Client, cancel_after: float) -> None:
+    client.create_limit("api", 5)
+
+    async def main() -> None:
+        async def hold() -> None:
+            async with concurrency("api"):
+                await asyncio.sleep(10)
+
+        tasks = [asyncio.create_task(hold()) for _ in range(20)]
+        await asyncio.sleep(cancel_after)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and client.read_limit("api").leased_slots:
+        time.sleep(0.1)
+    assert client.read_limit("api").leased_slots == 0
