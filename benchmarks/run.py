@@ -1412,8 +1412,17 @@ def compare(previous: dict[str, Any], report: dict[str, Any], spread: dict[str, 
             moved.append({"row": key, "before": old, "now": new, "change": change, "spread": spread[key]})
         else:
             within += 1
+    # The rows that are ratios to this run's own ceiling (the targets' table), side by side: they
+    # move less with the machine than absolute rows, whose ceiling moves too.
+    earlier = {t["metric"]: t["value"] for t in previous.get("targets", []) if isinstance(t.get("value"), (int, float))}
+    ratios = [
+        {"metric": t["metric"], "before": earlier[t["metric"]], "now": t["value"]}
+        for t in report.get("targets", [])
+        if t["metric"] in earlier and isinstance(t.get("value"), (int, float))
+    ]
     return {
         "previous_date": previous.get("date"),
+        "ratios": ratios,
         "moved": moved,
         "within_spread": within,
         "not_judged": len(unjudged),
@@ -1433,6 +1442,10 @@ def comparison_lines(c: dict[str, Any]) -> list[str]:
         lines += ["", "| row | previous | now | change | spread |", "|---|---|---|---|---|"]
         for m in c["moved"]:
             lines.append(f"| {m['row']} | {m['before']:.4g} | {m['now']:.4g} | {m['change']:+.1%} | {m['spread']:.1%} |")
+    if c.get("ratios"):
+        lines += ["", "The targets' rows (ratios to each run's own ceiling), previous and now:", ""]
+        lines += ["| metric | previous | now |", "|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['before']:.3g} | {r['now']:.3g} |" for r in c["ratios"]]
     return lines
 
 
