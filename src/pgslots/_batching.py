@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _queries as q
 from ._connections import Connections
-from ._flow import release_params
+from ._flow import BACKGROUND_WAIT_SECONDS, release_params
 from .errors import PgSlotsError
 
 _KINDS = {id(q.ACQUIRE): "acquire", id(q.RELEASE_FAST): "release"}
@@ -125,7 +125,8 @@ class Batcher:
         if row.get("granted") and row.get("lease_id") is not None:
             self.db.engine.later(q.RELEASE, release_params(row["lease_id"]))
         elif row.get("waiter") is not None and params.get("queue_client") is not None:
-            self.db.engine.later(q.LEAVE_QUEUE, {"ticket": row["waiter"], "queue_client": params["queue_client"], "wait_seconds": 1.0})
+            leave = {"ticket": row["waiter"], "queue_client": params["queue_client"], "wait_seconds": BACKGROUND_WAIT_SECONDS}
+            self.db.engine.later(q.LEAVE_QUEUE, leave)
             if params.get("new_lease_id") is not None:
                 self.db.engine.later(q.RELEASE, release_params(params["new_lease_id"]))
 

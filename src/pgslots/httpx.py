@@ -107,14 +107,16 @@ class _Settings:
         self.max_retries, self.longest_pause = max_retries, float(longest_pause)
         self.client = client
 
-    def pause_for(self, request: httpx.Request, response: httpx.Response, names: list[str]) -> float | None:
-        """After an answer: the seconds to pause ``names`` before sending again, or None to return it."""
+    def after(self, response: httpx.Response, names: list[str], retries: int, replayable: bool) -> tuple[float | None, bool]:
+        """After an answer: the seconds to pause ``names`` for (None: no pause), and whether to send
+        the request again (a 429/503 with a ``Retry-After`` within ``longest_pause``, retries left,
+        a body that can be sent twice)."""
         if response.status_code not in RETRY_STATUSES or not names:
-            return None
+            return None, False
         seconds = retry_after_seconds(response)
         if seconds is None or seconds > self.longest_pause:
-            return None
-        return seconds
+            return None, False
+        return seconds, retries < self.max_retries and replayable
 
     def pause(self, names: list[str], seconds: float, request: httpx.Request, status: int) -> bool:
         """Pauses the limits for every process that shares them (the next acquire then waits until
@@ -191,8 +193,8 @@ class RateLimitedTransport(httpx.BaseTransport):
                 stack.close()
                 raise
             names = [n for n in (rate, held) if n is not None]
-            seconds = s.pause_for(request, response, names)
-            if seconds is None or retries >= s.max_retries or not replayable:
+            seconds, again = s.after(response, names, retries, replayable)
+            if not again or seconds is None:
                 if seconds is not None:
                     s.pause(names, seconds, request, response.status_code)
                 if isinstance(response.stream, httpx.SyncByteStream):
@@ -265,8 +267,8 @@ class AsyncRateLimitedTransport(httpx.AsyncBaseTransport):
                 await stack.aclose()
                 raise
             names = [n for n in (rate, held) if n is not None]
-            seconds = s.pause_for(request, response, names)
-            if seconds is None or retries >= s.max_retries or not replayable:
+            seconds, again = s.after(response, names, retries, replayable)
+            if not again or seconds is None:
                 if seconds is not None:
                     await asyncio.to_thread(s.pause, names, seconds, request, response.status_code)
                 if isinstance(response.stream, httpx.AsyncByteStream):
