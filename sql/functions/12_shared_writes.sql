@@ -50,7 +50,7 @@ $$;
 -- start bounds each lock wait of the call's transaction by wait_seconds (lock_timeout), so a call
 -- blocked behind another session's open transaction or advisory lock gives up in time, changing
 -- nothing; _unbound_waits at its end puts back the caller's lock_timeout, which _bound_waits
--- returned. NULL: no bound, nothing changed.
+-- returned. NULL: no bound, nothing changed (callers then skip _unbound_waits: each call is a statement).
 CREATE FUNCTION pgslots._bound_waits(wait_seconds float8) RETURNS text
 LANGUAGE plpgsql
 AS $$

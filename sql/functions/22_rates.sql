@@ -54,7 +54,9 @@ BEGIN
     ELSE
         reservation_id := NULL;
     END IF;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
 END
 $$;
 
@@ -235,7 +237,9 @@ BEGIN
     IF diff <> 0 THEN
         UPDATE pgslots.reservations x SET slots = actual, held = holds, held_at = at WHERE x.id = r.id;
     END IF;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
     RETURN diff <> 0;
 END
 $$;

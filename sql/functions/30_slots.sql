@@ -10,7 +10,7 @@ DECLARE
     part record;
     released boolean := false;
     handed integer := 0;
-    commit_mode text := current_setting('synchronous_commit');
+    commit_mode text;
     target uuid;
     freed integer;
     prior text := pgslots._bound_waits(wait_seconds);
@@ -18,6 +18,7 @@ BEGIN
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
         -- keeps the slot taken until its lease expires: slower, never over-admitting.
+        commit_mode := current_setting('synchronous_commit');
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
     -- The common case first: a lease on one limit. Its UPDATE takes the limit's row lock (the only
@@ -79,7 +80,9 @@ BEGIN
         -- Handing slots over grants a lease: that must survive a crash like any grant.
         PERFORM set_config('synchronous_commit', commit_mode, true);
     END IF;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
     RETURN released;
 END
 $$;
@@ -122,7 +125,9 @@ BEGIN
             USING ERRCODE = 'PS010',
                   HINT = 'Stop the work that needed the slots and acquire them again.';
     END IF;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
     RETURN new_expiry;
 END
 $$;
@@ -168,7 +173,9 @@ BEGIN
         RETURNING x.id)
     SELECT coalesce(array_agg(w.id ORDER BY w.id) FILTER (WHERE w.id NOT IN (SELECT h.id FROM whole h)), '{}')
     INTO lost FROM wanted w;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
     RETURN lost;
 END
 $$;

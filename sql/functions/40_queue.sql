@@ -248,7 +248,9 @@ BEGIN
             PERFORM pgslots._gave_up(ARRAY[left_limit.limit_id]);   -- it leaves without its slots
         END IF;
     END LOOP;
-    PERFORM pgslots._unbound_waits(prior);
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
+    END IF;
     RETURN was_queued;
 END
 $$;

@@ -4,10 +4,11 @@ What it applies comes from ``pgslots/sql`` (shipped in the wheel), in two kinds:
 
 * **history**, ``sql/migrations/NNNN_name.sql``: tables, indexes, sequences, roles and data moves,
   append-only, applied once each in order and recorded in ``pgslots.migrations``;
-* **code**, ``sql/functions/*.sql`` then ``sql/privileges.sql``: every function and view, each with
-  one current definition, and every privilege. Their checksums are recorded in ``pgslots.code``;
-  when any differs, or a migration is pending, all functions and views are dropped and created
-  afresh, then the privileges applied, so nothing stale or unguarded is left behind.
+* **code**, ``sql/functions/*.sql`` then ``sql/privileges.sql``: every function, view and trigger,
+  each with one current definition, and every privilege. Their checksums are recorded in
+  ``pgslots.code``; when any differs, or a migration is pending, all functions, views and triggers
+  are dropped and created afresh, then the privileges applied, so nothing stale or unguarded is left
+  behind.
 
 All of it happens in one transaction under an advisory lock: two processes migrating at once are
 safe (the second waits, then finds the work done), and a failure leaves the database as it was.
@@ -45,7 +46,7 @@ _PREPARE = (
 # Objects a migration or a code file creates resolve names against this path, whatever the session's.
 _PIN_SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pgslots, pg_temp"
 
-# Drops every view and function of the schema. Objects that others depend on go in a later pass;
+# Drops every trigger, view and function of the schema. Objects that others depend on go in a later pass;
 # an object outside the schema that depends on one (a view of yours over pgslots.status, say)
 # stops the migration with PostgreSQL's own message naming it, rather than being dropped with it.
 _DROP_CODE = """
@@ -55,6 +56,15 @@ DECLARE
     left_over integer;
     progress boolean := true;
 BEGIN
+    -- Triggers on the schema's tables that run its functions are code too (created with them).
+    FOR o IN SELECT format('DROP TRIGGER %I ON %s', t.tgname, t.tgrelid::regclass) AS stmt
+             FROM pg_catalog.pg_trigger t
+             JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+             JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+             WHERE NOT t.tgisinternal AND p.pronamespace = 'pgslots'::regnamespace
+               AND c.relnamespace = 'pgslots'::regnamespace LOOP
+        EXECUTE o.stmt;
+    END LOOP;
     WHILE progress LOOP
         progress := false;
         FOR o IN SELECT format('DROP VIEW %s', c.oid::regclass) AS stmt

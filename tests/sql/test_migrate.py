@@ -164,6 +164,8 @@ def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
     replaced by migrate, with the privileges applied again."""
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("UPDATE pgslots.code SET checksum = 'stale' WHERE file = 'functions/30_slots.sql'")
+        triggers = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgslots.limits'::regclass AND NOT tgisinternal"
+        assert conn.execute(triggers).fetchall() == [("limits_rules",)]
         conn.execute("CREATE FUNCTION pgslots.leftover() RETURNS int LANGUAGE sql AS 'SELECT 1'")
     todo = pgslots.migration_plan(fresh_dsn)
     assert not todo.migrations and todo.changed_code == ("functions/30_slots.sql",)
@@ -172,6 +174,8 @@ def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
     assert pgslots.migration_plan(fresh_dsn).up_to_date
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT to_regproc('pgslots.leftover')").fetchone() == (None,)
+        # The trigger that runs a pgslots function is dropped and created again with it.
+        assert conn.execute(triggers).fetchall() == [("limits_rules",)]
         definer = conn.execute("SELECT prosecdef FROM pg_proc WHERE oid = 'pgslots.release'::regproc").fetchone()
         assert definer == (True,)
         public = conn.execute(
@@ -194,6 +198,10 @@ _CATALOG = {
         SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
         FROM pg_constraint c WHERE c.connamespace = 'pgslots'::regnamespace ORDER BY 1, 2""",
     "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgslots' ORDER BY 1",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        WHERE c.relnamespace = 'pgslots'::regnamespace AND NOT t.tgisinternal ORDER BY 1, 2""",
     "relations": """
         SELECT c.relname, c.relkind, coalesce(c.relacl::text, '') FROM pg_class c
         WHERE c.relnamespace = 'pgslots'::regnamespace ORDER BY 1""",

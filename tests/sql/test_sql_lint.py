@@ -18,7 +18,10 @@ from sqlhelp import rows
 
 CHECK = """
 SELECT p.oid::regprocedure::text AS function, c.lineno, c.level, c.message
-FROM pg_catalog.pg_proc p, LATERAL plpgsql_check_function_tb(p.oid) c
+FROM pg_catalog.pg_proc p,
+     -- a trigger function is checked against the table of its trigger
+     LATERAL plpgsql_check_function_tb(p.oid, coalesce((SELECT t.tgrelid FROM pg_catalog.pg_trigger t
+                                                        WHERE t.tgfoid = p.oid LIMIT 1), 0)) c
 WHERE p.pronamespace = 'pgslots'::regnamespace
   AND p.prolang = (SELECT l.oid FROM pg_catalog.pg_language l WHERE l.lanname = 'plpgsql')
 ORDER BY 1, 2
