@@ -38,13 +38,13 @@ def test_bad_names_rejected_with_the_rule(sql: Conn, name: str) -> None:
 @pytest.mark.parametrize(
     ("change", "rule"),
     [
-        ("SET \"limit\" = -1", "limit is 0 or more"),
+        ('SET "limit" = -1', "limit is 0 or more"),
         ("SET name = 'a/b'", "none of / % & > <"),
         ("SET slot_decay_per_second = 'NaN'", "slot_decay_per_second is 0 or more, and finite"),
         ("SET window_seconds = 60", "slot decay or a window, not both"),
         ("SET margin_seconds = 61", "margin_seconds is from 0 to 60"),
         ("SET max_keys = 0", "max_keys is 1 or more"),
-        ("SET leased_slots = -1, \"limit\" = 5", "leased_slots and unleased_slots are 0 or more"),
+        ('SET leased_slots = -1, "limit" = 5', "leased_slots and unleased_slots are 0 or more"),
     ],
 )
 def test_a_row_written_around_the_functions_still_keeps_the_rules(sql: Conn, change: str, rule: str) -> None:
@@ -57,7 +57,7 @@ def test_a_row_written_around_the_functions_still_keeps_the_rules(sql: Conn, cha
     message = expect_error(
         sql,
         "23514",
-        "INSERT INTO pgslots.limits (name, \"limit\", decayed_at, created, updated) VALUES (%s, 1, now(), now(), now())",
+        'INSERT INTO pgslots.limits (name, "limit", decayed_at, created, updated) VALUES (%s, 1, now(), now(), now())',
         ["evil\x1b[2Jname>"],
     )
     assert "\x1b" not in message and "'evil?[2Jname>'" in message
