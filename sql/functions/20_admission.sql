@@ -193,31 +193,23 @@ BEGIN
     END IF;
     IF d.lease_limits IS NOT NULL THEN
         -- The one place a caller's lease is written: one row per limit it counts on.
-        INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
+        INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
                                     host, pid, application_name, holder, session_id)
-        SELECT d.lease_id, i, slots, cardinality(d.lease_limits), d.fencing_token,
+        SELECT d.lease_id, u.i, u.n, slots, cardinality(d.lease_limits), d.fencing_token,
                d.expires_at - make_interval(secs => lease_seconds), d.expires_at,   -- acquired: the grant's time
-               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder,
-               session
-        FROM unnest(d.lease_limits) AS i
-        ON CONFLICT DO NOTHING;
+               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder, session
+        FROM unnest(d.lease_limits) WITH ORDINALITY AS u(i, n)
+        ON CONFLICT DO NOTHING;   -- the id of an existing lease: refused below
         GET DIAGNOSTICS written = ROW_COUNT;
         IF written < cardinality(d.lease_limits) THEN
             RAISE EXCEPTION 'Lease id % is already in use: new_lease_id must name a new lease.', d.lease_id
-                USING ERRCODE = 'PS013',
-                      HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
+                USING ERRCODE = 'PS013', HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
         END IF;
     END IF;
-    granted := d.granted;
-    lease_id := d.lease_id;
-    fencing_token := d.fencing_token;
-    expires_at := d.expires_at;
-    retry_after := d.retry_after;
-    missing := d.missing;
-    blocked_by := d.blocked_by;
-    waiter := d.waiter;
-    -- How long the holder may go unheard before its leases are dead: it must give them up sooner.
-    liveness_seconds := CASE WHEN session IS NOT NULL THEN cfg.liveness_seconds END;
+    -- liveness_seconds: how long the holder may go unheard before its leases are dead.
+    SELECT d.granted, d.lease_id, d.fencing_token, d.expires_at, d.retry_after, d.missing, d.blocked_by, d.waiter,
+           CASE WHEN session IS NOT NULL THEN cfg.liveness_seconds END
+    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, liveness_seconds;
     IF prior IS NOT NULL THEN
         PERFORM pgslots._unbound_waits(prior);
     END IF;

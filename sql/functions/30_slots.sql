@@ -29,10 +29,10 @@ BEGIN
         avg_slot_occupancy_seconds = pgslots._occupancy_after(l.avg_slot_occupancy_seconds,
             pg_catalog.date_part('epoch', pgslots._clock(s.clock_offset) - x.acquired_at), l."limit")
     FROM pgslots.leases x, pgslots.settings s
-    WHERE x.id = release.lease_id AND x.parts = 1 AND l.id = x.limit_id
+    WHERE x.id = release.lease_id AND x.part = 1 AND x.parts = 1 AND l.id = x.limit_id   -- (id, part): the key
     RETURNING l.id, x.slots INTO target, freed;
     IF FOUND THEN
-        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.limit_id = target;
+        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.part = 1 AND x.limit_id = target;
         IF FOUND THEN
             released := true;
             PERFORM pgslots._lock_queue(target);

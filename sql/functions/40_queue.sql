@@ -143,10 +143,10 @@ BEGIN
         run_for := least(w.lease_seconds, 2 * ttl);
         expiry := at + make_interval(secs => run_for);
         -- A lease id already in use (the caller named it twice) is not granted again: no two leases
-        -- of one limit share an id.
-        INSERT INTO pgslots.leases (id, limit_id, slots, parts, fencing_token, acquired_at, expires_at,
+        -- share an id.
+        INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
                                     host, pid, application_name, holder, session_id)
-        VALUES (w.lease_id, target, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder,
+        VALUES (w.lease_id, target, 1, w.slots, 1, token, at, expiry, w.host, w.pid, w.application_name, w.holder,
                 w.session_id)
         ON CONFLICT DO NOTHING;
         IF FOUND THEN
