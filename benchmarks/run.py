@@ -350,8 +350,9 @@ def _server_pids(dsn: str) -> list[int]:
     backend) and every child of it (backends, WAL writer, checkpointer, ...)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert backend is not None
-    postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert backend is not None
+        # Read while the connection is open: its backend ends with it.
+        postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
     pids = [postmaster]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -144,15 +144,18 @@ def test_only_the_owner_removes_or_keeps_alive_a_waiter(roles: Roles) -> None:
 
 def test_a_lease_id_names_one_lease(roles: Roles) -> None:
     """A caller reusing a lease id, its own or one it learnt, gets pgslots' own error and changes
-    nothing: no two single-limit leases share an id, so releasing one never counts for another."""
+    nothing: no two leases share an id, whatever limits each counts on, so releasing one never
+    counts for another."""
     with _conn(roles.owner) as owner, _conn(roles.victim) as victim, _conn(roles.attacker) as attacker:
         create(owner, "a", 2)
         create(owner, "b", 2)
+        create(owner, "c", 2)
         taken = acquire(victim, ["a"], lease_seconds=60)["lease_id"]
-        for names in (["a"], ["b"]):
+        both = acquire(victim, ["b", "c"], lease_seconds=60)["lease_id"]
+        for names, lease in ((["a"], taken), (["b"], taken), (["b", "c"], taken), (["a"], both), (["a", "b"], both)):
             before = snapshot(owner)
             with pytest.raises(psycopg.Error) as caught:
-                acquire(attacker, names, lease_seconds=60, new_lease_id=taken)
+                acquire(attacker, names, lease_seconds=60, new_lease_id=lease)
             assert caught.value.sqlstate == "PS013" and "already in use" in str(caught.value)
             assert snapshot(owner) == before
         mine = uuid.uuid4()
@@ -160,7 +163,7 @@ def test_a_lease_id_names_one_lease(roles: Roles) -> None:
         with pytest.raises(psycopg.Error, match="already in use"):
             acquire(attacker, ["b"], lease_seconds=60, new_lease_id=mine)
         assert one(attacker, "SELECT pgslots.release(%s) AS r", [mine])["r"] is True
-        assert [status(owner, n)["leased_slots"] for n in ("a", "b")] == [1, 0]
+        assert [status(owner, n)["leased_slots"] for n in ("a", "b", "c")] == [1, 1, 1]
         check(owner)
     attacking = pgslots.Client(roles.attacker)
     try:
