@@ -4,6 +4,12 @@
 -- queue_client) before the next one is asked, so that no later request overtakes it; each granted
 -- request gets its own lease and fencing token. One transaction means one commit, and one wait for
 -- the WAL flush, for the whole batch.
+--
+-- A batch keeps every lock its requests took until it commits, so it first locks the rows of all
+-- the limits it names, in id order, as _admit does for one request. Otherwise a refused request
+-- would hold its limit's queue lock (stage 2 takes it shared) while a later request of the batch
+-- waited for that limit's row, which a release may hold while it waits for the queue lock: both
+-- would wait for the deadlock detector. Row locks first, then queue locks, like every release.
 
 -- At most this many requests per batch: a batch holds the row locks of its limits until it commits.
 CREATE FUNCTION pgslots._most_per_batch() RETURNS integer
@@ -19,6 +25,7 @@ AS $$
 DECLARE
     r jsonb;
     commit_mode text := current_setting('synchronous_commit');
+    prior text;
 BEGIN
     IF jsonb_typeof(requests) IS DISTINCT FROM 'array' OR jsonb_array_length(requests) > pgslots._most_per_batch() THEN
         RAISE EXCEPTION 'requests must be a JSON array of at most % acquire requests, got %.', pgslots._most_per_batch(),
@@ -27,6 +34,14 @@ BEGIN
             USING ERRCODE = 'PS002',
                   HINT = 'Each element: {"names": [...], "slots": n, "lease_seconds": s, "holder": {...}, "strict": b, '
                          '"ticket": t, "queue_client": id, "new_lease_id": id, "session": id, "priority": p, "fairness_key": k}.';
+    END IF;
+    prior := pgslots._bound_waits(wait_seconds);
+    PERFORM 1 FROM pgslots.limits l
+    WHERE l.name IN (SELECT jsonb_array_elements_text(e -> 'names') FROM jsonb_array_elements(requests) AS e
+                     WHERE jsonb_typeof(e -> 'names') = 'array')
+    ORDER BY l.id FOR UPDATE;
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
     END IF;
     FOR r IN SELECT a.e FROM jsonb_array_elements(requests) WITH ORDINALITY AS a(e, i) ORDER BY a.i LOOP
         IF jsonb_typeof(r) IS DISTINCT FROM 'object' OR jsonb_typeof(r -> 'names') IS DISTINCT FROM 'array' THEN
@@ -65,11 +80,24 @@ RETURNS TABLE (lease_id uuid, released boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
+DECLARE
+    prior text;
 BEGIN
     IF lease_ids IS NULL OR cardinality(lease_ids) > pgslots._most_per_batch() THEN
         RAISE EXCEPTION 'lease_ids must be an array of at most % lease ids, got %.', pgslots._most_per_batch(),
             coalesce(cardinality(lease_ids)::text, 'NULL')
             USING ERRCODE = 'PS002';
+    END IF;
+    -- The rows of the limits of every lease (and of every queued request that named one), in id
+    -- order, before any release takes a queue lock (see above).
+    prior := pgslots._bound_waits(wait_seconds);
+    PERFORM 1 FROM pgslots.limits l
+    WHERE l.id IN (SELECT x.limit_id FROM pgslots.leases x WHERE x.id = ANY (lease_ids)
+                   UNION ALL
+                   SELECT w.limit_id FROM pgslots.waiters w WHERE w.lease_id = ANY (lease_ids))
+    ORDER BY l.id FOR UPDATE;
+    IF prior IS NOT NULL THEN
+        PERFORM pgslots._unbound_waits(prior);
     END IF;
     -- Durable releases: the batch waits for one WAL flush, so a hand-off it makes is never lost.
     RETURN QUERY SELECT i.id, pgslots.release(i.id, true, wait_seconds)

@@ -40,6 +40,24 @@ def _application_name() -> str:
     return f"pgslots:{prog}"[:63]
 
 
+def _cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+    """The pooled connection's own cursor, kept from call to call: psycopg caches how it adapts each
+    type of parameter and column in the cursor, so a new cursor per statement starts cold."""
+    cur: psycopg.Cursor[Any] | None = getattr(conn, "_pgslots_cursor", None)
+    if cur is None or cur.closed:
+        cur = conn.cursor()
+        conn._pgslots_cursor = cur  # type: ignore[attr-defined]
+    return cur
+
+
+def _acursor(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
+    cur: psycopg.AsyncCursor[Any] | None = getattr(conn, "_pgslots_cursor", None)
+    if cur is None or cur.closed:
+        cur = conn.cursor()
+        conn._pgslots_cursor = cur  # type: ignore[attr-defined]
+    return cur
+
+
 def _names(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> list[str] | None:
     """The column names of the statement's result (None: it returned no rows), read from the
     result itself: ``cursor.description`` builds a Column object per column on every access, which
@@ -277,7 +295,8 @@ class Connections:
         """Runs one statement on a pooled connection."""
         try:
             with database_errors(), self.pool().connection(timeout=timeout) as conn:
-                cur = conn.execute(query, _adapt(params))
+                cur = _cursor(conn)
+                cur.execute(query, _adapt(params))
                 names = _names(cur)
                 return _dicts(names, cur.fetchall() if names else [])
         except DatabaseUnavailableError as exc:
@@ -290,7 +309,8 @@ class Connections:
             with database_errors():
                 apool = await self.apool()
                 async with apool.connection(timeout=timeout) as conn:
-                    cur = await conn.execute(query, _adapt(params))
+                    cur = _acursor(conn)
+                    await cur.execute(query, _adapt(params))
                     names = _names(cur)
                     return _dicts(names, await cur.fetchall() if names else [])
         except DatabaseUnavailableError as exc:

@@ -73,6 +73,11 @@ def translate(exc: psycopg.Error) -> PgSlotsError | None:
             "lock on a pgslots limit); nothing was changed. Find the session in pg_stat_activity, and see "
             "idle_in_transaction_session_timeout."
         )
+    if state.startswith("40"):  # class 40, transaction rollback (a deadlock, a serialization failure): an answer
+        return DatabaseUnavailableError(
+            f"The database rolled this call back ({_first_line(exc)}); nothing was changed. It is safe to try again.",
+            answered=True,
+        )
     if isinstance(exc, psycopg.OperationalError):
         if server_answered(exc):
             return DatabaseUnavailableError(

@@ -90,3 +90,102 @@ def test_bounds_and_hostile_input_change_nothing(roles: Roles) -> None:
         assert [r["granted"] for r in got] == [True, False]  # the attacker holds one of the two slots
     with psycopg.connect(roles.owner, autocommit=True) as owner:
         invariants.check(owner)
+
+
+def _waiting_for_advisory_lock(admin: Conn, pid: int) -> bool:
+    found = one(admin, "SELECT count(*) AS n FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted", [pid])
+    return bool(found["n"])
+
+
+def test_a_batch_of_acquires_and_one_of_releases_never_deadlock(fresh_dsn: str) -> None:
+    """A batch holds what each of its requests took until it commits: a refusal's queue lock (held
+    shared) must not be followed by a row lock that a release holds while it waits for that queue
+    lock. Here the release takes the limit's row and waits for the queue lock behind the batch; the
+    batch then reaches a request that needs the row. Each batch locks its limits' rows first, in
+    id order, so one waits for the other instead of both waiting for the deadlock detector."""
+    import threading
+    import time
+
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        limit_id = create(admin, "one", 1)
+        held = acquire(admin, ["one"], lease_seconds=60)
+        client = uuid.uuid4()
+        ticket = acquire(admin, ["one"], lease_seconds=60, queue_client=client)["waiter"]
+        assert held["granted"] and ticket is not None
+        outcomes: dict[str, Any] = {}
+
+        def run(name: str, query: str, params: list[Any]) -> None:
+            try:
+                with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+                    outcomes[name + "_pid"] = conn.info.backend_pid
+                    outcomes[name] = conn.execute(query, params).fetchall()
+            except psycopg.Error as exc:
+                outcomes[name] = exc
+
+        requests = [
+            {"names": ["one"], "queue_client": str(uuid.uuid4()), "new_lease_id": str(uuid.uuid4())},  # refused: queued
+            {"names": ["one"], "ticket": ticket, "queue_client": str(client)},  # asks again: the full decision
+        ]
+        with psycopg.connect(fresh_dsn) as blocker:  # holds the limit's queue lock until told to let go
+            blocker.execute("SELECT pg_advisory_xact_lock(1885827953, hashtext(%s::text))", [limit_id])
+            batch = threading.Thread(target=run, args=("batch", "SELECT * FROM pgslots.acquire_each(%s::jsonb)", [json.dumps(requests)]))
+            batch.start()
+            deadline = time.monotonic() + 10
+            while not (outcomes.get("batch_pid") and _waiting_for_advisory_lock(admin, outcomes["batch_pid"])):
+                assert time.monotonic() < deadline and batch.is_alive(), outcomes
+                time.sleep(0.02)
+            release = threading.Thread(target=run, args=("release", "SELECT * FROM pgslots.release_each(%s)", [[held["lease_id"]]]))
+            release.start()
+            deadline = time.monotonic() + 10
+            while not (
+                outcomes.get("release_pid")
+                and (
+                    not release.is_alive()
+                    or one(admin, "SELECT count(*) AS n FROM pg_locks WHERE pid = %s AND NOT granted", [outcomes["release_pid"]])["n"]
+                )
+            ):
+                assert time.monotonic() < deadline, outcomes
+                time.sleep(0.02)
+            time.sleep(0.2)
+            blocker.rollback()
+        batch.join(15)
+        release.join(15)
+        assert not isinstance(outcomes["batch"], psycopg.Error), outcomes["batch"]
+        assert not isinstance(outcomes["release"], psycopg.Error), outcomes["release"]
+        assert [r[0] for r in outcomes["release"]] == [held["lease_id"]]
+        invariants.check(admin)
+
+
+def test_a_deadlock_is_an_answer_to_try_again_not_an_outage(fresh_dsn: str) -> None:
+    """A call the server rolled back to break a deadlock (or a serialization failure) changed
+    nothing and may be sent again: it is not a lost connection, so it never counts towards failing
+    open, and its message says so."""
+    import threading
+
+    from pgslots._translate import translate
+    from pgslots.errors import DatabaseUnavailableError
+
+    with psycopg.connect(fresh_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE pair (id int PRIMARY KEY)")
+        admin.execute("INSERT INTO pair VALUES (1), (2)")
+    caught: list[psycopg.Error] = []
+    both = threading.Barrier(2)
+
+    def lock(first: int, second: int) -> None:
+        with psycopg.connect(fresh_dsn) as conn:
+            try:
+                conn.execute("SELECT 1 FROM pair WHERE id = %s FOR UPDATE", [first])
+                both.wait(10)
+                conn.execute("SELECT 1 FROM pair WHERE id = %s FOR UPDATE", [second])
+            except psycopg.Error as exc:
+                caught.append(exc)
+
+    threads = [threading.Thread(target=lock, args=order) for order in ((1, 2), (2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(caught) == 1 and caught[0].sqlstate == "40P01", caught
+    mapped = translate(caught[0])
+    assert isinstance(mapped, DatabaseUnavailableError) and mapped.answered
+    assert str(mapped).startswith("The database rolled this call back (deadlock detected)") and "try again" in str(mapped)
