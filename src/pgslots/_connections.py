@@ -294,11 +294,18 @@ class Connections:
     def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement on a pooled connection."""
         try:
-            with database_errors(), self.pool().connection(timeout=timeout) as conn:
-                cur = _cursor(conn)
-                cur.execute(query, _adapt(params))
-                names = _names(cur)
-                return _dicts(names, cur.fetchall() if names else [])
+            with database_errors():
+                # getconn and putconn, not the pool's connection() context: the connection is in
+                # autocommit, so there is no transaction for it to end, and a statement costs less.
+                pool = self.pool()
+                conn = pool.getconn(timeout=timeout)
+                try:
+                    cur = _cursor(conn)
+                    cur.execute(query, _adapt(params))
+                    names = _names(cur)
+                    return _dicts(names, cur.fetchall() if names else [])
+                finally:
+                    pool.putconn(conn)
         except DatabaseUnavailableError as exc:
             if exc.pool_exhausted and self._server_answers():
                 raise self._busy_pool(exc) from exc.__cause__
@@ -308,11 +315,14 @@ class Connections:
         try:
             with database_errors():
                 apool = await self.apool()
-                async with apool.connection(timeout=timeout) as conn:
+                conn = await apool.getconn(timeout=timeout)  # see call()
+                try:
                     cur = _acursor(conn)
                     await cur.execute(query, _adapt(params))
                     names = _names(cur)
                     return _dicts(names, await cur.fetchall() if names else [])
+                finally:
+                    await apool.putconn(conn)
         except DatabaseUnavailableError as exc:
             if exc.pool_exhausted and await asyncio.to_thread(self._server_answers):
                 raise self._busy_pool(exc) from exc.__cause__
