@@ -80,15 +80,19 @@ def advance_clock(conn: psycopg.Connection[Any], seconds: float) -> None:
     conn.execute("UPDATE pgslots.settings SET clock_offset = clock_offset + make_interval(secs => %s)", [seconds])
 
 
-def expect_error(conn: psycopg.Connection[Any], sqlstate: str, query: str, params: Any = None) -> str:
-    """Runs a call that must fail with `sqlstate`, proves it changed nothing, returns the message."""
-    before = snapshot(conn)
+def expect_error(
+    conn: psycopg.Connection[Any], sqlstate: str, query: str, params: Any = None, *, seen_by: psycopg.Connection[Any] | None = None
+) -> str:
+    """Runs a call that must fail with `sqlstate`, proves it changed nothing (as `seen_by` sees the
+    tables: the owner, for a plain role's call), returns the message."""
+    observer = seen_by or conn
+    before = snapshot(observer)
     try:
         with conn.transaction():
             conn.execute(query, params)
     except psycopg.Error as exc:
         assert exc.sqlstate == sqlstate, f"expected {sqlstate}, got {exc.sqlstate}: {exc}"
-        assert snapshot(conn) == before
+        assert snapshot(observer) == before
         return exc.diag.message_primary or ""
     raise AssertionError(f"no error from {query} {params}")
 

@@ -12,7 +12,7 @@ from typing import Any
 import invariants
 import psycopg
 
-from sqlhelp import Roles, acquire, create, one, rows, snapshot
+from sqlhelp import Roles, acquire, create, expect_error, one, rows
 
 Conn = psycopg.Connection[Any]
 
@@ -59,14 +59,7 @@ def test_a_later_request_never_overtakes_one_queued_before_it(sql: Conn) -> None
 
 def refused(conn: Conn, owner: Conn, sqlstate: str, query: str, params: Any = None) -> str:
     """A call by a plain role that must fail with `sqlstate` and change nothing (seen by the owner)."""
-    before = snapshot(owner)
-    try:
-        conn.execute(query, params)
-    except psycopg.Error as exc:
-        assert exc.sqlstate == sqlstate, f"expected {sqlstate}, got {exc.sqlstate}: {exc}"
-        assert snapshot(owner) == before
-        return exc.diag.message_primary or ""
-    raise AssertionError(f"no error from {query} {params}")
+    return expect_error(conn, sqlstate, query, params, seen_by=owner)
 
 
 def test_bounds_and_hostile_input_change_nothing(roles: Roles) -> None:
