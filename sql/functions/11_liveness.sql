@@ -41,6 +41,28 @@ AS $$
             AND pgslots._session_dead(session, at, liveness_seconds))
 $$;
 
+-- Whether any lease of one limit is gone (see _lease_gone), asked on every hand-off and queued
+-- refusal. Expiry is one probe of the (limit_id, expires_at) index; only leases older than
+-- liveness_seconds can have a dead session, so the session's row is looked up for them alone.
+-- Calling _lease_gone on each lease instead cost about 65 microseconds on a limit holding 50
+-- leases (PostgreSQL 15); this, about 20.
+-- The probe reads acquired_at (implied: a lease is acquired before it expires) so that it is not
+-- an index-only scan: an index-only scan never marks the index entries of deleted rows dead, and
+-- released leases (a hand-off's first term is short) then leave thousands of entries in the
+-- probe's range for every later probe to visit until vacuum comes (200 microseconds each, seen
+-- with 200 tasks on a limit of 50); an index scan marks each once.
+CREATE FUNCTION pgslots._holds_gone_leases(target uuid, at timestamptz, liveness_seconds float8) RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM pgslots.leases x WHERE x.limit_id = target AND x.expires_at <= at AND x.acquired_at <= at)
+        OR EXISTS (SELECT 1 FROM pgslots.leases x
+                   WHERE x.limit_id = target AND x.session_id IS NOT NULL
+                     AND x.acquired_at <= at - make_interval(secs => liveness_seconds)
+                     AND pgslots._session_dead(x.session_id, at, liveness_seconds));
+END
+$$;
+
 CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bind boolean DEFAULT true,
                                    OUT liveness_seconds float8, OUT lost uuid[], OUT orphans uuid[])
 LANGUAGE plpgsql

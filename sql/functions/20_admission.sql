@@ -14,6 +14,7 @@
 -- order, by every function that locks more than one, so multi-limit acquires and releases never
 -- deadlock.
 
+
 -- Stage 1. Should the UPDATE wait for the row lock, it checks the count the other transaction
 -- committed. Shadow, window and paused limits, templates and retiring keys are left to _admit. With
 -- `rate` (rate_limit and reserve on a decay limit), the slots are counted as rate slots, as _grant
@@ -85,6 +86,9 @@ AS $$
 DECLARE
     target uuid;
 BEGIN
+    IF EXISTS (SELECT 1 FROM pgslots.limits l WHERE l.name = wanted) THEN
+        RETURN NULL;   -- the name has a limit (a full one, most often): one probe, not the templates' search
+    END IF;
     IF pgslots._bad_name(wanted)   -- _admit says what is wrong with it
        OR pgslots._create_instances(ARRAY[wanted], at) = 0 THEN   -- it has a limit, or no template
         RETURN NULL;
@@ -116,9 +120,7 @@ BEGIN
     SELECT l.id, l.name INTO target FROM pgslots.limits l
     WHERE l.name = wanted AND NOT l.is_template AND NOT l.retiring AND l.active AND slots <= l."limit"
       AND NOT l.shadow AND l.window_seconds = 0 AND NOT pgslots._paused(l.paused_until, at)
-      AND NOT EXISTS (SELECT 1 FROM pgslots.leases x
-                      WHERE x.limit_id = l.id
-                        AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, cfg.liveness_seconds));
+      AND NOT pgslots._holds_gone_leases(l.id, at, cfg.liveness_seconds);
     IF NOT FOUND THEN
         RETURN d;
     END IF;

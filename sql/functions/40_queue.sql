@@ -80,6 +80,8 @@ $$;
 -- heartbeat, the slots come back that soon; the waiter's client renews it to full length.
 CREATE FUNCTION pgslots._hand_off(target uuid, at timestamptz) RETURNS integer
 LANGUAGE plpgsql
+SET enable_seqscan = off
+SET jit = off
 AS $$
 DECLARE
     lim record;
@@ -97,8 +99,7 @@ DECLARE
     expiry timestamptz;
     wake_rest boolean := false;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pgslots.leases x, pgslots.settings s
-               WHERE x.limit_id = target AND pgslots._lease_gone(x.expires_at, x.session_id, x.acquired_at, at, s.liveness_seconds)) THEN
+    IF pgslots._holds_gone_leases(target, at, (SELECT s.liveness_seconds FROM pgslots.settings s)) THEN
         PERFORM pgslots._reclaim(target, at);
     END IF;
     SELECT l."limit", l.active AND NOT l.retiring AS active, l.leased_slots, l.shadow, l.paused_until,
