@@ -57,6 +57,49 @@ def test_a_later_request_never_overtakes_one_queued_before_it(sql: Conn) -> None
     invariants.check(sql)
 
 
+def _released_with(sql: Conn, tag: str, together: bool) -> dict[str, Any]:
+    """Two single-limit leases and a two-limit one on a full limit of 3, two requests queued behind
+    them (2 slots, then 1); the three released with release_each (an id named twice, one of
+    nothing) or one release after another. What the queue and the counts show after."""
+    create(sql, f"{tag}_pool", 3)
+    create(sql, f"{tag}_other", 5)
+    a, b = (acquire(sql, [f"{tag}_pool"], lease_seconds=60)["lease_id"] for _ in range(2))
+    m = acquire(sql, [f"{tag}_pool", f"{tag}_other"], lease_seconds=60)["lease_id"]
+    queue = str(uuid.uuid4())
+    named = [str(uuid.uuid4()), str(uuid.uuid4())]
+    for slots, lease_id in zip((2, 1), named, strict=True):
+        assert not acquire(sql, [f"{tag}_pool"], slots, lease_seconds=60, queue_client=queue, new_lease_id=lease_id)["granted"]
+    if together:
+        # The two-limit lease first (released as release does it), then the two on one limit
+        # together: their two slots must reach the queue in that call.
+        assert [r["released"] for r in rows(sql, "SELECT * FROM pgslots.release_each(%s)", [[m]])] == [True]
+        assert one(sql, "SELECT count(*) AS n FROM pgslots.leases WHERE id = ANY (%s)", [named])["n"] == 0
+        got = rows(sql, "SELECT * FROM pgslots.release_each(%s)", [[a, a, uuid.uuid4(), b]])
+        assert [r["released"] for r in got] == [True, False, False, True]
+        assert [r["lease_id"] for r in got][:2] == [a, a]
+    else:
+        assert [one(sql, "SELECT pgslots.release(%s) AS r", [x])["r"] for x in (m, a, b)] == [True, True, True]
+    invariants.check(sql)
+    return {
+        "pool": one(sql, "SELECT leased_slots, grants_total FROM pgslots.limits WHERE name = %s", [f"{tag}_pool"]),
+        "other": one(sql, "SELECT leased_slots FROM pgslots.limits WHERE name = %s", [f"{tag}_other"])["leased_slots"],
+        "handed": [one(sql, "SELECT slots FROM pgslots.leases WHERE id = %s", [x]) for x in named],
+        "queued": one(
+            sql, "SELECT count(*) AS n FROM pgslots.waiters w JOIN pgslots.limits l ON l.id = w.limit_id WHERE l.name = %s", [f"{tag}_pool"]
+        )["n"],
+    }
+
+
+def test_leases_released_together_give_the_queue_what_releases_one_by_one_give(sql: Conn) -> None:
+    # release_each gives back the leases of one limit together, with one hand-off: the queue must
+    # be served exactly as by one release after another (the head's 2 slots first, then 1).
+    together = _released_with(sql, "batch", together=True)
+    one_by_one = _released_with(sql, "single", together=False)
+    assert together == one_by_one
+    assert together["handed"] == [{"slots": 2}, {"slots": 1}] and together["queued"] == 0
+    assert together["pool"]["leased_slots"] == 3 and together["other"] == 0
+
+
 def refused(conn: Conn, owner: Conn, sqlstate: str, query: str, params: Any = None) -> str:
     """A call by a plain role that must fail with `sqlstate` and change nothing (seen by the owner)."""
     return expect_error(conn, sqlstate, query, params, seen_by=owner)
