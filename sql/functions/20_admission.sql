@@ -104,11 +104,13 @@ $$;
 -- Stage 2. A refused caller that queues on one limit is queued under the limit's queue lock held
 -- shared (see _lock_queue), not its row lock, so refusals neither wait for grants and releases nor
 -- hold them up. Undecided (NULL) when the limit needs _admit: missing, disabled, a shadow or window
--- limit, smaller than the request, or holding leases to take back. Should room appear meanwhile,
+-- limit, smaller than the request, or holding leases to take back (leases_checked: the caller
+-- holds the limit's row and has looked already, see acquire_each). Should room appear meanwhile,
 -- the caller is told to ask again at once: _admit's row locks are never taken under the queue lock.
 CREATE FUNCTION pgslots._queue_refusal(wanted text, slots integer, queue_client uuid, new_lease_id uuid,
                                        lease_seconds float8, holder jsonb, session uuid, priority integer,
-                                       fairness_key text, cfg pgslots.settings, at timestamptz)
+                                       fairness_key text, cfg pgslots.settings, at timestamptz,
+                                       leases_checked boolean DEFAULT false)
 RETURNS pgslots.decision
 LANGUAGE plpgsql
 AS $$
@@ -120,7 +122,7 @@ BEGIN
     SELECT l.id, l.name INTO target FROM pgslots.limits l
     WHERE l.name = wanted AND NOT l.is_template AND NOT l.retiring AND l.active AND slots <= l."limit"
       AND NOT l.shadow AND l.window_seconds = 0 AND NOT pgslots._paused(l.paused_until, at)
-      AND NOT pgslots._holds_gone_leases(l.id, at, cfg.liveness_seconds);
+      AND (leases_checked OR NOT pgslots._holds_gone_leases(l.id, at, cfg.liveness_seconds));
     IF NOT FOUND THEN
         RETURN d;
     END IF;

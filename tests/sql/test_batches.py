@@ -11,6 +11,7 @@ from typing import Any
 
 import invariants
 import psycopg
+from psycopg.types.json import Jsonb
 
 from sqlhelp import Roles, acquire, create, expect_error, one, rows
 
@@ -55,6 +56,82 @@ def test_a_later_request_never_overtakes_one_queued_before_it(sql: Conn) -> None
     assert one(sql, "SELECT pgslots.release(%s) AS r", [held["lease_id"]])["r"] is True
     assert one(sql, "SELECT count(*) AS n FROM pgslots.leases WHERE slots = 2")["n"] == 1
     invariants.check(sql)
+
+
+def _typed(request: dict[str, Any]) -> dict[str, Any]:
+    """A batch's JSON request as acquire's arguments."""
+    ids = {"queue_client", "new_lease_id", "session"}
+    return {k: uuid.UUID(v) if k in ids else Jsonb(v) if k == "holder" else v for k, v in request.items()}
+
+
+def _queued(sql: Conn, name: str) -> list[Any]:
+    """A limit's queue and refusal counts, without what differs from one limit to another."""
+    return [
+        rows(
+            sql,
+            "SELECT w.slots, w.lease_id, w.lease_seconds, w.holder, w.session_id, w.client_id, w.refused"
+            " FROM pgslots.waiters w JOIN pgslots.limits l ON l.id = w.limit_id WHERE l.name = %s ORDER BY w.id",
+            [name],
+        ),
+        rows(
+            sql,
+            "SELECT r.denied_slots, r.refusals_total FROM pgslots.refusals r JOIN pgslots.limits l ON l.id = r.limit_id WHERE l.name = %s",
+            [name],
+        ),
+    ]
+
+
+def test_a_run_of_refusals_on_one_limit_is_decided_as_acquire_decides_each(sql: Conn) -> None:
+    # After a plain request on a full limit is refused and queued, the batch's next plain requests
+    # on it take the queued refusal stage straight away: the answers and the queue must be those of
+    # acquire called for each in turn (on a twin limit), and a request with room behind the queue
+    # is still granted.
+    session = str(uuid.uuid4())
+    one(sql, "SELECT pgslots.keep_alive(%s)", [session])
+    queue = str(uuid.uuid4())
+    requests = [
+        {"slots": 2, "holder": {"job": "a"}},  # refused: 1 slot free, queued
+        {"slots": 1, "holder": {"job": "b"}},  # 1 free, but behind the queue: refused
+        {"slots": 3, "lease_seconds": 90},  # refused
+        {"slots": 1, "session": session},  # refused, with a session
+    ]
+    answers = {}
+    for tag, batch in (("twin", False), ("run", True)):
+        create(sql, tag, 3)
+        acquire(sql, [tag], 2, lease_seconds=60)
+        asked = [{"names": [tag], "queue_client": queue, "new_lease_id": str(uuid.uuid4()), **r} for r in requests]
+        got = each(sql, asked) if batch else [acquire(sql, **{"lease_seconds": 300, **_typed(r)}) for r in asked]
+        assert [g["granted"] for g in got] == [False] * 4
+        tickets = [g["waiter"] for g in got]
+        assert tickets == sorted(tickets) and None not in tickets
+        queued, counted = _queued(sql, tag)
+        assert [w["lease_id"] for w in queued] == [uuid.UUID(r["new_lease_id"]) for r in asked]
+        answers[tag] = (
+            [([tag] == g["blocked_by"], g["missing"], g["liveness_seconds"], round(g["retry_after"], 1)) for g in got],
+            [{**w, "lease_id": None} for w in queued],
+            counted,
+        )
+    assert answers["run"] == answers["twin"]
+    invariants.check(sql)
+
+
+def test_a_run_of_refusals_still_checks_each_request(roles: Roles) -> None:
+    # A request in a run is checked as acquire checks it: another role's session, more slots than
+    # the limit, a lease too short: the whole batch fails with acquire's error, and nothing stays.
+    with psycopg.connect(roles.owner, autocommit=True) as owner:
+        create(owner, "run", 2)
+    with psycopg.connect(roles.victim, autocommit=True) as victim:
+        theirs = str(uuid.uuid4())
+        one(victim, "SELECT pgslots.keep_alive(%s)", [theirs])
+        assert each(victim, [{"names": ["run"], "slots": 2, "lease_seconds": 60}])[0]["granted"]
+    with psycopg.connect(roles.owner, autocommit=True) as owner, psycopg.connect(roles.attacker, autocommit=True) as attacker:
+        mine = str(uuid.uuid4())
+        one(attacker, "SELECT pgslots.keep_alive(%s)", [mine])
+        first = {"names": ["run"], "queue_client": str(uuid.uuid4()), "session": mine}
+        for bad, sqlstate in (({"session": theirs}, "PS014"), ({"slots": 3}, "PS006"), ({"lease_seconds": 1}, "PS007")):
+            later = {**first, "new_lease_id": str(uuid.uuid4()), **bad}
+            refused(attacker, owner, sqlstate, "SELECT * FROM pgslots.acquire_each(%s::jsonb)", [json.dumps([first, later])])
+        invariants.check(owner)
 
 
 def _released_with(sql: Conn, tag: str, together: bool) -> dict[str, Any]:
