@@ -84,12 +84,11 @@ def _queued(sql: Conn, name: str) -> list[Any]:
 def test_a_run_of_refusals_on_one_limit_is_decided_as_acquire_decides_each(sql: Conn) -> None:
     # After a plain request on a full limit is refused and queued, the batch's next plain requests
     # on it take the queued refusal stage straight away: the answers and the queue must be those of
-    # acquire called for each in turn (on a twin limit), and a request with room behind the queue
-    # is still granted.
+    # acquire called for each in turn (on a twin limit).
     session = str(uuid.uuid4())
     one(sql, "SELECT pgslots.keep_alive(%s)", [session])
     queue = str(uuid.uuid4())
-    requests = [
+    requests: list[dict[str, Any]] = [
         {"slots": 2, "holder": {"job": "a"}},  # refused: 1 slot free, queued
         {"slots": 1, "holder": {"job": "b"}},  # 1 free, but behind the queue: refused
         {"slots": 3, "lease_seconds": 90},  # refused
@@ -99,7 +98,7 @@ def test_a_run_of_refusals_on_one_limit_is_decided_as_acquire_decides_each(sql: 
     for tag, batch in (("twin", False), ("run", True)):
         create(sql, tag, 3)
         acquire(sql, [tag], 2, lease_seconds=60)
-        asked = [{"names": [tag], "queue_client": queue, "new_lease_id": str(uuid.uuid4()), **r} for r in requests]
+        asked: list[dict[str, Any]] = [{"names": [tag], "queue_client": queue, "new_lease_id": str(uuid.uuid4()), **r} for r in requests]
         got = each(sql, asked) if batch else [acquire(sql, **{"lease_seconds": 300, **_typed(r)}) for r in asked]
         assert [g["granted"] for g in got] == [False] * 4
         tickets = [g["waiter"] for g in got]
