@@ -57,8 +57,6 @@ $$;
 -- PL/pgSQL, not SQL: a SQL function that is not inlined is planned again on every call.
 CREATE FUNCTION pgslots._plain_queue(target uuid) RETURNS boolean
 LANGUAGE plpgsql STABLE
-SET enable_seqscan = off
-SET jit = off
 AS $$
 BEGIN
     RETURN NOT EXISTS (SELECT 1 FROM pgslots.waiters w

@@ -80,8 +80,6 @@ $$;
 -- heartbeat, the slots come back that soon; the waiter's client renews it to full length.
 CREATE FUNCTION pgslots._hand_off(target uuid, at timestamptz) RETURNS integer
 LANGUAGE plpgsql
-SET enable_seqscan = off
-SET jit = off
 AS $$
 DECLARE
     lim record;
