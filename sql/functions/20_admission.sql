@@ -14,7 +14,6 @@
 -- order, by every function that locks more than one, so multi-limit acquires and releases never
 -- deadlock.
 
-
 -- Stage 1. Should the UPDATE wait for the row lock, it checks the count the other transaction
 -- committed. Shadow, window and paused limits, templates and retiring keys are left to _admit. With
 -- `rate` (rate_limit and reserve on a decay limit), the slots are counted as rate slots, as _grant
