@@ -13,26 +13,34 @@ DECLARE
     commit_mode text;
     target uuid;
     freed integer;
-    prior text := pgslots._bound_waits(wait_seconds);
+    held_since timestamptz;
+    prior text;
 BEGIN
+    IF wait_seconds IS NOT NULL THEN
+        prior := pgslots._bound_waits(wait_seconds);
+    END IF;
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
         -- keeps the slot taken until its lease expires: slower, never over-admitting.
         commit_mode := current_setting('synchronous_commit');
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
-    -- The common case first: a lease on one limit. Its UPDATE takes the limit's row lock (the only
-    -- one this release needs), then the lease row goes. Had a reclaim removed the lease meanwhile
-    -- (it expired, and a full limit took its slots back), the count is put back as it was.
-    UPDATE pgslots.limits l
-    SET leased_slots = greatest(0, l.leased_slots - x.slots),
-        avg_slot_occupancy_seconds = pgslots._occupancy_after(l.avg_slot_occupancy_seconds,
-            pg_catalog.date_part('epoch', pgslots._clock(s.clock_offset) - x.acquired_at), l."limit")
-    FROM pgslots.leases x, pgslots.settings s
-    WHERE x.id = release.lease_id AND x.part = 1 AND x.parts = 1 AND l.id = x.limit_id   -- (id, part): the key
-    RETURNING l.id, x.slots INTO target, freed;
+    -- The common case first: a lease on one limit, found by its key (id, part). Then its limit's
+    -- row is locked by the UPDATE (the only row lock this release needs), then the lease row goes.
+    -- Had a reclaim removed the lease meanwhile (it expired, and a full limit took its slots back),
+    -- the count is put back as it was. Each statement names one table by its key: whatever the
+    -- table's statistics say after a vacuum (few live leases, many pages), no plan can prefer
+    -- another index or a scan, as a join of leases and limits did.
+    SELECT x.limit_id, x.slots, x.acquired_at INTO target, freed, held_since
+    FROM pgslots.leases x WHERE x.id = release.lease_id AND x.part = 1 AND x.parts = 1;
     IF FOUND THEN
-        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.part = 1 AND x.limit_id = target;
+        UPDATE pgslots.limits l
+        SET leased_slots = greatest(0, l.leased_slots - freed),
+            avg_slot_occupancy_seconds = pgslots._occupancy_after(l.avg_slot_occupancy_seconds,
+                pg_catalog.date_part('epoch', pgslots._clock(s.clock_offset) - held_since), l."limit")
+        FROM pgslots.settings s
+        WHERE l.id = target;
+        DELETE FROM pgslots.leases x WHERE x.id = release.lease_id AND x.part = 1;
         IF FOUND THEN
             released := true;
             PERFORM pgslots._lock_queue(target);

@@ -1,0 +1,82 @@
+"""SQL API: the hot path's plans stay lookups by key, whatever vacuum leaves the tables' statistics
+saying (migration 0018 and the release's statements)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+
+from sqlhelp import acquire, create, one
+
+Conn = psycopg.Connection[Any]
+CYCLES = 6_000
+
+
+def _churn(conn: Conn, name: str, cycles: int) -> None:
+    """Leases acquired and released, each in its own transaction, sent in a pipeline (without
+    waiting for each answer)."""
+    with conn.pipeline():
+        for _ in range(cycles):
+            lease = uuid.uuid4()
+            conn.execute("SELECT pgslots.acquire(%s, 1, 60, new_lease_id => %s)", [[name], lease])
+            conn.execute("SELECT pgslots.release(%s, false)", [lease])
+
+
+def _busy_then_vacuumed(conn: Conn, name: str) -> int:
+    """The leases table as a busy limiter leaves it: thousands of leases come and gone, then vacuumed
+    and analyzed with none live. Returns the table's size in pages."""
+    _churn(conn, name, CYCLES)
+    conn.execute("VACUUM ANALYZE pgslots.leases")
+    return int(one(conn, "SELECT pg_relation_size('pgslots.leases') / 8192 AS pages")["pages"])
+
+
+def _blocks_read(conn: Conn) -> int:
+    """Blocks of the leases table and its indexes this database has read so far (hit or not)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    row = one(
+        conn,
+        "SELECT heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0) + coalesce(idx_blks_read, 0) AS n"
+        " FROM pg_statio_user_tables WHERE relid = 'pgslots.leases'::regclass",
+    )
+    return int(row["n"])
+
+
+def _cycle(conn: Conn, name: str) -> None:
+    lease = acquire(conn, [name], lease_seconds=60)["lease_id"]
+    assert one(conn, "SELECT pgslots.release(%s, false) AS released", [lease])["released"]
+
+
+def test_vacuum_keeps_the_pages_of_a_busy_leases_table(fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        create(conn, "busy", 10)
+        pages = _busy_then_vacuumed(conn, "busy")
+        # Thousands of dead rows filled dozens of pages; truncated, the empty table would have none.
+        assert pages > 15
+        options = one(conn, "SELECT reloptions FROM pg_class WHERE oid = 'pgslots.waiters'::regclass")["reloptions"]
+        assert "vacuum_truncate=false" in options
+
+
+def test_a_release_reads_a_few_pages_after_a_vacuum_of_a_busy_table(fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        create(conn, "busy", 10)
+        _busy_then_vacuumed(conn, "busy")
+    # A new session plans the statements against the vacuumed table: few live rows, many pages.
+    # PL/pgSQL keeps a generic plan of a statement once it costs no more than the custom ones:
+    # forced here, so that the test does not depend on that choice. The plans made now are kept
+    # while the leases come and go and their index entries pile up until the next vacuum.
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        for _ in range(8):
+            _cycle(conn, "busy")
+        _churn(conn, "busy", CYCLES)
+        index_pages = one(conn, "SELECT pg_relation_size('pgslots.leases_limit_expiry') / 8192 AS n")["n"]
+        before = _blocks_read(conn)
+        for _ in range(20):
+            _cycle(conn, "busy")
+        per_cycle = (_blocks_read(conn) - before) / 20
+    # By their keys, an acquire and a release read about 10 blocks of leases and its indexes (the
+    # new row and its two index entries, then the row found, updated and deleted by its key); a
+    # plan that scanned the table or an index would read at least as many as that index has pages.
+    assert per_cycle < 20 < index_pages, (per_cycle, index_pages)
