@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -26,19 +26,18 @@ RENEW_AHEAD_SECONDS = 1.0  # leases due this soon are renewed with those due now
 RETRY_SECONDS = 1.0  # the database is away but a lease is still good: try again this soon
 
 
-@dataclass(order=True)
+@dataclass
 class Held:
     """One held lease and its renewal schedule (monotonic times)."""
 
     due: float
-    seq: int
-    lease_id: uuid.UUID = field(compare=False)
-    lease_seconds: float = field(compare=False)
-    on_lost: Callable[[BaseException], None] = field(compare=False)
-    valid_until: float = field(default=0.0, compare=False)
-    cancelled: bool = field(default=False, compare=False)
-    liveness: float | None = field(default=None, compare=False)  # see Lease.liveness_seconds
-    held_at: float = field(default=0.0, compare=False)  # just after the grant
+    lease_id: uuid.UUID
+    lease_seconds: float
+    on_lost: Callable[[BaseException], None]
+    valid_until: float = 0.0
+    cancelled: bool = False
+    liveness: float | None = None  # see Lease.liveness_seconds
+    held_at: float = 0.0  # just after the grant
 
 
 class HeldLeases:
@@ -46,9 +45,14 @@ class HeldLeases:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._due: list[Held] = []  # a heap, soonest first
+        # A heap of (due, sequence, lease), soonest first: tuples compare faster than dataclasses,
+        # and the sequence number keeps two leases due at once from being compared.
+        self._due: list[tuple[float, int, Held]] = []
         self.by_lease: dict[uuid.UUID, Held] = {}
         self._seq = itertools.count()
+
+    def _push(self, held: Held) -> None:
+        heapq.heappush(self._due, (held.due, next(self._seq), held))
 
     def hold(self, lease: Lease, on_lost: Callable[[BaseException], None]) -> None:
         """A lease handed over by a release first runs for less than lease_seconds (its first_term);
@@ -58,7 +62,6 @@ class HeldLeases:
         term = lease.lease_seconds if lease.first_term is None else min(lease.first_term, lease.lease_seconds)
         held = Held(
             now + 0.75 * term,
-            next(self._seq),
             lease.lease_id,
             lease.lease_seconds,
             on_lost,
@@ -67,7 +70,7 @@ class HeldLeases:
             held_at=now,
         )
         with self._lock:
-            heapq.heappush(self._due, held)
+            self._push(held)
             self.by_lease[lease.lease_id] = held
 
     def drop(self, lease_id: uuid.UUID) -> None:
@@ -75,6 +78,13 @@ class HeldLeases:
             held = self.by_lease.pop(lease_id, None)
             if held is not None:
                 held.cancelled = True
+            # A dropped lease stays in the heap until it is due (0.75 x its term, minutes away):
+            # once most entries are dropped ones, the heap is rebuilt without them, so a process
+            # that holds thousands of short bodies a second keeps neither their memory nor a
+            # deeper heap to push into.
+            if len(self._due) > 2 * len(self.by_lease) + 64:
+                self._due = [entry for entry in self._due if not entry[2].cancelled]
+                heapq.heapify(self._due)
 
     def lose(self, lease_id: uuid.UUID, error: BaseException) -> None:
         """The lease is gone: stop renewing it and tell its holder."""
@@ -91,17 +101,17 @@ class HeldLeases:
 
     def next_due(self) -> float | None:
         with self._lock:
-            return self._due[0].due if self._due else None
+            return self._due[0][0] if self._due else None
 
     def take_due(self) -> list[Held]:
         """Every lease due now, and those due within RENEW_AHEAD_SECONDS: renewed in one call."""
         horizon = time.monotonic() + RENEW_AHEAD_SECONDS
         batch: list[Held] = []
         with self._lock:
-            if not self._due or self._due[0].due > time.monotonic():
+            if not self._due or self._due[0][0] > time.monotonic():
                 return batch
-            while self._due and self._due[0].due <= horizon:
-                held = heapq.heappop(self._due)
+            while self._due and self._due[0][0] <= horizon:
+                held = heapq.heappop(self._due)[2]
                 if not held.cancelled:
                     batch.append(held)
         return batch
@@ -124,7 +134,7 @@ class HeldLeases:
                     self.by_lease.pop(held.lease_id, None)
                     gone.append((held, failure or _lost(held.lease_id)))
                     continue
-                heapq.heappush(self._due, held)
+                self._push(held)
         for held, error in gone:
             held.on_lost(error)
 
