@@ -6,7 +6,7 @@
 -- page: a scan of one page costs less than an index lookup, so the plans kept until the next vacuum
 -- read the whole table by scanning it, while it grows again from the releases' dead rows (measured
 -- on PostgreSQL 15: a release's lookup of its lease read 11 to 12 pages a call instead of 3, on a
--- table of 70 pages a minute after the vacuum). Kept, the pages are reused for new rows (vacuum
+-- table that had grown from none to 70 pages since the vacuum). Kept, the pages are reused for new rows (vacuum
 -- records their free space), the table stays at the size its busiest minute needed, and the plans
 -- made after a vacuum look leases and waiters up by their keys. Truncating also takes the table's
 -- exclusive lock, which stops every acquire and release while it is held. VACUUM FULL (or pg_repack)
