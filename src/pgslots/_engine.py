@@ -64,13 +64,59 @@ def _finish_at_exit() -> None:
         engine.finish(deadline)
 
 
+# Threads in the middle of a pgslots command (a call on its way, a lease being held). A lost lease
+# interrupts its body's thread at once, unless that thread is in such a command: an exception raised
+# into it then would leave the command's outcome (a grant committed or not) unknown, or a lock of
+# Python's own threading code taken. Such an interruption waits in _DEFERRED until the command is
+# done and the flow has taken its outcome; the sync driver then raises it into the flow.
+_CALLS_LOCK = threading.Lock()
+_IN_CALL: set[int] = set()
+_DEFERRED: set[int] = set()
+
+
+def _raise_in(thread_id: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(LeaseRenewalFailedError))
+
+
 def interrupt_thread(thread_id: int) -> Callable[[BaseException], None]:
-    """A callback that raises LeaseRenewalFailedError in another (sync) thread."""
+    """A callback that raises LeaseRenewalFailedError in another (sync) thread: at once, or once the
+    pgslots command that thread is in is done."""
 
     def interrupt(_: BaseException) -> None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(LeaseRenewalFailedError))
+        with _CALLS_LOCK:
+            if thread_id in _IN_CALL:
+                _DEFERRED.add(thread_id)
+            else:
+                _raise_in(thread_id)
 
     return interrupt
+
+
+def defer_interruptions(thread_id: int) -> None:
+    with _CALLS_LOCK:
+        _IN_CALL.add(thread_id)
+
+
+def allow_interruptions(thread_id: int) -> None:
+    with _CALLS_LOCK:
+        _IN_CALL.discard(thread_id)
+
+
+def deferred_interruption(thread_id: int) -> bool:
+    """True (once) when this thread was interrupted during a command that is done since."""
+    if thread_id not in _DEFERRED:
+        return False  # the hot path: no lock
+    with _CALLS_LOCK:
+        if thread_id in _IN_CALL or thread_id not in _DEFERRED:
+            return False
+        _DEFERRED.discard(thread_id)
+        return True
+
+
+def interrupt_later(thread_id: int) -> None:
+    """Raises a deferred interruption that no flow took into this thread's own code, as it comes back to it."""
+    with _CALLS_LOCK:
+        _raise_in(thread_id)
 
 
 class Engine:

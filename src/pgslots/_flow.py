@@ -28,6 +28,7 @@ from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     DatabaseUnavailableError,
+    LeaseRenewalFailedError,
     LockWaitTimeoutError,
     PgSlotsError,
 )
@@ -353,8 +354,9 @@ class Attempts:
         self.missing = tuple(row["missing"] or ())
         self.liveness_seconds = row.get("liveness_seconds")
         if row["granted"]:
+            # pending_lease stays: until the flow has handed the lease over, an interruption gives it
+            # back (abandon).
             self.ticket = None
-            self.pending_lease = None
             return Answer(
                 lease=Lease(
                     lease_id=row.get("lease_id"),
@@ -399,7 +401,7 @@ class Attempts:
             logger.debug("pgslots: ignoring a hand-off for lease %s: this waiter named %s", grant.lease_id, self.pending_lease)
             return None
         r = self.request
-        lease_id, self.pending_lease, self.ticket = self.pending_lease, None, None
+        lease_id, self.ticket = self.pending_lease, None  # pending_lease stays, as after a grant (see record)
         return Lease(
             lease_id,
             grant.fencing_token,
@@ -506,8 +508,22 @@ def concurrency(request: Request, raise_on_failure: bool, clock: Clock, fail_ope
     """Acquire slots for a body, and keep their lease renewed until :func:`release`."""
     lease = yield from acquire(request, clock, fail_open_after)
     if lease.lease_id is not None:
-        yield Hold(lease, raise_on_failure)
+        try:
+            yield Hold(lease, raise_on_failure)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from let_go(lease)  # interrupted as it was granted: no body will end to release it
+            raise
     return lease
+
+
+def let_go(lease: Lease) -> Flow[None]:
+    """Gives back, in the background, a granted lease whose caller was interrupted before its body
+    began (so that no body's end will release it)."""
+    if lease.lease_id is not None:
+        yield Drop(lease.lease_id)
+        yield Later(q.RELEASE, release_params(lease.lease_id))
 
 
 def connect(request: Request, clock: Clock, fail_open_after: float | None) -> Flow[Link | Lease]:
@@ -546,6 +562,8 @@ def acquire(request: Request, clock: Clock, fail_open_after: float | None = None
             timeout = state.call_timeout()  # past the deadline: raises here, with nothing in flight
             try:
                 rows = yield Call(query, params, timeout)
+            except LeaseRenewalFailedError:
+                raise  # not the database's answer: another lease of this thread was lost (cleaned up below)
             except PgSlotsError as exc:
                 then = state.failed(exc)
                 while then.undo is not None:  # first release what the lost attempt may have won

@@ -20,6 +20,7 @@ with blocking calls, and holds no waiting logic of its own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from types import TracebackType
@@ -28,12 +29,14 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import _flow as flows
+from ._batching import batchable, thread_batcher
 from ._connections import Connections
-from ._engine import interrupt_thread
+from ._engine import allow_interruptions, defer_interruptions, deferred_interruption, interrupt_later, interrupt_thread
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
 from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
 from ._observe import Holding, observe
 from .client import Client, connections_of, default_client
+from .errors import LeaseRenewalFailedError
 from .types import Lease, ReservationBase
 
 T = TypeVar("T")
@@ -41,19 +44,47 @@ T = TypeVar("T")
 
 def run(db: Connections, flow: Flow[T], connection: psycopg.Connection[Any] | None = None) -> T:
     """Runs a flow to its end: each command it yields is carried out here, and its result (or the
-    exception it raised) goes back into the flow."""
+    exception it raised) goes back into the flow. An interruption the flow could not hear (it
+    came with its last command) is raised into this thread again, to reach the body it was meant for."""
+    done = _run(db, flow, connection)
+    me = threading.get_ident()
+    if deferred_interruption(me):
+        interrupt_later(me)
+    return done
+
+
+def _run(db: Connections, flow: Flow[T], connection: psycopg.Connection[Any] | None = None) -> T:
+    me = threading.get_ident()
     reply: Any = None
     error: BaseException | None = None
     while True:
         try:
             command = flow.send(reply) if error is None else flow.throw(error)
+            reply, error = None, None
+            if deferred_interruption(me):
+                # Interrupted while its last command was carried out: the flow has its outcome now,
+                # and hears the interruption instead of running its next command.
+                raise LeaseRenewalFailedError()
+            # A lost lease's interruption waits while a command is carried out (a call on its way,
+            # a lease being held), so that the flow hears it with that command's outcome known;
+            # waits and sleeps, which change nothing, are interrupted at once (see
+            # _engine.interrupt_thread).
+            deferring = not isinstance(command, (Wait, Sleep))
+            try:
+                if deferring:
+                    defer_interruptions(me)
+                reply = _perform(db, command, connection)
+            finally:
+                if deferring:
+                    allow_interruptions(me)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        reply, error = None, None
-        try:
-            reply = _perform(db, command, connection)
-        except BaseException as exc:  # thrown into the flow, which cleans up and decides
-            error = exc
+        except BaseException as exc:
+            if inspect.getgeneratorstate(flow) != inspect.GEN_SUSPENDED:
+                raise  # the flow ended with it
+            # The command failed, or an interruption was raised into this thread after the flow had
+            # yielded it: the flow hears it instead of the command's reply, and cleans up.
+            reply, error = None, exc
 
 
 def _perform(db: Connections, command: flows.Command, connection: psycopg.Connection[Any] | None) -> Any:
@@ -62,6 +93,8 @@ def _perform(db: Connections, command: flows.Command, connection: psycopg.Connec
         if command.in_transaction:
             assert connection is not None
             return db.call_on(connection, command.query, command.params)
+        if batchable(command.query):
+            return thread_batcher(db).call(command.query, command.params or {}, command.timeout)
         return db.call(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
         db.pool()
@@ -132,10 +165,19 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
         else:
             fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
             flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
-        with observe("acquire", self._request.names, self._request.slots) as seen:
-            self._lease = run(connections_of(self._client), flow, self._connection)
-            seen.granted(self._lease)
-        self._holding = Holding(self._lease)
+        try:
+            with observe("acquire", self._request.names, self._request.slots) as seen:
+                self._lease = _run(connections_of(self._client), flow, self._connection)
+                seen.granted(self._lease)
+            self._holding = Holding(self._lease)
+            if deferred_interruption(threading.get_ident()):
+                raise LeaseRenewalFailedError()  # came with the grant: heard here, before the body begins
+        except BaseException:
+            # Interrupted once granted, before the body began: no __exit__ will release the lease.
+            lease, self._lease = self._lease, None
+            if lease is not None and self._connection is None:
+                run(connections_of(self._client), flows.let_go(lease))
+            raise
         return self._lease
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
