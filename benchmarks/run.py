@@ -555,7 +555,7 @@ def batching(dsn: str, seconds: float, tasks: int = 200, limit: int = 50, body: 
     return result
 
 
-def thread_batching(dsn: str, seconds: float, threads: int = 64, limit: int = 16, body: float = 0.001) -> dict[str, Any]:
+def thread_batching(dsn: str, seconds: float, threads: int = 200, limit: int = 50, body: float = 0.001) -> dict[str, Any]:
     """Many threads of one process on one limit: `threads` threads cycling on a limit of `limit` with
     a `body` s body, in alternating rounds against the raw two-UPDATE semaphore used by as many
     threads on one connection (taken in turn under a lock; a full semaphore retried after 1 ms). The

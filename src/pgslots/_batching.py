@@ -222,13 +222,22 @@ class ThreadBatcher:
     WAIT_STEP_SECONDS = 0.2  # a waiting thread looks up this often, so an interruption reaches it
 
     def __init__(self, db: Connections) -> None:
-        self.db = db
+        # Held weakly: the registry (_THREAD_BATCHERS) keys each batcher by its client's connections,
+        # weakly; a batcher holding them strongly would keep both alive for ever.
+        self._db = weakref.ref(db)
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._pending: dict[str, list[_Request]] = {}
         # Kinds with a call on its way, and the thread sending it (the sender's, or a caller's own).
         self._busy: dict[str, int] = {}
         self._wake: dict[str, queue.SimpleQueue[None]] = {}  # kinds with a sender thread: how to wake it
+
+    @property
+    def db(self) -> Connections:
+        db = self._db()
+        if db is None:  # a caller holds its client's connections until its answer is in
+            raise RuntimeError("pgslots: the client of this batch is gone.")
+        return db
 
     def call(self, query: Any, params: dict[str, Any], timeout: float | None) -> Rows:
         kind = _KINDS[id(query)]

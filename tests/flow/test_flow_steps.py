@@ -32,6 +32,7 @@ from pgslots.errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     DatabaseUnavailableError,
+    LeaseRenewalFailedError,
     PgSlotsError,
 )
 from pgslots.types import Lease
@@ -223,6 +224,38 @@ def test_an_interrupted_waiter_cleans_up_in_the_background(interruption: BaseExc
     assert run.send() == Later(q.RELEASE, {"lease_id": lease_id, "wait_seconds": BACKGROUND_WAIT_SECONDS})
     with pytest.raises(type(interruption)):
         run.send()
+
+
+def test_a_lost_lease_heard_during_a_call_releases_what_the_call_may_have_granted() -> None:
+    """Another lease of this thread was lost as this acquire was on its way: that is no answer of the
+    database's, and the lease this attempt named may have been granted."""
+    run = started(concurrency(), FakeClock())
+    lease_id = run.command.params["new_lease_id"]
+    cleanup = run.throw(LeaseRenewalFailedError())
+    assert isinstance(cleanup, Call) and cleanup.query is q.RELEASE and params_of(cleanup)["lease_id"] == lease_id
+    with pytest.raises(LeaseRenewalFailedError):
+        run.send([{"release": True}])
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt(), LeaseRenewalFailedError()])
+def test_an_interruption_as_the_lease_is_granted_gives_it_back(interruption: BaseException) -> None:
+    """Interrupted once the grant was in, before the body began (no body's end will release it)."""
+    run = Stepper(flows.concurrency(concurrency(), True, FakeClock()))
+    lease_id = run.send(Link(SESSION, listening=True, can_listen=True)).params["new_lease_id"]
+    assert isinstance(run.send(granted(lease_id=lease_id)), Hold)
+    assert run.throw(interruption) == Drop(lease_id)
+    assert run.send() == Later(q.RELEASE, {"lease_id": lease_id, "wait_seconds": BACKGROUND_WAIT_SECONDS})
+    with pytest.raises(type(interruption)):
+        run.send()
+
+
+def test_an_interruption_while_the_grant_is_recorded_releases_the_lease() -> None:
+    """The attempt's lease stays named until the flow hands it over: an interruption between the
+    grant's answer and the hand-over gives it back."""
+    state = flows.Attempts(concurrency(), SESSION, listening=True, clock=FakeClock())
+    _, params = state.query()
+    assert state.record(granted(lease_id=params["new_lease_id"])[0]).lease is not None
+    assert state.abandon() == [(q.RELEASE, {"lease_id": params["new_lease_id"], "wait_seconds": BACKGROUND_WAIT_SECONDS})]
 
 
 def test_a_lost_connection_releases_the_lost_attempt_then_retries_with_back_off() -> None:
