@@ -7,9 +7,11 @@ in shards as keys come and go) equals the keys it has."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -84,3 +86,28 @@ class PeakWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def most_at_once(log: Path) -> tuple[int, int]:
+    """(bodies, the most that ran at once) from a log of bodies, one "start end" line each (wall
+    clock seconds), written by the processes of a test as their bodies end."""
+    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return len(spans), most
+
+
+def bodies_of_processes(target: Callable[[str, str], None], dsn: str, log: Path, processes: int = 3) -> tuple[int, int]:
+    """Runs `target(dsn, log)` in `processes` forked processes, each ending with exit code 0, and
+    returns most_at_once of the bodies they logged."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(dsn, str(log))) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+    return most_at_once(log)

@@ -5,18 +5,16 @@ every task its own lease and fencing token, and an error in one request reaching
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
 
+import invariants
 import pytest
 
 import pgslots
 import pgslots.client
 from pgslots.asyncio import concurrency
-
-CTX = mp.get_context("fork")
 
 
 async def _cycle_tasks(name: str, tasks: int, seconds: float, log: Path | None = None) -> dict[str, Any]:
@@ -59,20 +57,8 @@ def _process(dsn: str, log: str) -> None:
 
 def test_several_processes_of_many_tasks_never_exceed_the_limit(fresh_dsn: str, client: pgslots.Client, tmp_path: Path) -> None:
     client.create_limit("shared", 10)
-    log = tmp_path / "bodies"
-    procs = [CTX.Process(target=_process, args=(fresh_dsn, str(log))) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    assert len(spans) > 100 and most <= 10, most
+    bodies, most = invariants.bodies_of_processes(_process, fresh_dsn, tmp_path / "bodies")
+    assert bodies > 100 and most <= 10, most
     assert client.read_limit("shared").leased_slots == 0
 
 

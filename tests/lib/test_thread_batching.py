@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import invariants
 import psycopg
 import pytest
 
@@ -117,20 +118,8 @@ def test_several_processes_of_many_threads_never_exceed_the_limit(fresh_dsn: str
     # The parent's threads first: its children are forked with a batcher (and sender threads) of its
     # own, which they must not use.
     assert _cycle_threads("shared", 16, 0.5)["errors"] == []
-    log = tmp_path / "bodies"
-    procs = [CTX.Process(target=_process, args=(fresh_dsn, str(log))) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    now = most = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    assert len(spans) > 100 and most <= 10, most
+    bodies, most = invariants.bodies_of_processes(_process, fresh_dsn, tmp_path / "bodies")
+    assert bodies > 100 and most <= 10, most
     assert client.read_limit("shared").leased_slots == 0
 
 
