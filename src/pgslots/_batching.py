@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Coroutine
@@ -27,7 +28,7 @@ from typing import Any
 from . import _queries as q
 from ._connections import Connections
 from ._flow import BACKGROUND_WAIT_SECONDS, release_params
-from .errors import PgSlotsError
+from .errors import DatabaseUnavailableError, PgSlotsError
 
 _KINDS = {id(q.ACQUIRE): "acquire", id(q.RELEASE_FAST): "release"}
 _ONE = {"acquire": q.ACQUIRE, "release": q.RELEASE_FAST}
@@ -38,6 +39,17 @@ _BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Batche
 _THREAD_BATCHERS: weakref.WeakKeyDictionary[Connections, ThreadBatcher] = weakref.WeakKeyDictionary()
 _THREAD_BATCHERS_LOCK = threading.Lock()
 SENDER_IDLE_SECONDS = 1.0  # a sender thread with nothing to send for this long ends (and starts again when needed)
+
+
+def _behind(kind: str, timeout: float) -> DatabaseUnavailableError:
+    """A request that waited its whole timeout behind this process's call of the same kind (blocked on
+    a lock, say): busy, not down, as when no pooled connection is free in time."""
+    return DatabaseUnavailableError(
+        f"Waited {timeout:.3g} s behind this process's {kind} on its way to the database (another session may "
+        "hold a lock it waits for): nothing was changed. Try again, or look for long transactions in pg_stat_activity.",
+        pool_exhausted=True,
+        answered=True,
+    )
 
 
 def batchable(query: Any) -> bool:
@@ -124,7 +136,13 @@ class Batcher:
                     self._sending[kind] = loop.create_task(self._send(kind))
         answer: asyncio.Future[Rows] = loop.create_future()
         self._pending.setdefault(kind, []).append((params, timeout, answer))
-        return await answer
+        if timeout is None:
+            return await answer
+        try:
+            # Past its timeout the request is let go: dropped if not sent yet, its answer given back if it was.
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            raise _behind(kind, timeout) from None
 
     async def _send(self, kind: str) -> None:
         try:
@@ -253,8 +271,11 @@ class ThreadBatcher:
             if request is None:
                 return self.db.call(query, params, timeout=timeout)
             self._sender(kind).put(None)
-            while not request.signal.acquire(timeout=self.WAIT_STEP_SECONDS):
-                pass
+            give_up_at = None if timeout is None else time.monotonic() + timeout
+            while not request.signal.acquire(timeout=self.WAIT_STEP_SECONDS if timeout is None else min(self.WAIT_STEP_SECONDS, timeout)):
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    # Let go: dropped if not sent yet, its answer given back if it was (below).
+                    raise _behind(kind, timeout or 0.0)
         except BaseException:
             if request is not None:
                 with self._lock:

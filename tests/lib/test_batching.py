@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import invariants
+import psycopg
 import pytest
 
 import pgslots
@@ -100,4 +101,35 @@ def test_a_task_cancelled_while_its_batch_is_on_its_way_holds_nothing(client: pg
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and client.read_limit("api").leased_slots:
         time.sleep(0.1)
+    assert client.read_limit("api").leased_slots == 0, client.list_leases("api")
+
+
+def test_a_task_behind_a_blocked_call_keeps_its_own_timeout(client: pgslots.Client) -> None:
+    """One task's acquire is blocked on the limit's row (another session holds it); a second task's
+    acquire, waiting behind it for the next batch, still times out at its own timeout_seconds."""
+    client.create_limit("api", 5)
+
+    async def main(blocker: psycopg.AsyncConnection[Any]) -> None:
+        await blocker.execute("SET LOCAL idle_in_transaction_session_timeout = '5s'")  # a bound, should the test fail
+        await blocker.execute("SELECT 1 FROM pgslots.limits WHERE name = 'api' FOR UPDATE")
+
+        async def patient() -> Any:
+            async with concurrency("api") as lease:
+                return lease
+
+        first = asyncio.create_task(patient())
+        await asyncio.sleep(0.3)  # its acquire waits for the row lock now
+        started = time.monotonic()
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError):
+            async with concurrency("api", timeout_seconds=0.5):
+                pass
+        assert time.monotonic() - started < 2.0 and not first.done()
+        await blocker.rollback()  # the blocked acquire goes on
+        assert await asyncio.wait_for(first, 10) is not None
+
+    async def with_blocker() -> None:
+        async with await psycopg.AsyncConnection.connect(client.dsn) as blocker:
+            await main(blocker)
+
+    asyncio.run(with_blocker())
     assert client.read_limit("api").leased_slots == 0, client.list_leases("api")

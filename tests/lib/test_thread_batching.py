@@ -242,3 +242,30 @@ def test_ctrl_c_while_the_main_threads_acquire_is_on_its_way_leaves_no_lease(cli
     assert child.exitcode == 0
     assert seen == "interrupted"
     assert leftover == [] and holding == 5  # nothing of the main thread's left; the slot it won went on
+
+
+def test_a_request_behind_a_blocked_call_keeps_its_own_timeout(client: pgslots.Client) -> None:
+    """One thread's acquire is blocked on the limit's row (another session holds it); a second thread's
+    acquire, waiting behind it for the next batch, still times out at its own timeout_seconds."""
+    client.create_limit("api", 5)
+    got: dict[str, Any] = {}
+    with psycopg.connect(client.dsn) as blocker:
+        blocker.execute("SET LOCAL idle_in_transaction_session_timeout = '5s'")  # a bound, should the test fail
+        blocker.execute("SELECT 1 FROM pgslots.limits WHERE name = 'api' FOR UPDATE")
+
+        def patient() -> None:
+            with concurrency("api") as lease:
+                got["patient"] = lease
+
+        first = threading.Thread(target=patient)
+        first.start()
+        time.sleep(0.3)  # its acquire waits for the row lock now
+        started = time.monotonic()
+        with pytest.raises(pgslots.AcquireConcurrencySlotTimeoutError), concurrency("api", timeout_seconds=0.5):
+            pass
+        assert time.monotonic() - started < 2.0
+        assert "patient" not in got
+        blocker.rollback()  # the blocked acquire goes on
+    first.join(10)
+    assert got["patient"] is not None
+    assert client.read_limit("api").leased_slots == 0, client.list_leases("api")
