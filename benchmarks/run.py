@@ -35,7 +35,7 @@ from psycopg import sql as pgsql
 
 import pgslots
 from pgslots._cluster import LocalCluster, find_bindir, server_user
-from pgslots.client import Client, configure
+from pgslots.client import Client, configure, connections_of
 
 try:
     from pgslots.types import DEFAULT_MARGIN_SECONDS
@@ -199,7 +199,9 @@ def _raw_round(conn: psycopg.Connection[Any], seconds: float) -> int:
     return cycles
 
 
-def _summary(acquire: list[float], release: list[float], elapsed: float, raw_cycles: int, raw_elapsed: float) -> dict[str, Any]:
+def _summary(
+    acquire: list[float], release: list[float], elapsed: float, raw_cycles: int, raw_elapsed: float, plain_cycles: int, plain_elapsed: float
+) -> dict[str, Any]:
     return {
         "cycles_per_s": len(acquire) / elapsed,
         "acquire_p50_ms": ms(pct(acquire, 0.5)),
@@ -209,7 +211,66 @@ def _summary(acquire: list[float], release: list[float], elapsed: float, raw_cyc
         # The raw semaphore again, in the same process, in rounds alternating with these: the ratio
         # then compares like with like, free of drift between scenarios minutes apart.
         "raw_semaphore_cycles_per_s": raw_cycles / raw_elapsed,
+        # The library's own two statements, with its parameters, sent with plain psycopg on one
+        # connection, in the same alternating rounds: the cycle without the library's Python layers.
+        "plain_psycopg_cycles_per_s": plain_cycles / plain_elapsed,
     }
+
+
+def _plain_params(session: uuid.UUID) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parameters the library sends for an uncontended acquire and release (see _flow)."""
+    from psycopg.types.json import Jsonb
+
+    from pgslots._flow import RELEASE_WAIT_SECONDS
+
+    acquire = {
+        "names": ["solo"],
+        "slots": 1,
+        "lease_seconds": 300.0,
+        "holder": Jsonb({"host": platform.node(), "pid": os.getpid()}),
+        "strict": False,
+        "ticket": None,
+        "queue_client": session,
+        "new_lease_id": None,
+        "wait_seconds": None,
+        "session": session,
+        "priority": 0,
+        "fairness_key": None,
+    }
+    return acquire, {"lease_id": None, "wait_seconds": RELEASE_WAIT_SECONDS}
+
+
+def _plain_round(conn: psycopg.Connection[Any], session: uuid.UUID, seconds: float) -> int:
+    """The library's acquire and release statements through plain psycopg, for `seconds`."""
+    from pgslots import _queries as q
+
+    acquire, release = _plain_params(session)
+    cycles = 0
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        acquire["new_lease_id"] = uuid.uuid4()
+        row = conn.execute(q.ACQUIRE, acquire).fetchone()
+        assert row is not None and row[0], "the plain acquire was refused"
+        release["lease_id"] = row[1]
+        conn.execute(q.RELEASE_FAST, release).fetchone()
+        cycles += 1
+    return cycles
+
+
+async def _plain_round_async(conn: psycopg.AsyncConnection[Any], session: uuid.UUID, seconds: float) -> int:
+    from pgslots import _queries as q
+
+    acquire, release = _plain_params(session)
+    cycles = 0
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        acquire["new_lease_id"] = uuid.uuid4()
+        row = await (await conn.execute(q.ACQUIRE, acquire)).fetchone()
+        assert row is not None and row[0], "the plain acquire was refused"
+        release["lease_id"] = row[1]
+        await (await conn.execute(q.RELEASE_FAST, release)).fetchone()
+        cycles += 1
+    return cycles
 
 
 def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
@@ -227,13 +288,19 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
         with concurrency("solo", client=client):
             pass
         _raw_round(raw, 0)
+    session = connections_of(client).engine.session_id  # what the library names as its session
+    plain = psycopg.connect(dsn, autocommit=True)  # psycopg's defaults: prepared after 5 runs, as the library's pool
+    _plain_round(plain, session, 0.2)
     acquire, release = [], []
-    elapsed = raw_elapsed = 0.0
-    raw_cycles = 0
+    elapsed = raw_elapsed = plain_elapsed = 0.0
+    raw_cycles = plain_cycles = 0
     for _ in range(rounds):
         t = time.perf_counter()
         raw_cycles += _raw_round(raw, seconds / rounds)
         raw_elapsed += time.perf_counter() - t
+        t = time.perf_counter()
+        plain_cycles += _plain_round(plain, session, seconds / rounds)
+        plain_elapsed += time.perf_counter() - t
         start = time.perf_counter()
         stop = start + seconds / rounds
         while time.perf_counter() < stop:
@@ -246,19 +313,25 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
             acquire.append(t1 - t0)
             release.append(t2 - t1)
         elapsed += time.perf_counter() - start
-    result["sync"] = _summary(acquire, release, elapsed, raw_cycles, raw_elapsed)
+    result["sync"] = _summary(acquire, release, elapsed, raw_cycles, raw_elapsed, plain_cycles, plain_elapsed)
+    plain.close()
 
     async def run_async() -> dict[str, Any]:
         for _ in range(50):
             async with aconcurrency("solo", client=client):
                 pass
+        aplain = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        await _plain_round_async(aplain, session, 0.2)
         acq, rel = [], []
-        elapsed = raw_elapsed = 0.0
-        raw_cycles = 0
+        elapsed = raw_elapsed = plain_elapsed = 0.0
+        raw_cycles = plain_cycles = 0
         for _ in range(rounds):
             t = time.perf_counter()
             raw_cycles += _raw_round(raw, seconds / rounds)  # blocks the loop: nothing else runs on it
             raw_elapsed += time.perf_counter() - t
+            t = time.perf_counter()
+            plain_cycles += await _plain_round_async(aplain, session, seconds / rounds)
+            plain_elapsed += time.perf_counter() - t
             start = time.perf_counter()
             stop = start + seconds / rounds
             while time.perf_counter() < stop:
@@ -271,7 +344,8 @@ def uncontended(dsn: str, seconds: float) -> dict[str, Any]:
                 acq.append(t1 - t0)
                 rel.append(t2 - t1)
             elapsed += time.perf_counter() - start
-        return _summary(acq, rel, elapsed, raw_cycles, raw_elapsed)
+        await aplain.close()
+        return _summary(acq, rel, elapsed, raw_cycles, raw_elapsed, plain_cycles, plain_elapsed)
 
     result["async"] = asyncio.run(run_async())
     raw.close()
@@ -1234,6 +1308,16 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             ">= 0.75",
             lambda v: v >= 0.75,
         ),
+        *[
+            (
+                f"uncontended {face}: the library's two statements sent with plain psycopg vs raw semaphore (same rounds)",
+                u["plain_psycopg_cycles_per_s"] / u["raw_semaphore_cycles_per_s"],
+                "(reported)",
+                None,
+            )
+            for face, u in r["uncontended"].items()
+            if "plain_psycopg_cycles_per_s" in u
+        ],
         (
             "SQL alone (pgbench): acquire + release cycle vs raw two-UPDATE semaphore",
             r["server_side"]["ratio"],
@@ -1438,6 +1522,15 @@ def findings(r: dict[str, Any]) -> list[str]:
             f"({sql['ratio']:.2f}x of the two bare UPDATEs), so the Python client adds about {python_ms:.2f} ms a cycle, "
             f"against {raw_python_ms:.2f} ms for the raw semaphore's client."
         )
+    for face, u in r.get("uncontended", {}).items():
+        if "plain_psycopg_cycles_per_s" in u:
+            layers_us = 1e6 / u["cycles_per_s"] - 1e6 / u["plain_psycopg_cycles_per_s"]
+            out.append(
+                f"The {face} library's layers: its two statements sent with plain psycopg run "
+                f"{u['plain_psycopg_cycles_per_s'] / u['raw_semaphore_cycles_per_s']:.2f}x of the raw semaphore in the same "
+                f"rounds, the library {u['cycles_per_s'] / u['raw_semaphore_cycles_per_s']:.2f}x: its Python layers "
+                f"(flow, pool, batcher, lease keeping) cost about {layers_us:.0f} us a cycle."
+            )
     busy = r.get("contended_1ms")
     if busy:
         raw = r["ceiling"]["raw_semaphore_16_on_4_body_1ms_cycles_per_s"]
