@@ -34,6 +34,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 import pgslots
+from pgslots import _queries as q
 from pgslots._cluster import LocalCluster, find_bindir, server_user
 from pgslots.client import Client, configure, connections_of
 
@@ -218,32 +219,24 @@ def _summary(
 
 
 def _plain_params(session: uuid.UUID) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The parameters the library sends for an uncontended acquire and release (see _flow)."""
-    from psycopg.types.json import Jsonb
+    """The parameters the library sends for an uncontended acquire and release, built by its own
+    flow (see _flow.Attempts.query and _flow.release)."""
+    from pgslots._faces import CLOCK
+    from pgslots._flow import RELEASE_WAIT_SECONDS, Attempts, Request, release_params
 
-    from pgslots._flow import RELEASE_WAIT_SECONDS
+    request = Request.for_concurrency("solo", slots=1)
+    assert request is not None
+    query, acquire = Attempts(request, session, listening=True, clock=CLOCK).query()
+    assert query is q.ACQUIRE
+    if isinstance(acquire["holder"], dict):  # the library before 2026-12-05 sent a dict, as jsonb
+        from psycopg.types.json import Jsonb
 
-    acquire = {
-        "names": ["solo"],
-        "slots": 1,
-        "lease_seconds": 300.0,
-        "holder": Jsonb({"host": platform.node(), "pid": os.getpid()}),
-        "strict": False,
-        "ticket": None,
-        "queue_client": session,
-        "new_lease_id": None,
-        "wait_seconds": None,
-        "session": session,
-        "priority": 0,
-        "fairness_key": None,
-    }
-    return acquire, {"lease_id": None, "wait_seconds": RELEASE_WAIT_SECONDS}
+        acquire["holder"] = Jsonb(acquire["holder"])
+    return acquire, release_params(uuid.uuid4(), RELEASE_WAIT_SECONDS)
 
 
 def _plain_round(conn: psycopg.Connection[Any], session: uuid.UUID, seconds: float) -> int:
     """The library's acquire and release statements through plain psycopg, for `seconds`."""
-    from pgslots import _queries as q
-
     acquire, release = _plain_params(session)
     cycles = 0
     stop = time.perf_counter() + seconds
@@ -258,8 +251,6 @@ def _plain_round(conn: psycopg.Connection[Any], session: uuid.UUID, seconds: flo
 
 
 async def _plain_round_async(conn: psycopg.AsyncConnection[Any], session: uuid.UUID, seconds: float) -> int:
-    from pgslots import _queries as q
-
     acquire, release = _plain_params(session)
     cycles = 0
     stop = time.perf_counter() + seconds

@@ -47,10 +47,11 @@ AS $$
 $$;
 
 -- The lock-wait bound of every call that takes wait_seconds, written once: _bound_waits at its
--- start bounds each lock wait of the call's transaction by wait_seconds (lock_timeout), so a call
--- blocked behind another session's open transaction or advisory lock gives up in time, changing
--- nothing; _unbound_waits at its end puts back the caller's lock_timeout, which _bound_waits
--- returned. NULL: no bound, nothing changed (callers then skip _unbound_waits: each call is a statement).
+-- _bound_waits bounds each lock wait of the call's transaction by wait_seconds (lock_timeout), so a
+-- call blocked behind another session's open transaction or advisory lock gives up in time,
+-- changing nothing; _unbound_waits at its end puts back the caller's lock_timeout, which
+-- _bound_waits returned. NULL: no bound, nothing changed (callers then skip _unbound_waits: each
+-- call is a statement).
 CREATE FUNCTION pgslots._bound_waits(wait_seconds float8) RETURNS text
 LANGUAGE plpgsql
 AS $$
@@ -60,15 +61,8 @@ BEGIN
     IF wait_seconds IS NULL THEN
         RETURN NULL;
     END IF;
-    IF NOT (wait_seconds >= 0 AND wait_seconds < 'Infinity'::float8) THEN
-        RAISE EXCEPTION 'wait_seconds must be a finite number >= 0 (or NULL: no bound), got %.', wait_seconds
-            USING ERRCODE = 'PS012', HINT = 'Pass how long the call may wait for locks, e.g. 5.';
-    END IF;
     prior := pg_catalog.current_setting('lock_timeout');
-    -- lock_timeout counts in whole milliseconds, and 0 would mean no bound at all.
-    PERFORM pg_catalog.set_config('lock_timeout',
-        least(2147483647, greatest(1, ceil(wait_seconds * 1000)))::bigint::text || 'ms', true);
-    RETURN prior;
+    RETURN pgslots._set_lock_timeout(wait_seconds, prior);
 END
 $$;
 
@@ -77,10 +71,42 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     IF prior IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('lock_timeout', prior, true);
+        PERFORM pgslots._reset_lock_timeout(prior);
     END IF;
 END
 $$;
+
+-- wait_seconds is a finite number >= 0, or NULL: says so.
+CREATE FUNCTION pgslots._bad_wait_seconds(wait_seconds float8) RETURNS text
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'wait_seconds must be a finite number >= 0 (or NULL: no bound), got %.', wait_seconds
+        USING ERRCODE = 'PS012', HINT = 'Pass how long the call may wait for locks, e.g. 5.';
+END
+$$;
+
+-- The two halves as expressions, which the planner inlines: release, the hot path's most frequent
+-- call, bounds its waits with them in assignments, each of which costs less than a call of the
+-- pair. _set_lock_timeout sets lock_timeout for wait_seconds (not NULL) for the rest of the
+-- transaction and answers `keep`, the setting it replaces, which the caller read before (into a
+-- variable: an expression passed as `keep` would be read after the change); it counts whole
+-- milliseconds, and 0 would mean no bound at all.
+CREATE FUNCTION pgslots._set_lock_timeout(wait_seconds float8, keep text) RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT CASE WHEN NOT (wait_seconds >= 0 AND wait_seconds < 'Infinity'::float8)
+                THEN pgslots._bad_wait_seconds(wait_seconds)
+                WHEN pg_catalog.set_config('lock_timeout',
+                         least(2147483647, greatest(1, pg_catalog.ceil(wait_seconds * 1000)))::bigint::text || 'ms',
+                         true) IS NOT NULL   -- it answers the new setting, never NULL
+                THEN keep
+           END
+$$;
+
+CREATE FUNCTION pgslots._reset_lock_timeout(prior text) RETURNS text
+LANGUAGE sql VOLATILE
+AS $$ SELECT pg_catalog.set_config('lock_timeout', prior, true) $$;
 
 -- Refusal pressure, counted beside the limits so that counting needs no lock on their rows: the
 -- slots denied, at every refusal; the refusal itself only when it ends the call (`final`: the

@@ -225,7 +225,18 @@ BEGIN
 END
 $$;
 
--- The caller's queue arguments and session, checked by acquire before anything is locked.
+-- A new_lease_id that names an existing lease: refused, and the grant that wrote it rolled back.
+CREATE FUNCTION pgslots._lease_id_in_use(lease_id uuid) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'Lease id % is already in use: new_lease_id must name a new lease.', lease_id
+        USING ERRCODE = 'PS013', HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
+END
+$$;
+
+-- The caller's queue arguments and session, checked before anything is locked (acquire calls it
+-- only when one of them asks for it: a priority, a key, another role's session).
 CREATE FUNCTION pgslots._check_caller(priority integer, fairness_key text, session uuid) RETURNS void
 LANGUAGE plpgsql
 AS $$

@@ -149,6 +149,32 @@ BEGIN
 END
 $$;
 
+-- A granted decision's lease, one row per limit it counts on (acquire writes stage 1's lease of one
+-- limit itself, with the same columns). A new_lease_id that names an existing lease is refused.
+CREATE FUNCTION pgslots._write_lease(d pgslots.decision, slots integer, lease_seconds float8, holder jsonb, session uuid)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    written integer;
+BEGIN
+    IF d.lease_limits IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
+                                host, pid, application_name, holder, session_id)
+    SELECT d.lease_id, u.i, u.n, slots, cardinality(d.lease_limits), d.fencing_token,
+           d.expires_at - make_interval(secs => lease_seconds), d.expires_at,   -- acquired: the grant's time
+           pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder, session
+    FROM unnest(d.lease_limits) WITH ORDINALITY AS u(i, n)
+    ON CONFLICT DO NOTHING;   -- the id of an existing lease: refused below
+    GET DIAGNOSTICS written = ROW_COUNT;
+    IF written < cardinality(d.lease_limits) THEN
+        PERFORM pgslots._lease_id_in_use(d.lease_id);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgslots.acquire(
     names text[],
     slots integer DEFAULT 1,
@@ -169,14 +195,17 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 AS $$
 DECLARE
-    prior text := pgslots._bound_waits(wait_seconds);
+    prior text;
     cfg pgslots.settings;
     at timestamptz;
     target uuid;
     d pgslots.decision;
-    written integer;
 BEGIN
-    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL OR session IS NOT NULL THEN
+    IF wait_seconds IS NOT NULL THEN   -- each call and statement skipped costs an acquire microseconds
+        prior := pgslots._bound_waits(wait_seconds);
+    END IF;
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL
+       OR session IS NOT NULL AND EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user) THEN
         PERFORM pgslots._check_caller(priority, fairness_key, session);
     END IF;
     SELECT * INTO cfg FROM pgslots.settings;
@@ -184,36 +213,33 @@ BEGIN
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 AND pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
         target := coalesce(pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at, false),
                            pgslots._fast_new_key(names[1], slots, priority, fairness_key, cfg, at, false));
-        IF target IS NOT NULL THEN
-            d := pgslots._lease_for(ARRAY[target], new_lease_id, lease_seconds, at);
-        ELSIF queue_client IS NOT NULL THEN
+        IF target IS NULL AND queue_client IS NOT NULL THEN
             d := pgslots._queue_refusal(names[1], slots, queue_client, new_lease_id, lease_seconds, holder,
                                         session, priority, fairness_key, cfg, at);
         END IF;
     END IF;
-    IF d.granted IS NULL THEN
-        d := pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                            new_lease_id, session, coalesce(priority, 0), fairness_key, NULL);
-    END IF;
-    IF d.lease_limits IS NOT NULL THEN
-        -- The one place a caller's lease is written: one row per limit it counts on.
+    IF target IS NOT NULL THEN   -- stage 1's lease, answered without a decision (see _write_lease)
+        SELECT true, coalesce(new_lease_id, pg_catalog.gen_random_uuid()), pg_catalog.nextval('pgslots.fencing_tokens'),
+               at + pg_catalog.make_interval(secs => lease_seconds), '{}'
+        INTO granted, lease_id, fencing_token, expires_at, missing;
         INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
                                     host, pid, application_name, holder, session_id)
-        SELECT d.lease_id, u.i, u.n, slots, cardinality(d.lease_limits), d.fencing_token,
-               d.expires_at - make_interval(secs => lease_seconds), d.expires_at,   -- acquired: the grant's time
-               pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder, session
-        FROM unnest(d.lease_limits) WITH ORDINALITY AS u(i, n)
-        ON CONFLICT DO NOTHING;   -- the id of an existing lease: refused below
-        GET DIAGNOSTICS written = ROW_COUNT;
-        IF written < cardinality(d.lease_limits) THEN
-            RAISE EXCEPTION 'Lease id % is already in use: new_lease_id must name a new lease.', d.lease_id
-                USING ERRCODE = 'PS013', HINT = 'Pass a fresh random UUID (version 4) as new_lease_id, or none.';
+        VALUES (acquire.lease_id, target, 1, slots, 1, acquire.fencing_token, at, acquire.expires_at,
+                pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder, session)
+        ON CONFLICT DO NOTHING;   -- the id of an existing lease: refused
+        IF NOT FOUND THEN
+            PERFORM pgslots._lease_id_in_use(acquire.lease_id);
         END IF;
+    ELSE
+        IF d.granted IS NULL THEN
+            d := pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                                new_lease_id, session, coalesce(priority, 0), fairness_key, NULL);
+        END IF;
+        PERFORM pgslots._write_lease(d, slots, lease_seconds, holder, session);
+        SELECT d.granted, d.lease_id, d.fencing_token, d.expires_at, d.retry_after, d.missing, d.blocked_by, d.waiter
+        INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter;
     END IF;
-    -- liveness_seconds: how long the holder may go unheard before its leases are dead.
-    SELECT d.granted, d.lease_id, d.fencing_token, d.expires_at, d.retry_after, d.missing, d.blocked_by, d.waiter,
-           CASE WHEN session IS NOT NULL THEN cfg.liveness_seconds END
-    INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter, liveness_seconds;
+    liveness_seconds := CASE WHEN session IS NOT NULL THEN cfg.liveness_seconds END;   -- then unheard, it is dead
     IF prior IS NOT NULL THEN
         PERFORM pgslots._unbound_waits(prior);
     END IF;

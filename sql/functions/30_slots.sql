@@ -16,14 +16,18 @@ DECLARE
     held_since timestamptz;
     prior text;
 BEGIN
+    -- The settings below are made in assignments, not calls or PERFORMs, each of which would cost
+    -- every release a statement of its own.
     IF wait_seconds IS NOT NULL THEN
-        prior := pgslots._bound_waits(wait_seconds);
+        prior := pg_catalog.current_setting('lock_timeout');
+        prior := pgslots._set_lock_timeout(wait_seconds, prior);
     END IF;
     IF NOT durable THEN
         -- Commit without waiting for the WAL flush. A crash may then forget this release, which
-        -- keeps the slot taken until its lease expires: slower, never over-admitting.
-        commit_mode := current_setting('synchronous_commit');
-        PERFORM set_config('synchronous_commit', 'off', true);
+        -- keeps the slot taken until its lease expires: slower, never over-admitting. (set_config
+        -- answers the new setting, never NULL: commit_mode keeps the one it replaced.)
+        commit_mode := pg_catalog.current_setting('synchronous_commit');
+        commit_mode := CASE WHEN pg_catalog.set_config('synchronous_commit', 'off', true) IS NOT NULL THEN commit_mode END;
     END IF;
     -- The common case first: a lease on one limit, found by its key (id, part). Then its limit's
     -- row is locked by the UPDATE (the only row lock this release needs), then the lease row goes.
@@ -89,7 +93,7 @@ BEGIN
         PERFORM set_config('synchronous_commit', commit_mode, true);
     END IF;
     IF prior IS NOT NULL THEN
-        PERFORM pgslots._unbound_waits(prior);
+        prior := pgslots._reset_lock_timeout(prior);
     END IF;
     RETURN released;
 END

@@ -56,7 +56,9 @@ def batchable(query: Any) -> bool:
     return id(query) in _KINDS
 
 
-def _json(value: Any) -> Any:
+def _json(key: str, value: Any) -> Any:
+    if key == "holder" and isinstance(value, str):
+        return json.loads(value)  # JSON text, as the lone statement sends it
     return str(value) if isinstance(value, uuid.UUID) else value
 
 
@@ -71,7 +73,7 @@ def batch_call(kind: str, requests: list[tuple[dict[str, Any], float | None]]) -
     timeout = _least([t for _, t in requests])
     wait = _least([p.get("wait_seconds") for p, _ in requests])
     if kind == "acquire":
-        each = [{k: _json(v) for k, v in p.items() if k != "wait_seconds"} for p, _ in requests]
+        each = [{k: _json(k, v) for k, v in p.items() if k != "wait_seconds"} for p, _ in requests]
         return q.ACQUIRE_EACH, {"requests": json.dumps(each), "wait_seconds": wait}, timeout
     return q.RELEASE_EACH, {"lease_ids": [p["lease_id"] for p, _ in requests], "wait_seconds": wait}, timeout
 

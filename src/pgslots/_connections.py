@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg.adapt import Dumper
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
 from ._config import check_dsn, configured_dsn, resolve_dsn
 from ._engine import Engine, connection_timeouts
+from ._flow import Link, NameList
 from ._translate import database_errors, server_answered
 from .errors import MIGRATE_HINT, DatabaseUnavailableError, SchemaNotInstalledError
 from .migrate import LATEST_VERSION
@@ -73,11 +74,18 @@ def _dicts(names: list[str] | None, rows: list[Any]) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in rows] if names else []
 
 
-def _adapt(params: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A holder dict goes to the database as jsonb."""
-    if params and isinstance(params.get("holder"), dict):
-        return {**params, "holder": Jsonb(params["holder"])}
-    return params
+class _NamesDumper(Dumper):
+    """Limit names as the flows send them (:class:`~pgslots._flow.NameList`): the text-array literal
+    they carry, as it is. (A connection made without this dumper adapts them as any list.)"""
+
+    oid = psycopg.adapters.types["text"].array_oid
+
+    def dump(self, obj: Any) -> bytes:
+        literal: bytes = obj.literal
+        return literal
+
+
+psycopg.adapters.register_dumper(NameList, _NamesDumper)
 
 
 class Connections:
@@ -163,6 +171,22 @@ class Connections:
                     self._engine = Engine(self._listen_dsn or self.dsn, kwargs, listen=self.listen, bind_session=direct)
                 engine = self._engine
         return engine
+
+    def ready_link(self, asynchronous: bool = False) -> Link | None:
+        """What a flow's Connect command answers, when there is nothing left for it to do: the pool
+        of this face (and, for the async face, of this event loop) is open and the engine made. The
+        flow then starts with its first call. None: the flow connects first."""
+        engine = self._engine
+        if engine is None or self._pid != os.getpid():
+            return None
+        if asynchronous:
+            if self._given_apool is None:
+                opening = self._apools.get(asyncio.get_running_loop())
+                if opening is None or not opening.done() or opening.cancelled() or opening.exception() is not None:
+                    return None
+        elif self._pool is None:
+            return None
+        return engine.link()
 
     def _after_fork(self) -> None:
         """A forked child must not use its parent's connections or wait on its parent's listener
@@ -301,7 +325,7 @@ class Connections:
                 conn = pool.getconn(timeout=timeout)
                 try:
                     cur = _cursor(conn)
-                    cur.execute(query, _adapt(params))
+                    cur.execute(query, params)
                     names = _names(cur)
                     return _dicts(names, cur.fetchall() if names else [])
                 finally:
@@ -318,7 +342,7 @@ class Connections:
                 conn = await apool.getconn(timeout=timeout)  # see call()
                 try:
                     cur = _acursor(conn)
-                    await cur.execute(query, _adapt(params))
+                    await cur.execute(query, params)
                     names = _names(cur)
                     return _dicts(names, await cur.fetchall() if names else [])
                 finally:
@@ -356,7 +380,7 @@ class Connections:
     def call_on(conn: psycopg.Connection[Any], query: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Runs one statement on the caller's own connection (inside the caller's transaction)."""
         with database_errors(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, _adapt(params))
+            cur.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     # ---- closing ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from . import _queries as q
 from ._cleanup import Cleanup
-from ._flow import release_params
+from ._flow import Link, release_params
 from ._liveness import Liveness
 from ._renewals import HeldLeases, renew
 from ._wakeups import Waker, WakeUps, parse_notification
@@ -138,6 +138,7 @@ class Engine:
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening = threading.Event()
+        self._links = (Link(self.session_id, False, listen), Link(self.session_id, True, listen))
         self._conn: psycopg.Connection[Any] | None = None
         _engines.add(self)
 
@@ -172,6 +173,10 @@ class Engine:
     @property
     def listening(self) -> bool:
         return self.listen and self._listening.is_set()
+
+    def link(self) -> Link:
+        """This engine as a flow sees it (see _flow.Connect)."""
+        return self._links[self.listening]
 
     def register(self, ticket: int, wake: Waker) -> None:
         """Calls wake (from the worker) when the ticket is notified, with the lease if it was handed one."""

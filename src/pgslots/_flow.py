@@ -13,6 +13,8 @@ real time. Whether a slot is free is never decided here: that is the SQL's job.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import socket
@@ -148,6 +150,35 @@ class Grant:
 # ---- requests --------------------------------------------------------------------------------
 
 
+class NameList(list[str]):
+    """Limit names as an acquire sends them: a list that also carries its PostgreSQL text-array
+    literal, written once per request (the connections dump it as it is, instead of adapting the
+    list on every attempt; anything else that reads it sees a plain list)."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(names)
+        quoted = ('"' + n.replace("\\", "\\\\").replace('"', '\\"') + '"' for n in names)
+        self.literal = ("{" + ",".join(quoted) + "}").encode()
+
+
+_NAME_LISTS: dict[tuple[str, ...], NameList] = {}  # the names of recent requests, shared (never changed once made)
+_DEFAULT_HOLDER: tuple[int, str] = (0, "")
+
+
+def holder_json(extra: dict[str, Any] | None) -> str:
+    """Who holds a lease, as JSON text: this host and process, and what the caller added. Without
+    additions the text is kept per process: an acquire sends it as it is."""
+    global _DEFAULT_HOLDER
+    pid = os.getpid()
+    if extra:
+        return json.dumps({"host": _HOST, "pid": pid, **extra})
+    if _DEFAULT_HOLDER[0] != pid:
+        _DEFAULT_HOLDER = (pid, json.dumps({"host": _HOST, "pid": pid}))
+    return _DEFAULT_HOLDER[1]
+
+
 @dataclass(frozen=True)
 class Request:
     """One call of concurrency(), rate_limit() or reserve(), checked. Build it with
@@ -166,6 +197,19 @@ class Request:
     priority: int = 0
     fairness_key: str | None = None
     fail_open: bool | None = None  # None: as the client is configured
+
+    @functools.cached_property
+    def name_list(self) -> NameList:
+        found = _NAME_LISTS.get(self.names)
+        if found is None:
+            if len(_NAME_LISTS) >= 1024:
+                _NAME_LISTS.clear()
+            found = _NAME_LISTS[self.names] = NameList(self.names)
+        return found
+
+    @functools.cached_property
+    def holder_json(self) -> str:
+        return holder_json(self.holder)
 
     @classmethod
     def for_concurrency(
@@ -232,6 +276,7 @@ class Request:
 
 def _check_common(names: Any, slots: Any, timeout_seconds: Any, priority: Any, fairness_key: Any, fail_open: Any) -> tuple[str, ...]:
     wanted = check.names(names)
+    check.no_nul(wanted)
     check.queue_args(priority, fairness_key)
     check.optional_flag("fail_open", fail_open)
     check.number("occupy", slots, minimum=1, integer=True)
@@ -321,7 +366,7 @@ class Attempts:
         """The statement and parameters of the next attempt."""
         r = self.request
         params: dict[str, Any] = {
-            "names": list(r.names),
+            "names": r.name_list,
             "slots": r.slots,
             "strict": r.strict,
             "ticket": self.ticket,
@@ -336,10 +381,9 @@ class Attempts:
         if self.pending_lease is None:
             # Named up front, and kept while queued: a release may grant it to us directly.
             self.pending_lease = uuid.uuid4()
-        holder = {"host": _HOST, "pid": os.getpid(), **(r.holder or {})}
         # The lease lives as long as this process's session (its engine keeps it alive), or until it
         # expires; in the caller's own transaction (no session) only until it expires.
-        params.update(lease_seconds=r.lease_seconds, holder=holder, new_lease_id=self.pending_lease, session=self.session)
+        params.update(lease_seconds=r.lease_seconds, holder=r.holder_json, new_lease_id=self.pending_lease, session=self.session)
         return q.ACQUIRE, params
 
     def record(self, row: dict[str, Any]) -> Answer:
@@ -504,9 +548,11 @@ class Attempts:
 # ---- the flows -------------------------------------------------------------------------------
 
 
-def concurrency(request: Request, raise_on_failure: bool, clock: Clock, fail_open_after: float | None = None) -> Flow[Lease]:
+def concurrency(
+    request: Request, raise_on_failure: bool, clock: Clock, fail_open_after: float | None = None, link: Link | None = None
+) -> Flow[Lease]:
     """Acquire slots for a body, and keep their lease renewed until :func:`release`."""
-    lease = yield from acquire(request, clock, fail_open_after)
+    lease = yield from acquire(request, clock, fail_open_after, link)
     if lease.lease_id is not None:
         try:
             yield Hold(lease, raise_on_failure)
@@ -549,12 +595,15 @@ def connect(request: Request, clock: Clock, fail_open_after: float | None) -> Fl
             yield Sleep(then.pause)
 
 
-def acquire(request: Request, clock: Clock, fail_open_after: float | None = None) -> Flow[Lease]:
+def acquire(request: Request, clock: Clock, fail_open_after: float | None = None, link: Link | None = None) -> Flow[Lease]:
     """Acquire (or rate limit) on pooled connections, queued first-come-first-served: ask, then
-    wait to be woken (or handed the lease), until granted, timed out or out of retries."""
-    link = yield from connect(request, clock, fail_open_after)
-    if isinstance(link, Lease):
-        return link
+    wait to be woken (or handed the lease), until granted, timed out or out of retries. ``link``:
+    the driver is connected already (see Connect), and the flow starts with its first call."""
+    if link is None:
+        connected = yield from connect(request, clock, fail_open_after)
+        if isinstance(connected, Lease):
+            return connected
+        link = connected
     state = Attempts(request, link.session, listening=link.listening, clock=clock, fail_open_after=fail_open_after)
     try:
         while True:

@@ -6,6 +6,7 @@ attribute read."""
 from __future__ import annotations
 
 import time
+import uuid
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -84,7 +85,8 @@ def observe(operation: str, names: tuple[str, ...] | list[str] | None, slots: in
     attributes: dict[str, Any] = {"pgslots.limits": list(names or ())}
     if slots is not None:
         attributes["pgslots.slots"] = slots
-    attributes.update({f"pgslots.{k}": v for k, v in extra.items() if v is not None})
+    # Ids (UUIDs) are passed as they are and written as text only here, when something observes.
+    attributes.update({f"pgslots.{k}": str(v) if isinstance(v, uuid.UUID) else v for k, v in extra.items() if v is not None})
     return _Observed(operation, attributes)
 
 

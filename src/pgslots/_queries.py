@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import LiteralString
 
 # wait_seconds: how long each call may wait for a lock another session holds (None: no bound).
+# holder: JSON text (the flows write it once per request).
 ACQUIRE: LiteralString = (
-    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s, %(strict)s, %(ticket)s,"
+    "SELECT * FROM pgslots.acquire(%(names)s, %(slots)s, %(lease_seconds)s, %(holder)s::jsonb, %(strict)s, %(ticket)s,"
     " %(queue_client)s, %(new_lease_id)s, %(wait_seconds)s, %(session)s, %(priority)s, %(fairness_key)s)"
 )
 # The async face's batches: many acquires (a JSON array of acquire's arguments by name), or releases, in one call.

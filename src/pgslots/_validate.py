@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidLimitNameError
 
 LARGEST = 2**31 - 1  # limits, slots and key counts are PostgreSQL integers
 MAX_MARGIN_SECONDS = 60.0  # the most a limit's margin_seconds may be (migration 0014)
@@ -64,6 +64,17 @@ def names(given: Any) -> tuple[str, ...]:
     if not isinstance(given, (list, tuple)) or not all(isinstance(n, str) for n in given):
         raise InvalidArgumentError(f"names must be a string or a list of strings, got {given!r}.")
     return tuple(dict.fromkeys(given))
+
+
+def no_nul(names: tuple[str, ...]) -> None:
+    """A NUL cannot reach PostgreSQL in text: said here, as the database says of other control characters."""
+    for name in names:
+        if "\x00" in name:
+            shown = name[:80].replace("\x00", "?")
+            raise InvalidLimitNameError(
+                f"Limit name {shown!r} contains a control character (a NUL byte): names must be printable."
+                " Choose a name of printable characters, e.g. 'tenant:acme'."
+            )
 
 
 def queue_args(priority: Any, fairness_key: Any) -> None:

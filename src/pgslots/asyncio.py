@@ -31,7 +31,7 @@ from . import _flow as flows
 from ._batching import batchable, batcher
 from ._connections import Connections
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
-from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Listen, Request, Sleep, Wait
 from ._observe import Holding, observe
 from .client import Client, connections_of, default_client
 from .errors import InvalidArgumentError
@@ -66,8 +66,7 @@ async def _perform(db: Connections, command: flows.Command) -> Any:
         return await db.acall(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
         await db.apool()
-        engine = db.engine
-        return Link(engine.session_id, engine.listening, engine.listen)
+        return db.engine.link()
     if isinstance(command, Hold):
         db.engine.hold(command.lease, on_lease_lost(command.raise_on_failure, _canceller()))
     elif isinstance(command, Drop):
@@ -140,10 +139,10 @@ class concurrency(ConcurrencyArguments):  # noqa: N801 - named like the function
         if self._request is None:
             return None
         fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
+        db = connections_of(self._client)
+        flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after, db.ready_link(asynchronous=True))
         with observe("acquire", self._request.names, self._request.slots) as seen:
-            self._lease = await run(
-                connections_of(self._client), flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
-            )
+            self._lease = await run(db, flow)
             seen.granted(self._lease)
         self._holding = Holding(self._lease)
         return self._lease
@@ -152,7 +151,7 @@ class concurrency(ConcurrencyArguments):  # noqa: N801 - named like the function
         lease, self._lease = self._lease, None
         if lease is not None:
             self._holding.end(exc)
-            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id and str(lease.lease_id)):
+            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id):
                 await run(connections_of(self._client), flows.release(lease, in_transaction=False))
 
 
@@ -202,7 +201,7 @@ class Reservation(ReservationBase):
 
     async def settle(self, actual: float) -> bool:
         """As ``pgslots.sync.Reservation.settle``."""
-        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id and str(self.reservation_id)):
+        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id):
             changed = await run(connections_of(self._client), flows.settle(self.reservation_id, actual, False))
         self.actual = float(actual)
         return changed

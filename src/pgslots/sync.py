@@ -33,7 +33,7 @@ from ._batching import batchable, thread_batcher
 from ._connections import Connections
 from ._engine import allow_interruptions, defer_interruptions, deferred_interruption, interrupt_later, interrupt_thread
 from ._faces import CLOCK, ConcurrencyArguments, on_lease_lost
-from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Link, Listen, Request, Sleep, Wait
+from ._flow import Call, Connect, Drop, Flow, Grant, Hold, Later, Listen, Request, Sleep, Wait
 from ._observe import Holding, observe
 from .client import Client, connections_of, default_client
 from .errors import LeaseRenewalFailedError
@@ -98,8 +98,7 @@ def _perform(db: Connections, command: flows.Command, connection: psycopg.Connec
         return db.call(command.query, command.params, timeout=command.timeout)
     if isinstance(command, Connect):
         db.pool()
-        engine = db.engine
-        return Link(engine.session_id, engine.listening, engine.listen)
+        return db.engine.link()
     if isinstance(command, Hold):
         lost = on_lease_lost(command.raise_on_failure, interrupt_thread(threading.get_ident()))
         db.engine.hold(command.lease, lost)
@@ -164,7 +163,8 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
             flow = flows.acquire_in_transaction(self._request, CLOCK)
         else:
             fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
-            flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after)
+            link = connections_of(self._client).ready_link()
+            flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after, link)
         try:
             with observe("acquire", self._request.names, self._request.slots) as seen:
                 self._lease = _run(connections_of(self._client), flow, self._connection)
@@ -184,7 +184,7 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
         lease, self._lease = self._lease, None
         if lease is not None:
             self._holding.end(exc)
-            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id and str(lease.lease_id)):
+            with observe("release", lease.names, lease.slots, lease_id=lease.lease_id):
                 run(connections_of(self._client), flows.release(lease, in_transaction=self._connection is not None), self._connection)
 
 
@@ -248,7 +248,7 @@ class Reservation(ReservationBase):
         debt the limit must work off first when higher. Settling again applies the difference from
         the last value; the same value again changes nothing (returns False). Raises
         ``ReservationError`` once ``reservation_seconds`` (1 hour by default) have passed."""
-        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id and str(self.reservation_id)):
+        with observe("settle", self.names, self.slots, actual=actual, reservation_id=self.reservation_id):
             changed = run(
                 connections_of(self._client), flows.settle(self.reservation_id, actual, self._connection is not None), self._connection
             )

@@ -193,6 +193,32 @@ def test_multi_name_acquire(client: Client) -> None:
     assert held(client, "a") == 0 and held(client, "b") == 0
 
 
+ARRAY_LITERAL_NAMES = ['a"b', "c\\d", "{e,f}", "NULL", " sp ", "ü,x", "x'y", 'q\\"']
+
+
+def test_names_that_need_quoting_in_an_array_reach_their_own_limits(client: Client) -> None:
+    """The library sends limit names as a text-array literal it writes itself: quotes, backslashes,
+    braces, commas, spaces and the word NULL must each name their own limit, from both faces."""
+    for name in ARRAY_LITERAL_NAMES:
+        client.create_limit(name, 2)
+    for name in ARRAY_LITERAL_NAMES:
+        with concurrency(name, client=client):
+            assert [n for n in ARRAY_LITERAL_NAMES if held(client, n)] == [name]
+    with concurrency(ARRAY_LITERAL_NAMES, client=client) as lease:
+        assert lease is not None and lease.missing == ()
+        assert all(held(client, n) == 1 for n in ARRAY_LITERAL_NAMES)
+        (listed,) = {tuple(sorted(x.limit_names)) for x in client.list_leases()}
+        assert listed == tuple(sorted(ARRAY_LITERAL_NAMES))
+
+    async def main() -> None:
+        for name in ARRAY_LITERAL_NAMES:
+            async with pa.concurrency(name, client=client):
+                assert [n for n in ARRAY_LITERAL_NAMES if held(client, n)] == [name]
+
+    asyncio.run(main())
+    assert not any(held(client, n) for n in ARRAY_LITERAL_NAMES)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -226,6 +252,10 @@ def test_bad_names_from_python(client: Client) -> None:
         client.create_limit("a/b", 1)
     with pytest.raises(pgslots.InvalidLimitNameError), concurrency("50%"):
         pass
+    with pytest.raises(pgslots.InvalidLimitNameError, match="NUL"), concurrency(["ok", "a\x00b"]):
+        pass
+    with pytest.raises(pgslots.InvalidLimitNameError, match="NUL"):
+        rate_limit("a\x00b")
 
 
 def test_holder_recorded(client: Client) -> None:
