@@ -158,9 +158,6 @@ AS $$
 DECLARE
     written integer;
 BEGIN
-    IF d.lease_limits IS NULL THEN
-        RETURN;
-    END IF;
     INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
                                 host, pid, application_name, holder, session_id)
     SELECT d.lease_id, u.i, u.n, slots, cardinality(d.lease_limits), d.fencing_token,
@@ -235,7 +232,7 @@ BEGIN
             d := pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
                                 new_lease_id, session, coalesce(priority, 0), fairness_key, NULL);
         END IF;
-        PERFORM pgslots._write_lease(d, slots, lease_seconds, holder, session);
+        PERFORM pgslots._write_lease(d, slots, lease_seconds, holder, session) WHERE d.lease_limits IS NOT NULL;
         SELECT d.granted, d.lease_id, d.fencing_token, d.expires_at, d.retry_after, d.missing, d.blocked_by, d.waiter
         INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter;
     END IF;
