@@ -235,8 +235,8 @@ BEGIN
 END
 $$;
 
--- The caller's queue arguments and session, checked before anything is locked (acquire calls it
--- only when one of them asks for it: a priority, a key, another role's session).
+-- The caller's queue arguments and session, checked before anything is locked (by acquire_each;
+-- acquire checks them on its own, with fewer statements).
 CREATE FUNCTION pgslots._check_caller(priority integer, fairness_key text, session uuid) RETURNS void
 LANGUAGE plpgsql
 AS $$

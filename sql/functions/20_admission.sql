@@ -201,23 +201,24 @@ BEGIN
     IF wait_seconds IS NOT NULL THEN   -- each call and statement skipped costs an acquire microseconds
         prior := pgslots._bound_waits(wait_seconds);
     END IF;
-    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL
-       OR session IS NOT NULL AND EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user) THEN
-        PERFORM pgslots._check_caller(priority, fairness_key, session);
+    IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
+        PERFORM pgslots._check_queue_args(priority, fairness_key);
     END IF;
-    SELECT * INTO cfg FROM pgslots.settings;
+    SELECT * INTO cfg FROM pgslots.settings   -- and a session binds only leases of the role keeping it alive
+    WHERE session IS NULL OR NOT EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user);
+    IF NOT FOUND THEN
+        PERFORM pgslots._not_your_session(session);
+    END IF;
     at := pgslots._clock(cfg.clock_offset);
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 AND pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
         target := coalesce(pgslots._fast_grant(names[1], slots, priority, fairness_key, cfg.priority_aging_seconds, at, false),
                            pgslots._fast_new_key(names[1], slots, priority, fairness_key, cfg, at, false));
-        IF target IS NULL AND queue_client IS NOT NULL THEN
-            d := pgslots._queue_refusal(names[1], slots, queue_client, new_lease_id, lease_seconds, holder,
-                                        session, priority, fairness_key, cfg, at);
-        END IF;
+        d := CASE WHEN target IS NULL AND queue_client IS NOT NULL   -- stage 2
+                  THEN pgslots._queue_refusal(names[1], slots, queue_client, new_lease_id, lease_seconds, holder,
+                                              session, priority, fairness_key, cfg, at) END;
     END IF;
     IF target IS NOT NULL THEN   -- stage 1's lease, answered without a decision (see _write_lease)
-        SELECT true, coalesce(new_lease_id, pg_catalog.gen_random_uuid()), pg_catalog.nextval('pgslots.fencing_tokens'),
-               at + pg_catalog.make_interval(secs => lease_seconds), '{}'
+        SELECT true, coalesce(new_lease_id, gen_random_uuid()), nextval('pgslots.fencing_tokens'), at + make_interval(secs => lease_seconds), '{}'
         INTO granted, lease_id, fencing_token, expires_at, missing;
         INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
                                     host, pid, application_name, holder, session_id)
@@ -228,10 +229,9 @@ BEGIN
             PERFORM pgslots._lease_id_in_use(acquire.lease_id);
         END IF;
     ELSE
-        IF d.granted IS NULL THEN
-            d := pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
-                                new_lease_id, session, coalesce(priority, 0), fairness_key, NULL);
-        END IF;
+        d := CASE WHEN d.granted IS NULL   -- stage 3
+                  THEN pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,
+                                      new_lease_id, session, coalesce(priority, 0), fairness_key, NULL) ELSE d END;
         PERFORM pgslots._write_lease(d, slots, lease_seconds, holder, session) WHERE d.lease_limits IS NOT NULL;
         SELECT d.granted, d.lease_id, d.fencing_token, d.expires_at, d.retry_after, d.missing, d.blocked_by, d.waiter
         INTO granted, lease_id, fencing_token, expires_at, retry_after, missing, blocked_by, waiter;
