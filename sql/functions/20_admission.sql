@@ -198,16 +198,19 @@ DECLARE
     target uuid;
     d pgslots.decision;
 BEGIN
-    IF wait_seconds IS NOT NULL THEN   -- each call and statement skipped costs an acquire microseconds
-        prior := pgslots._bound_waits(wait_seconds);
-    END IF;
+    -- Each call, statement and subquery costs an acquire microseconds: those for what was not asked are skipped.
+    prior := CASE WHEN wait_seconds IS NOT NULL THEN pgslots._bound_waits(wait_seconds) END;
     IF priority IS DISTINCT FROM 0 OR fairness_key IS NOT NULL THEN
         PERFORM pgslots._check_queue_args(priority, fairness_key);
     END IF;
-    SELECT * INTO cfg FROM pgslots.settings   -- and a session binds only leases of the role keeping it alive
-    WHERE session IS NULL OR NOT EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user);
-    IF NOT FOUND THEN
-        PERFORM pgslots._not_your_session(session);
+    IF session IS NULL THEN
+        SELECT * INTO cfg FROM pgslots.settings;
+    ELSE   -- a session binds only leases of the role that keeps it alive
+        SELECT * INTO cfg FROM pgslots.settings
+        WHERE NOT EXISTS (SELECT 1 FROM pgslots.sessions s WHERE s.id = session AND s.owner <> session_user);
+        IF NOT FOUND THEN
+            PERFORM pgslots._not_your_session(session);
+        END IF;
     END IF;
     at := pgslots._clock(cfg.clock_offset);
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 AND pgslots._lease_seconds_ok(lease_seconds, cfg) THEN
