@@ -30,6 +30,7 @@ from .errors import (
     AcquireConcurrencySlotTimeoutError,
     ConcurrencySlotAcquisitionError,
     DatabaseUnavailableError,
+    InvalidArgumentError,
     LeaseRenewalFailedError,
     LockWaitTimeoutError,
     PgSlotsError,
@@ -173,7 +174,7 @@ def holder_json(extra: dict[str, Any] | None) -> str:
     global _DEFAULT_HOLDER
     pid = os.getpid()
     if extra:
-        return json.dumps({"host": _HOST, "pid": pid, **extra})
+        return json.dumps({"host": _HOST, "pid": pid, **extra}, allow_nan=False)
     if _DEFAULT_HOLDER[0] != pid:
         _DEFAULT_HOLDER = (pid, json.dumps({"host": _HOST, "pid": pid}))
     return _DEFAULT_HOLDER[1]
@@ -232,7 +233,7 @@ class Request:
         checked_holder = check.holder(holder)
         if not wanted:
             return None
-        return cls(
+        request = cls(
             wanted,
             slots,
             timeout_seconds=timeout_seconds,
@@ -244,6 +245,15 @@ class Request:
             fairness_key=fairness_key,
             fail_open=fail_open,
         )
+        if checked_holder:
+            try:
+                request.holder_json  # noqa: B018 - written now, so that a holder JSON cannot carry is refused before any call
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgumentError(
+                    f"holder must hold only what JSON can (strings, finite numbers, booleans, None, lists and dicts):"
+                    f" {exc} in {checked_holder!r:.200}."
+                ) from None
+        return request
 
     @classmethod
     def for_rate_limit(

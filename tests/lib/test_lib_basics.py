@@ -230,6 +230,8 @@ def test_names_that_need_quoting_in_an_array_reach_their_own_limits(client: Clie
         {"max_retries": -1},
         {"lease_duration": math.inf},
         {"holder": "me"},
+        {"holder": {"since": object()}},
+        {"holder": {"n": math.nan}},
         {"occupy": 2**40},
     ],
 )
