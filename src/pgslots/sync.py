@@ -159,15 +159,15 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
     def __enter__(self) -> Lease | None:
         if self._request is None:
             return None
+        db = connections_of(self._client)
         if self._connection is not None:
             flow = flows.acquire_in_transaction(self._request, CLOCK)
         else:
             fail_open_after = (self._client or default_client())._fail_open_after(self._request.fail_open)
-            link = connections_of(self._client).ready_link()
-            flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after, link)
+            flow = flows.concurrency(self._request, self._raise_on_failure, CLOCK, fail_open_after, db.ready_link())
         try:
             with observe("acquire", self._request.names, self._request.slots) as seen:
-                self._lease = _run(connections_of(self._client), flow, self._connection)
+                self._lease = _run(db, flow, self._connection)
                 seen.granted(self._lease)
             self._holding = Holding(self._lease)
             if deferred_interruption(threading.get_ident()):
@@ -176,7 +176,7 @@ class concurrency(ConcurrencyArguments, contextlib.ContextDecorator):  # noqa: N
             # Interrupted once granted, before the body began: no __exit__ will release the lease.
             lease, self._lease = self._lease, None
             if lease is not None and self._connection is None:
-                run(connections_of(self._client), flows.let_go(lease))
+                run(db, flows.let_go(lease))
             raise
         return self._lease
 

@@ -375,6 +375,44 @@ def test_wait_seconds_bounds_sql_calls_and_changes_nothing(roles: Roles) -> None
         check(owner)
 
 
+def test_a_bad_lock_bound_is_refused_and_the_hot_paths_helpers_are_not_callable(roles: Roles) -> None:
+    """release sets its lock bound through inlined helpers: a negative, NaN or infinite bound is
+    refused (PS012) by each plain role, changing nothing, a huge one is clamped, the session's
+    lock_timeout is as it was after every call; and the helpers themselves, which write lease rows
+    and settings, cannot be called by a plain role."""
+    with _conn(roles.owner) as owner, _conn(roles.victim) as victim, _conn(roles.attacker) as attacker:
+        create(owner, "bound", 3)
+        lease = acquire(victim, ["bound"], lease_seconds=60)["lease_id"]
+        for conn in (victim, attacker):
+            before = snapshot(owner)
+            for bad in (-1.0, float("nan"), float("inf"), float("-inf")):
+                for query in ("SELECT pgslots.release(%s, false, %s)", "SELECT pgslots.release(%s, true, %s)"):
+                    with pytest.raises(psycopg.Error) as caught:
+                        conn.execute(query, [lease, bad])
+                    assert caught.value.sqlstate == "PS012" and "wait_seconds must be" in str(caught.value)
+                with pytest.raises(psycopg.Error) as caught:
+                    conn.execute("SELECT * FROM pgslots.acquire('{bound}', 1, 60, wait_seconds => %s)", [bad])
+                assert caught.value.sqlstate == "PS012"
+            assert snapshot(owner) == before
+            assert one(conn, "SELECT current_setting('lock_timeout') AS t")["t"] == "0"
+            made_up = uuid.uuid4()
+            assert one(conn, "SELECT pgslots.release(%s, false, 1e300) AS r", [made_up])["r"] is False
+            assert one(conn, "SELECT current_setting('lock_timeout') AS t")["t"] == "0"
+        assert one(victim, "SELECT pgslots.release(%s, false, 1e300) AS r", [lease])["r"] is True
+        decision = "ROW(true, gen_random_uuid(), 1, now() + interval '1 hour', NULL, '{}', NULL, NULL, %s)::pgslots.decision"
+        limit_id = status(owner, "bound")["id"]
+        for query, params in (
+            (f"SELECT pgslots._write_lease({decision}, 1, 60, NULL, NULL)", [[limit_id]]),
+            ("SELECT pgslots._set_lock_timeout(1, 'x')", None),
+            ("SELECT pgslots._reset_lock_timeout('1ms')", None),
+            ("SELECT pgslots._lease_id_in_use(gen_random_uuid())", None),
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                attacker.execute(query, params)
+        assert status(owner, "bound")["leases"] == 0
+        check(owner)
+
+
 # ---- all of it at once, under load ----------------------------------------------------------------
 
 LIMIT = 2
