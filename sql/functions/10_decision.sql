@@ -125,10 +125,11 @@ AS $$ SELECT nullif(pg_catalog.current_setting('application_name'), '') $$;
 
 -- The queue lock of a limit (an advisory lock, class 1885827953): taken shared by an acquire that
 -- queues without the limit's row lock, exclusively by every release and wake-up before it reads the
--- queue, so none of them can miss a waiter being queued. See acquire.
-CREATE FUNCTION pgslots._lock_queue(target uuid) RETURNS void
+-- queue, so none of them can miss a waiter being queued. See acquire. True once held: release takes
+-- it in an assignment, which costs no statement of its own (a PERFORM does).
+CREATE FUNCTION pgslots._lock_queue(target uuid) RETURNS boolean
 LANGUAGE sql VOLATILE
-AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1885827953, pg_catalog.hashtext(target::text)) $$;
+AS $$ SELECT pg_catalog.pg_advisory_xact_lock(1885827953, pg_catalog.hashtext(target::text)) IS NOT NULL $$;
 
 CREATE FUNCTION pgslots._lock_queue_shared(target uuid) RETURNS void
 LANGUAGE sql VOLATILE

@@ -220,17 +220,19 @@ BEGIN
                   THEN pgslots._queue_refusal(names[1], slots, queue_client, new_lease_id, lease_seconds, holder,
                                               session, priority, fairness_key, cfg, at) END;
     END IF;
-    IF target IS NOT NULL THEN   -- stage 1's lease, answered without a decision (see _write_lease)
-        SELECT true, coalesce(new_lease_id, gen_random_uuid()), nextval('pgslots.fencing_tokens'), at + make_interval(secs => lease_seconds), '{}'
-        INTO granted, lease_id, fencing_token, expires_at, missing;
-        INSERT INTO pgslots.leases (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
-                                    host, pid, application_name, holder, session_id)
-        VALUES (acquire.lease_id, target, 1, slots, 1, acquire.fencing_token, at, acquire.expires_at,
+    IF target IS NOT NULL THEN   -- stage 1's lease, written and answered in one statement (see _write_lease)
+        INSERT INTO pgslots.leases AS x (id, limit_id, part, slots, parts, fencing_token, acquired_at, expires_at,
+                                         host, pid, application_name, holder, session_id)
+        VALUES (coalesce(new_lease_id, gen_random_uuid()), target, 1, slots, 1, nextval('pgslots.fencing_tokens'), at,
+                at + make_interval(secs => lease_seconds),
                 pgslots._holder_host(holder), pgslots._holder_pid(holder), pgslots._application_name(), holder, session)
-        ON CONFLICT DO NOTHING;   -- the id of an existing lease: refused
+        ON CONFLICT DO NOTHING   -- the id of an existing lease: refused
+        RETURNING x.id, x.fencing_token, x.expires_at INTO lease_id, fencing_token, expires_at;
         IF NOT FOUND THEN
-            PERFORM pgslots._lease_id_in_use(acquire.lease_id);
+            PERFORM pgslots._lease_id_in_use(new_lease_id);
         END IF;
+        granted := true;
+        missing := '{}';
     ELSE
         d := CASE WHEN d.granted IS NULL   -- stage 3
                   THEN pgslots._admit(names, slots, lease_seconds, holder, strict, ticket, queue_client, false,

@@ -128,6 +128,8 @@ CREATE FUNCTION pgslots.release_each(lease_ids uuid[], wait_seconds float8 DEFAU
 RETURNS TABLE (lease_id uuid, released boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- a lease by its id, whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 DECLARE
     prior text;

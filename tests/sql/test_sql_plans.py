@@ -80,3 +80,40 @@ def test_a_release_reads_a_few_pages_after_a_vacuum_of_a_busy_table(fresh_dsn: s
     # new row and its two index entries, then the row found, updated and deleted by its key); a
     # plan that scanned the table or an index would read at least as many as that index has pages.
     assert per_cycle < 20 < index_pages, (per_cycle, index_pages)
+
+
+def _pages(conn: Conn, relation: str) -> int:
+    return int(one(conn, "SELECT pg_relation_size(%s::regclass) / 8192 AS n", [relation])["n"])
+
+
+def _scans_of_leases(conn: Conn) -> int:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    return int(one(conn, "SELECT seq_scan AS n FROM pg_stat_user_tables WHERE relid = 'pgslots.leases'::regclass")["n"])
+
+
+def test_a_release_finds_its_lease_by_key_when_the_key_is_priced_above_a_scan(fresh_dsn: str) -> None:
+    """PostgreSQL prices a lookup by primary key at the index's pages divided by the table's live
+    rows. Three leases live since the start, thousands come and go, then a vacuum truncates the
+    table to the page of the three: the index, grown by the churn, is priced above a scan of the
+    table. A session that plans then keeps its plans while the table grows again; a release must
+    still find its lease by key (release runs with enable_seqscan off), not read every page twice."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        create(conn, "busy", 10)
+        for _ in range(3):
+            acquire(conn, ["busy"], lease_seconds=600)
+        _churn(conn, "busy", CYCLES)
+        conn.execute("VACUUM (TRUNCATE, ANALYZE) pgslots.leases")
+        assert _pages(conn, "pgslots.leases") <= 2 < 20 < _pages(conn, "pgslots.leases_pkey")
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")  # see the test above
+        scans = _scans_of_leases(conn)
+        for _ in range(8):
+            _cycle(conn, "busy")
+        assert _scans_of_leases(conn) == scans, "a release scanned the leases table"
+        _churn(conn, "busy", CYCLES)
+        pages = _pages(conn, "pgslots.leases")
+        before = _blocks_read(conn)
+        for _ in range(20):
+            _cycle(conn, "busy")
+        per_cycle = (_blocks_read(conn) - before) / 20
+    assert per_cycle < 20 < pages, (per_cycle, pages)

@@ -399,6 +399,14 @@ def test_a_bad_lock_bound_is_refused_and_the_hot_paths_helpers_are_not_callable(
             assert one(conn, "SELECT pgslots.release(%s, false, 1e300) AS r", [made_up])["r"] is False
             assert one(conn, "SELECT current_setting('lock_timeout') AS t")["t"] == "0"
         assert one(victim, "SELECT pgslots.release(%s, false, 1e300) AS r", [lease])["r"] is True
+        # Inside a transaction: a durable release puts the session's lock_timeout back at once; one
+        # that is not (its own transaction, by contract) leaves its bound until that transaction ends.
+        with victim.transaction():
+            assert one(victim, "SELECT pgslots.release(%s, true, 0.5) AS r", [uuid.uuid4()])["r"] is False
+            assert one(victim, "SELECT current_setting('lock_timeout') AS t")["t"] == "0"
+            assert one(victim, "SELECT pgslots.release(%s, false, 0.5) AS r", [uuid.uuid4()])["r"] is False
+            assert one(victim, "SELECT current_setting('lock_timeout') AS t")["t"] == "500ms"
+        assert one(victim, "SELECT current_setting('lock_timeout') AS t")["t"] == "0"
         decision = "ROW(true, gen_random_uuid(), 1, now() + interval '1 hour', NULL, '{}', NULL, NULL, %s)::pgslots.decision"
         limit_id = status(owner, "bound")["id"]
         for query, params in (
