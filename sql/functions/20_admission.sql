@@ -190,6 +190,8 @@ CREATE FUNCTION pgslots.acquire(
     OUT liveness_seconds float8)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 DECLARE
     prior text;

@@ -73,6 +73,8 @@ CREATE FUNCTION pgslots.rate_limit(
     OUT waiter bigint)
 LANGUAGE plpgsql   -- not sql: PL/pgSQL keeps its plan across calls
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 BEGIN
     SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter
@@ -100,6 +102,8 @@ CREATE FUNCTION pgslots.reserve(
     OUT waiter bigint, OUT reservation_id uuid)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 BEGIN
     SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter, r.reservation_id

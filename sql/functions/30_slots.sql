@@ -1,19 +1,21 @@
 -- Slots: release, renew and sweep, what a holder (or an operator) does with a lease.
 --
--- release, renew, renew_leases and release_each (31_batches.sql) find leases by id, and run with
--- enable_seqscan off (and jit off, which a statement with no index to use would otherwise trigger
--- with the cost enable_seqscan gives it). The primary key's estimated cost is its pages divided by
--- the live rows: a busy table's index, grown by churn between vacuums, with a few live leases, is
--- priced above a scan of the whole table. Then every release read every page of `leases` (two
--- scans a release; vacuum keeps the pages, migration 0018), and no index scan marked the dead
--- entries for reuse, so the index kept growing. Measured in the server alone on such a table
--- (462 pages, an index of 1,423, 11 live leases): 230 us a cycle, 163 us with the lookups by key.
+-- The hot path's entry points (release, renew, renew_leases here; acquire, rate_limit, reserve,
+-- acquire_each and release_each) look rows up by key, and run with enable_seqscan off (and jit
+-- off, which a statement with no index to use would otherwise trigger with the cost enable_seqscan
+-- gives it). PostgreSQL prices a lookup at the index's pages divided by the table's live rows: a
+-- busy table's index, grown by churn between vacuums, with a few live leases, is priced above a
+-- scan of the whole table. Then every release read every page of `leases` twice (vacuum keeps the
+-- pages, migration 0018), every refused acquire that queues did so to look for leases to take
+-- back, and no index scan marked the dead entries for reuse, so the index kept growing. Measured
+-- in the server alone on such a table (462 pages, an index of 1,423, 11 live leases): 230 us an
+-- uncontended cycle, 163 us with the lookups by key (tests/sql/test_sql_plans.py).
 
 CREATE FUNCTION pgslots.release(lease_id uuid, durable boolean DEFAULT true,
                                 wait_seconds float8 DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
-SET enable_seqscan = off   -- a lease by its id, whatever the statistics say: see the top of 30_slots.sql
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of this file
 SET jit = off
 AS $$
 DECLARE
@@ -122,7 +124,7 @@ CREATE FUNCTION pgslots.renew(lease_id uuid, lease_seconds float8 DEFAULT 300,
 RETURNS timestamptz
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
-SET enable_seqscan = off   -- a lease by its id, whatever the statistics say: see the top of 30_slots.sql
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of this file
 SET jit = off
 AS $$
 DECLARE
@@ -167,7 +169,7 @@ CREATE FUNCTION pgslots.renew_leases(lease_ids uuid[], lease_seconds float8[], w
 RETURNS uuid[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
-SET enable_seqscan = off   -- a lease by its id, whatever the statistics say: see the top of 30_slots.sql
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of this file
 SET jit = off
 AS $$
 DECLARE

@@ -30,6 +30,8 @@ RETURNS TABLE (granted boolean, lease_id uuid, fencing_token bigint, expires_at 
                missing text[], blocked_by text[], waiter bigint, liveness_seconds float8)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 DECLARE
     r jsonb;
@@ -128,7 +130,7 @@ CREATE FUNCTION pgslots.release_each(lease_ids uuid[], wait_seconds float8 DEFAU
 RETURNS TABLE (lease_id uuid, released boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
-SET enable_seqscan = off   -- a lease by its id, whatever the statistics say: see the top of 30_slots.sql
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
 SET jit = off
 AS $$
 DECLARE

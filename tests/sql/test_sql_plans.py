@@ -91,19 +91,43 @@ def _scans_of_leases(conn: Conn) -> int:
     return int(one(conn, "SELECT seq_scan AS n FROM pg_stat_user_tables WHERE relid = 'pgslots.leases'::regclass")["n"])
 
 
-def test_a_release_finds_its_lease_by_key_when_the_key_is_priced_above_a_scan(fresh_dsn: str) -> None:
-    """PostgreSQL prices a lookup by primary key at the index's pages divided by the table's live
-    rows. Three leases live since the start, thousands come and go, then a vacuum truncates the
-    table to the page of the three: the index, grown by the churn, is priced above a scan of the
-    table. A session that plans then keeps its plans while the table grows again; a release must
-    still find its lease by key (release runs with enable_seqscan off), not read every page twice."""
-    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+def _key_priced_above_a_scan(dsn: str) -> None:
+    """Three leases live since the start (on the limit "busy"), thousands come and go, then a vacuum
+    truncates the table to the page of the three: the indexes, grown by the churn, are priced above
+    a scan of the table (PostgreSQL prices a lookup at an index's pages divided by the live rows)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
         create(conn, "busy", 10)
         for _ in range(3):
             acquire(conn, ["busy"], lease_seconds=600)
         _churn(conn, "busy", CYCLES)
         conn.execute("VACUUM (TRUNCATE, ANALYZE) pgslots.leases")
         assert _pages(conn, "pgslots.leases") <= 2 < 20 < _pages(conn, "pgslots.leases_pkey")
+        assert _pages(conn, "pgslots.leases_limit_expiry") > 20
+
+
+def test_a_refused_acquire_probes_the_limits_leases_by_key_when_the_key_is_priced_above_a_scan(fresh_dsn: str) -> None:
+    """A queued caller refused by a full limit first looks for leases of that limit to take back
+    (expired, or of a dead session), by the index on (limit_id, expires_at): acquire runs with
+    enable_seqscan off, so that probe reads no page of the table whatever its statistics say."""
+    _key_priced_above_a_scan(fresh_dsn)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgslots.update_limit(%s, %s)", ["busy", 3])  # the three live leases fill it
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        scans = _scans_of_leases(conn)
+        for _ in range(8):
+            refused = acquire(conn, ["busy"], lease_seconds=60, queue_client=uuid.uuid4())
+            assert not refused["granted"] and refused["blocked_by"] == ["busy"]
+        assert _scans_of_leases(conn) == scans, "a refused acquire scanned the leases table"
+
+
+def test_a_release_finds_its_lease_by_key_when_the_key_is_priced_above_a_scan(fresh_dsn: str) -> None:
+    """PostgreSQL prices a lookup by primary key at the index's pages divided by the table's live
+    rows. Three leases live since the start, thousands come and go, then a vacuum truncates the
+    table to the page of the three: the index, grown by the churn, is priced above a scan of the
+    table. A session that plans then keeps its plans while the table grows again; a release must
+    still find its lease by key (release runs with enable_seqscan off), not read every page twice."""
+    _key_priced_above_a_scan(fresh_dsn)
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute("SET plan_cache_mode = force_generic_plan")  # see the test above
         scans = _scans_of_leases(conn)
