@@ -67,6 +67,8 @@ CREATE FUNCTION pgslots.keep_alive(session uuid, leases uuid[] DEFAULT NULL, bin
                                    OUT liveness_seconds float8, OUT lost uuid[], OUT orphans uuid[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
+SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
+SET jit = off
 AS $$
 DECLARE
     at timestamptz := pgslots._now();

@@ -1,7 +1,7 @@
 -- Slots: release, renew and sweep, what a holder (or an operator) does with a lease.
 --
 -- The hot path's entry points (release, renew, renew_leases here; acquire, rate_limit, reserve,
--- acquire_each and release_each) look rows up by key, and run with enable_seqscan off (and jit
+-- acquire_each, release_each and keep_alive) look rows up by key, and run with enable_seqscan off (and jit
 -- off, which a statement with no index to use would otherwise trigger with the cost enable_seqscan
 -- gives it). PostgreSQL prices a lookup at the index's pages divided by the table's live rows: a
 -- busy table's index, grown by churn between vacuums, with a few live leases, is priced above a
