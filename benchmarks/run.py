@@ -1613,9 +1613,18 @@ def measure_spread(pairs: list[Path]) -> dict[str, float]:
     return spread
 
 
+def merge_spread(known: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
+    """The spreads kept so far with those measured now: each row keeps the largest seen for it."""
+    return {**known, **{k: max(v, known.get(k, 0.0)) for k, v in measured.items()}}
+
+
+# Two runs can agree closely by chance: no measured row is judged against a spread below this.
+MIN_SPREAD = 0.02
+
+
 def compare(previous: dict[str, Any], report: dict[str, Any], spread: dict[str, float]) -> dict[str, Any]:
     """Each row against the previous run's: how much it moved, and whether that is more than its
-    run-to-run spread (rows without a measured spread are listed apart, not judged)."""
+    run-to-run spread, at least MIN_SPREAD (rows without a measured spread are listed apart, not judged)."""
     before, now = rows(previous), rows(report)
     moved, within, unjudged = [], 0, []
     for key in sorted(before.keys() & now.keys()):
@@ -1623,8 +1632,8 @@ def compare(previous: dict[str, Any], report: dict[str, Any], spread: dict[str, 
         change = (new - old) / abs(old) if old else (0.0 if new == old else float("inf"))
         if key not in spread:
             unjudged.append(key)
-        elif abs(change) > spread[key]:
-            moved.append({"row": key, "before": old, "now": new, "change": change, "spread": spread[key]})
+        elif abs(change) > max(spread[key], MIN_SPREAD):
+            moved.append({"row": key, "before": old, "now": new, "change": change, "spread": max(spread[key], MIN_SPREAD)})
         else:
             within += 1
     # The rows that are ratios to this run's own ceiling (the targets' table), side by side: they
@@ -1649,7 +1658,8 @@ def compare(previous: dict[str, Any], report: dict[str, Any], spread: dict[str, 
 def comparison_lines(c: dict[str, Any]) -> list[str]:
     lines = ["", f"## Against the previous run ({c['previous_date']})", ""]
     lines.append(
-        f"{len(c['moved'])} row(s) moved more than their run-to-run spread, {c['within_spread']} stayed within it, "
+        f"{len(c['moved'])} row(s) moved more than their run-to-run spread (at least {MIN_SPREAD:.0%}), "
+        f"{c['within_spread']} stayed within it, "
         f"{c['not_judged']} have no measured spread (not judged); {len(c['new_rows'])} row(s) are new, "
         f"{len(c['gone_rows'])} gone."
     )
@@ -1712,13 +1722,20 @@ def main() -> None:
         "--spread",
         type=Path,
         nargs="+",
-        help="result directories of runs of the same code, two by two: write each row's run-to-run spread to spread.json",
+        help="result directories of runs of the same code, two by two: add each row's run-to-run spread to spread.json "
+        "(a row keeps the largest spread measured for it; delete the file to start afresh)",
     )
     args = parser.parse_args()
     if args.spread:
         measured = measure_spread(args.spread)
-        SPREAD.write_text(json.dumps(dict(sorted(measured.items())), indent=1) + "\n")
-        print(f"Wrote {SPREAD}: the run-to-run spread of {len(measured)} rows")
+        known: dict[str, float] = json.loads(SPREAD.read_text()) if SPREAD.exists() else {}
+        merged = merge_spread(known, measured)
+        SPREAD.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+        wider = sum(1 for k, v in measured.items() if v > known.get(k, 0.0))
+        print(
+            f"Wrote {SPREAD}: the run-to-run spread of {len(merged)} rows ({len(measured)} measured now, "
+            f"{len(set(measured) - set(known))} of them new, {wider} wider than before)"
+        )
         return
     if args.report_only:
         report = json.loads((args.out / "latest.json").read_text())
