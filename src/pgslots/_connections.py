@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import _queries as q
+from . import _wire
 from ._config import check_dsn, configured_dsn, resolve_dsn
 from ._engine import Engine, connection_timeouts
 from ._flow import Link, NameList
@@ -39,39 +40,6 @@ IDLE_SECONDS = 10.0  # a pooled connection above the first closes after this lon
 def _application_name() -> str:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     return f"pgslots:{prog}"[:63]
-
-
-def _cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
-    """The pooled connection's own cursor, kept from call to call: psycopg caches how it adapts each
-    type of parameter and column in the cursor, so a new cursor per statement starts cold."""
-    cur: psycopg.Cursor[Any] | None = getattr(conn, "_pgslots_cursor", None)
-    if cur is None or cur.closed:
-        cur = conn.cursor()
-        conn._pgslots_cursor = cur  # type: ignore[attr-defined]
-    return cur
-
-
-def _acursor(conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
-    cur: psycopg.AsyncCursor[Any] | None = getattr(conn, "_pgslots_cursor", None)
-    if cur is None or cur.closed:
-        cur = conn.cursor()
-        conn._pgslots_cursor = cur  # type: ignore[attr-defined]
-    return cur
-
-
-def _names(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> list[str] | None:
-    """The column names of the statement's result (None: it returned no rows), read from the
-    result itself: ``cursor.description`` builds a Column object per column on every access, which
-    cost more than the rest of the library's work on an acquire."""
-    res = cur.pgresult
-    if res is None or not res.nfields:
-        return None
-    return [(res.fname(i) or b"").decode() for i in range(res.nfields)]
-
-
-def _dicts(names: list[str] | None, rows: list[Any]) -> list[dict[str, Any]]:
-    """Rows as dicts by column name: what a dict row factory gives, for less on the hot path."""
-    return [dict(zip(names, row, strict=True)) for row in rows] if names else []
 
 
 class _NamesDumper(Dumper):
@@ -124,7 +92,7 @@ class Connections:
         self._schema_checked = False
         self._engine: Engine | None = None
         self._pid = os.getpid()
-        # Server-side prepared statements (psycopg prepares a statement run 5 times on a connection)
+        # Server-side prepared statements (each statement is prepared the first time a connection runs it: _wire.py)
         # break behind a pooler in transaction mode, where consecutive statements of one connection
         # may reach different server connections. None: decided by the probe (see _check_version).
         self._prepare = prepared_statements
@@ -315,8 +283,9 @@ class Connections:
 
     # ---- running statements -------------------------------------------------------------------
 
-    def call(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Runs one statement on a pooled connection."""
+    def call(self, query: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Runs one statement of ``_queries.py`` on a pooled connection (see _wire.py)."""
+        stmt = _wire.statement(query)
         try:
             with database_errors():
                 # getconn and putconn, not the pool's connection() context: the connection is in
@@ -324,10 +293,7 @@ class Connections:
                 pool = self.pool()
                 conn = pool.getconn(timeout=timeout)
                 try:
-                    cur = _cursor(conn)
-                    cur.execute(query, params)
-                    names = _names(cur)
-                    return _dicts(names, cur.fetchall() if names else [])
+                    return _wire.run(conn, stmt, params)
                 finally:
                     pool.putconn(conn)
         except DatabaseUnavailableError as exc:
@@ -335,16 +301,14 @@ class Connections:
                 raise self._busy_pool(exc) from exc.__cause__
             raise
 
-    async def acall(self, query: Any, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+    async def acall(self, query: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        stmt = _wire.statement(query)
         try:
             with database_errors():
                 apool = await self.apool()
                 conn = await apool.getconn(timeout=timeout)  # see call()
                 try:
-                    cur = _acursor(conn)
-                    await cur.execute(query, params)
-                    names = _names(cur)
-                    return _dicts(names, await cur.fetchall() if names else [])
+                    return await _wire.arun(conn, stmt, params)
                 finally:
                     await apool.putconn(conn)
         except DatabaseUnavailableError as exc:

@@ -164,7 +164,8 @@ def test_processes_through_pgbouncer_in_transaction_mode(fresh_dsn: str, bouncer
 
 def test_a_pooler_in_between_turns_prepared_statements_off(bouncer: dict[str, str]) -> None:
     """The client sees the server's own port differ from the one it connected to, and sends every
-    statement unprepared; straight to the server it prepares them."""
+    statement unprepared (no server connection behind the bouncer has one of pgslots' prepared
+    statements); straight to the server it prepares them."""
     for dsn, expected in ((bouncer["bounced"], None), (bouncer["direct"], 5)):
         client = pgslots.Client(dsn)
         try:
@@ -173,5 +174,7 @@ def test_a_pooler_in_between_turns_prepared_statements_off(bouncer: dict[str, st
                     pass
             with client._connections.pool().connection() as conn:
                 assert conn.prepare_threshold == expected
+                prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgslots\\_%'").fetchone()
+                assert prepared is not None and (prepared[0] > 0) == (expected is not None)
         finally:
             client.close()

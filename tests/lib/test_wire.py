@@ -1,0 +1,118 @@
+"""How one statement reaches the server (``pgslots._wire``): converted once, prepared once per
+connection, prepared again when the server forgot it or its columns changed, never prepared when
+the connection says not to; errors and rows as a psycopg cursor gives them. Against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgslots import _queries as q
+from pgslots import _wire
+from pgslots._wire import Statement
+
+LOOKUP = "SELECT * FROM wire_t(%(x)s, %(label)s, %(x)s)"
+
+
+def _prepared(conn: psycopg.Connection[Any]) -> list[str]:
+    rows = conn.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgslots\\_%' ORDER BY name").fetchall()
+    return [r[0] for r in rows]
+
+
+def _function(conn: psycopg.Connection[Any], columns: str, body: str) -> None:
+    conn.execute("DROP FUNCTION IF EXISTS wire_t(int, text, int)")
+    conn.execute(f"CREATE FUNCTION wire_t(x int, label text, y int) RETURNS TABLE ({columns}) LANGUAGE sql AS $$ {body} $$")
+
+
+def test_a_statement_is_converted_once_per_name() -> None:
+    s = Statement("SELECT f(%(a)s, %(b)s, %(a)s)")
+    assert s.text == b"SELECT f($1, $2, $1)"
+    assert s.names == ("a", "b")
+    assert s.prepared_as == Statement("SELECT f(%(a)s, %(b)s, %(a)s)").prepared_as != Statement("SELECT f(%(b)s)").prepared_as
+    for bad in ("SELECT %s", "SELECT 7 % 2", "SELECT '%%'"):
+        with pytest.raises(ValueError, match="placeholders other than"):
+            Statement(bad)
+    for query in (q.ACQUIRE, q.RELEASE, q.RELEASE_FAST, q.RENEW_LEASES, q.KEEP_ALIVE, q.ACQUIRE_EACH, q.RELEASE_EACH):
+        assert _wire.statement(query) is _wire.statement(query)  # made once
+
+
+def test_prepared_once_and_again_after_the_server_forgot_it(fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        _function(conn, "a int, b text", "SELECT x + y, label")
+        stmt = _wire.statement(LOOKUP)
+        assert _prepared(conn) == []
+        for n in (1, 2, 3):
+            assert _wire.run(conn, stmt, {"x": n, "label": "n"}) == [{"a": 2 * n, "b": "n"}]
+        assert _prepared(conn) == [stmt.prepared_as.decode()]
+        conn.execute("DEALLOCATE ALL")  # what a pooler's reset does
+        assert _wire.run(conn, stmt, {"x": 5, "label": "again"}) == [{"a": 10, "b": "again"}]
+        assert _wire.run(conn, stmt, {"x": 6, "label": "then"}) == [{"a": 12, "b": "then"}]
+        assert _prepared(conn) == [stmt.prepared_as.decode()]
+
+
+def test_a_function_whose_columns_changed_is_prepared_again(fresh_dsn: str) -> None:
+    """A migration that re-creates a function with other columns: the next call answers with them."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        _function(conn, "a int", "SELECT x + y")
+        stmt = _wire.statement(LOOKUP)
+        assert _wire.run(conn, stmt, {"x": 1, "label": "one"}) == [{"a": 2}]
+        _function(conn, "a int, b text, c uuid", "SELECT x * y, label, NULL::uuid")
+        assert _wire.run(conn, stmt, {"x": 3, "label": "three"}) == [{"a": 9, "b": "three", "c": None}]
+        assert _wire.run(conn, stmt, {"x": 4, "label": "four"}) == [{"a": 16, "b": "four", "c": None}]
+        assert _prepared(conn) == [stmt.prepared_as.decode()]
+
+
+def test_nothing_is_prepared_when_the_connection_says_not_to(fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True, prepare_threshold=None) as conn:
+        _function(conn, "a int, b text", "SELECT x + y, label")
+        stmt = _wire.statement(LOOKUP)
+        for n in range(8):
+            assert _wire.run(conn, stmt, {"x": n, "label": "u"}) == [{"a": 2 * n, "b": "u"}]
+        assert _prepared(conn) == []
+
+
+def test_rows_and_errors_are_what_a_cursor_gives(fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        columns = "a int, b text, c uuid, d timestamptz, e text[], f float8"
+        _function(conn, columns, "SELECT x, label, NULL::uuid, now(), ARRAY[label, 'z'], 0.5")
+        lookup, params = "SELECT * FROM wire_t(%(x)s, %(label)s, %(x)s)", {"x": 7, "label": 'a "quoted", {braced} name'}
+        row = _wire.run(conn, _wire.statement(lookup), params)[0]
+        by_cursor = conn.cursor(row_factory=psycopg.rows.dict_row).execute(lookup, params).fetchone()
+        assert by_cursor is not None and row == by_cursor | {"d": row["d"]}
+        assert row["e"] == ['a "quoted", {braced} name', "z"]
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            _wire.run(conn, _wire.statement("SELECT 1 / %(x)s AS q"), {"x": 0})
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            _wire.run(conn, _wire.statement("SELECT pgslots.release(%(lease_id)s)"), {"lease_id": "not a uuid"})
+        with pytest.raises(psycopg.DataError, match="NUL"):
+            _wire.run(conn, _wire.statement(lookup), {"x": 1, "label": "a\x00b"})  # refused before sending
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert _wire.run(conn, _wire.statement("SELECT pgslots.release(%(lease_id)s) AS r"), {"lease_id": uuid.uuid4()}) == [{"r": False}]
+        assert _wire.run(conn, _wire.statement("SET application_name = 'x'"), None) == []
+
+
+def test_async_prepared_once_and_again(fresh_dsn: str) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            await conn.execute("DROP FUNCTION IF EXISTS wire_t(int, text, int)")
+            await conn.execute("CREATE FUNCTION wire_t(x int, label text, y int) RETURNS TABLE (a int) LANGUAGE sql AS $$ SELECT x + y $$")
+            stmt = _wire.statement(LOOKUP)
+            for n in (1, 2):
+                assert await _wire.arun(conn, stmt, {"x": n, "label": "n"}) == [{"a": 2 * n}]
+            await conn.execute("DEALLOCATE ALL")
+            assert await _wire.arun(conn, stmt, {"x": 4, "label": "n"}) == [{"a": 8}]
+            await conn.execute("DROP FUNCTION wire_t(int, text, int)")
+            await conn.execute(
+                "CREATE FUNCTION wire_t(x int, label text, y int) RETURNS TABLE (a int, b text) LANGUAGE sql AS $$ SELECT x, label $$"
+            )
+            assert await _wire.arun(conn, stmt, {"x": 4, "label": "n"}) == [{"a": 4, "b": "n"}]
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await _wire.arun(conn, _wire.statement("SELECT 1 / %(x)s AS q"), {"x": 0})
+            found = await conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s", [stmt.prepared_as.decode()])
+            assert await found.fetchone() == (1,)
+
+    asyncio.run(main())
