@@ -104,11 +104,12 @@ def _sqlstate(res: pq.abc.PGresult) -> bytes | None:
 
 
 def _gone(res: pq.abc.PGresult) -> bool:
-    """The server no longer knows a prepared statement of ours (DISCARD ALL, DEALLOCATE), or its
-    plan's columns changed under it (a migration re-created the function): this call then goes
-    unprepared, and the next prepares it afresh."""
-    state = _sqlstate(res)
-    return state == b"26000" or (state == b"0A000" and b"cached plan must not change result type" in (res.error_message or b""))
+    """The server no longer knows a prepared statement of ours (26000: DISCARD ALL, DEALLOCATE), or
+    cannot run its plan any more (0A000: "cached plan must not change result type", after a
+    migration re-created a function with other columns; the message is not read, the server may
+    speak another language). The failed execution changed nothing: this call goes unprepared, and
+    the next prepares the statement afresh (a 0A000 of another cause then comes back as it is)."""
+    return _sqlstate(res) in (b"26000", b"0A000")
 
 
 def _ready(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], stmt: Statement, res: pq.abc.PGresult) -> None:

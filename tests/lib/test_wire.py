@@ -88,6 +88,9 @@ def test_rows_and_errors_are_what_a_cursor_gives(fresh_dsn: str) -> None:
             _wire.run(conn, _wire.statement("SELECT 1 / %(x)s AS q"), {"x": 0})
         with pytest.raises(psycopg.errors.InvalidTextRepresentation):
             _wire.run(conn, _wire.statement("SELECT pgslots.release(%(lease_id)s)"), {"lease_id": "not a uuid"})
+        conn.execute("CREATE FUNCTION wire_no() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RAISE 'not here' USING ERRCODE = '0A000'; END $$")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="not here"):  # tried again unprepared, then raised
+            _wire.run(conn, _wire.statement("SELECT wire_no() AS n"), None)
         with pytest.raises(psycopg.DataError, match="NUL"):
             _wire.run(conn, _wire.statement(lookup), {"x": 1, "label": "a\x00b"})  # refused before sending
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
