@@ -15,7 +15,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.adapt import Dumper
@@ -283,7 +283,7 @@ class Connections:
 
     # ---- running statements -------------------------------------------------------------------
 
-    def call(self, query: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+    def call(self, query: LiteralString, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
         """Runs one statement of ``_queries.py`` on a pooled connection (see _wire.py)."""
         stmt = _wire.statement(query)
         try:
@@ -301,7 +301,9 @@ class Connections:
                 raise self._busy_pool(exc) from exc.__cause__
             raise
 
-    async def acall(self, query: str, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
+    async def acall(
+        self, query: LiteralString, params: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         stmt = _wire.statement(query)
         try:
             with database_errors():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import errors as e
@@ -53,10 +53,10 @@ class Statement:
         self.prepared_as = b"pgslots_" + hashlib.sha1(self.text).hexdigest()[:20].encode()
 
 
-_STATEMENTS: dict[str, Statement] = {}
+_STATEMENTS: dict[str, Statement] = {}  # one per statement of _queries.py (constants: it cannot grow beyond them)
 
 
-def statement(query: str) -> Statement:
+def statement(query: LiteralString) -> Statement:
     found = _STATEMENTS.get(query)
     if found is None:
         found = _STATEMENTS[query] = Statement(query)  # the same for every thread that makes it
