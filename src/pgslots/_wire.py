@@ -82,9 +82,9 @@ def _state(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> _Sta
     return found
 
 
-def _values(state: _State, stmt: Statement, params: dict[str, Any] | None) -> Sequence[Buffer | None]:
+def _values(state: _State, stmt: Statement, params: dict[str, Any] | None) -> Sequence[Buffer | None] | None:
     if not stmt.names:
-        return ()
+        return None
     assert params is not None, "pgslots: a statement with parameters called without them"
     return state.tx.dump_sequence([params[name] for name in stmt.names], [_TEXT] * len(stmt.names))
 
