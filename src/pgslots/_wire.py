@@ -10,6 +10,11 @@ exchange is psycopg's own (the C generator that sends and fetches, and the conne
 which cancels a statement interrupted by Ctrl-C).
 Parameters are sent as text, typed by the function they are passed to; rows come back as the
 cursor would give them (the same loaders, through a psycopg Transformer kept per connection).
+
+Of psycopg, this uses its libpq wrapper (``pgconn``) and ``Transformer``, which it documents, and
+``errors.error_from_result``, ``generators.execute`` and ``Connection.wait``, which its own cursors
+use (present since 3.0, not in its user guide): a psycopg that changed them would fail every
+statement, and so every test, at once.
 """
 
 from __future__ import annotations
