@@ -33,8 +33,6 @@ from psycopg.adapt import PyFormat, Transformer
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _TEXT = PyFormat.TEXT
 _ANSWERED = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
-# A statement is prepared on the server unless its connection says not to (prepare_threshold None:
-# behind a pooler in transaction mode, consecutive statements may reach different server connections).
 
 
 class Statement:
@@ -94,15 +92,14 @@ def _values(state: _State, stmt: Statement, params: dict[str, Any] | None) -> Se
     return state.tx.dump_sequence([params[name] for name in stmt.names], [_TEXT] * len(stmt.names))
 
 
-def _rows(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], res: pq.abc.PGresult) -> list[dict[str, Any]]:
+def _rows(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], state: _State, res: pq.abc.PGresult) -> list[dict[str, Any]]:
     if res.status not in _ANSWERED:
         raise e.error_from_result(res, encoding=conn.info.encoding)
     if not res.nfields:
         return []
     names = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
-    tx = _state(conn).tx
-    tx.set_pgresult(res)
-    return [dict(zip(names, row, strict=True)) for row in tx.load_rows(0, res.ntuples, tuple)]
+    state.tx.set_pgresult(res)
+    return [dict(zip(names, row, strict=True)) for row in state.tx.load_rows(0, res.ntuples, tuple)]
 
 
 def _sqlstate(res: pq.abc.PGresult) -> bytes | None:
@@ -118,12 +115,12 @@ def _gone(res: pq.abc.PGresult) -> bool:
     return _sqlstate(res) in (b"26000", b"0A000")
 
 
-def _ready(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], stmt: Statement, res: pq.abc.PGresult) -> None:
+def _ready(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], state: _State, stmt: Statement, res: pq.abc.PGresult) -> None:
     """After preparing `stmt`: the connection has it (42P05, prepared already, is the same text:
     the name comes from it)."""
     if _sqlstate(res) != b"42P05":
-        _rows(conn, res)
-    _state(conn).prepared.add(stmt.prepared_as)
+        _rows(conn, state, res)
+    state.prepared.add(stmt.prepared_as)
 
 
 def run(conn: psycopg.Connection[Any], stmt: Statement, params: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -132,19 +129,21 @@ def run(conn: psycopg.Connection[Any], stmt: Statement, params: dict[str, Any] |
     values = _values(state, stmt, params)
     pgconn = conn.pgconn
     with conn.lock:
-        if conn.prepare_threshold is not None:  # else not prepared: see _prepared
+        # Prepared on the server unless the connection says not to (prepare_threshold None: behind a
+        # pooler in transaction mode, consecutive statements may reach different server connections).
+        if conn.prepare_threshold is not None:
             if stmt.prepared_as not in state.prepared:
                 pgconn.send_prepare(stmt.prepared_as, stmt.text)
-                _ready(conn, stmt, conn.wait(generators.execute(pgconn))[-1])
+                _ready(conn, state, stmt, conn.wait(generators.execute(pgconn))[-1])
             pgconn.send_query_prepared(stmt.prepared_as, values)
             res = conn.wait(generators.execute(pgconn))[-1]
             if res.status in _ANSWERED or not _gone(res):
-                return _rows(conn, res)
+                return _rows(conn, state, res)
             state.prepared.discard(stmt.prepared_as)
             pgconn.send_query_params(b"DEALLOCATE " + stmt.prepared_as, None)
             conn.wait(generators.execute(pgconn))  # its error (gone already) changes nothing
         pgconn.send_query_params(stmt.text, values)
-        return _rows(conn, conn.wait(generators.execute(pgconn))[-1])
+        return _rows(conn, state, conn.wait(generators.execute(pgconn))[-1])
 
 
 async def arun(conn: psycopg.AsyncConnection[Any], stmt: Statement, params: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -156,13 +155,13 @@ async def arun(conn: psycopg.AsyncConnection[Any], stmt: Statement, params: dict
         if conn.prepare_threshold is not None:
             if stmt.prepared_as not in state.prepared:
                 pgconn.send_prepare(stmt.prepared_as, stmt.text)
-                _ready(conn, stmt, (await conn.wait(generators.execute(pgconn)))[-1])
+                _ready(conn, state, stmt, (await conn.wait(generators.execute(pgconn)))[-1])
             pgconn.send_query_prepared(stmt.prepared_as, values)
             res = (await conn.wait(generators.execute(pgconn)))[-1]
             if res.status in _ANSWERED or not _gone(res):
-                return _rows(conn, res)
+                return _rows(conn, state, res)
             state.prepared.discard(stmt.prepared_as)
             pgconn.send_query_params(b"DEALLOCATE " + stmt.prepared_as, None)
             await conn.wait(generators.execute(pgconn))
         pgconn.send_query_params(stmt.text, values)
-        return _rows(conn, (await conn.wait(generators.execute(pgconn)))[-1])
+        return _rows(conn, state, (await conn.wait(generators.execute(pgconn)))[-1])
