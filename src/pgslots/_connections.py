@@ -221,10 +221,11 @@ class Connections:
         self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(apool), name="pgslots-pool-owner"))
         return apool
 
-    @staticmethod
-    async def _own_apool(apool: AsyncConnectionPool[Any]) -> None:
+    async def _own_apool(self, apool: AsyncConnectionPool[Any]) -> None:
         """Lives as long as the event loop: when asyncio.run() ends and cancels every task, this one
-        closes the loop's connections, so none outlives its loop."""
+        closes the loop's connections, so none outlives its loop, and forgets the loop's pool (the
+        task that opened it refers to the loop: kept, it would keep every finished loop alive)."""
+        loop = asyncio.get_running_loop()
         try:
             await asyncio.Event().wait()
         finally:
@@ -235,6 +236,8 @@ class Connections:
                     conn.pgconn.finish()
             with contextlib.suppress(BaseException):
                 await apool.close(timeout=1)
+            self._apools.pop(loop, None)  # the loop is ending: whatever it opened is closing
+            self._owners.discard(asyncio.current_task())
 
     # ---- the schema probe ---------------------------------------------------------------------
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 import psycopg
@@ -15,7 +17,7 @@ import pytest
 
 import pgslots
 from pgslots import asyncio as pa
-from pgslots.client import Client
+from pgslots.client import Client, connections_of
 from pgslots.sync import concurrency, rate_limit
 
 
@@ -411,6 +413,28 @@ def test_no_connection_outlives_its_event_loop(client: Client, fresh_dsn: str) -
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loopcheck'").fetchone()
     own.close()
     assert row is not None and row[0] <= 1  # at most the engine's connection, never one per loop
+
+
+def test_a_finished_event_loop_is_not_kept(client: Client) -> None:
+    """A program that calls asyncio.run() again and again (a Celery task, a sync view with an async
+    helper) must not keep every finished loop, with its closed pool, for ever."""
+    client.create_limit("runs", 1)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def once() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with pa.concurrency("runs", client=client):
+            pass
+
+    runs = 100
+    for _ in range(runs):
+        asyncio.run(once())
+    gc.collect()
+    db = connections_of(client)
+    assert not db._apools and not db._owners
+    # The leases' renewals keep a dropped lease's callback (which names its task and loop) until
+    # they sweep it out with the others dropped since: a bounded number, never one per run.
+    assert sum(loop() is not None for loop in loops) < runs // 2
 
 
 def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
