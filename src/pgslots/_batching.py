@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import threading
 import time
@@ -26,7 +25,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import _queries as q
-from ._connections import Connections
+from ._connections import Connections, process_id
 from ._flow import BACKGROUND_WAIT_SECONDS, release_params
 from .errors import DatabaseUnavailableError, PgSlotsError
 
@@ -205,11 +204,11 @@ class Batcher:
 
 def thread_batcher(db: Connections) -> ThreadBatcher:
     found = _THREAD_BATCHERS.get(db)
-    if found is not None and found.pid == os.getpid():
+    if found is not None and found.pid == process_id():
         return found  # the hot path: no lock
     with _THREAD_BATCHERS_LOCK:
         found = _THREAD_BATCHERS.get(db)
-        if found is None or found.pid != os.getpid():  # a forked child starts afresh: its parent's senders did not survive
+        if found is None or found.pid != process_id():  # a forked child starts afresh: its parent's senders did not survive
             found = _THREAD_BATCHERS[db] = ThreadBatcher(db)
         return found
 
@@ -245,7 +244,7 @@ class ThreadBatcher:
         # Held weakly: the registry (_THREAD_BATCHERS) keys each batcher by its client's connections,
         # weakly; a batcher holding them strongly would keep both alive for ever.
         self._db = weakref.ref(db)
-        self.pid = os.getpid()
+        self.pid = process_id()
         self._lock = threading.Lock()
         self._pending: dict[str, list[_Request]] = {}
         # Kinds with a call on its way, and the thread sending it (the sender's, or a caller's own).

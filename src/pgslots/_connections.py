@@ -37,6 +37,26 @@ DEFAULT_POOL_SIZE = 2  # calls are single short statements: two connections serv
 IDLE_SECONDS = 10.0  # a pooled connection above the first closes after this long unused
 
 
+# This process's id, kept by a fork hook: the hot path asks it several times a cycle (to notice a
+# fork, after which a child starts afresh), and os.getpid() is a system call each time. Python runs
+# the hook in every child it forks (os.fork, multiprocessing, and embedders such as uWSGI, which
+# must call PyOS_AfterFork_Child for Python's own threads to work in the child).
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """os.getpid(), without a system call."""
+    return _process_id
+
+
 def _application_name() -> str:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     return f"pgslots:{prog}"[:63]
@@ -91,7 +111,7 @@ class Connections:
         self._lock = threading.Lock()
         self._schema_checked = False
         self._engine: Engine | None = None
-        self._pid = os.getpid()
+        self._pid = process_id()
         # Server-side prepared statements (each statement is prepared the first time a connection runs it: _wire.py)
         # break behind a pooler in transaction mode, where consecutive statements of one connection
         # may reach different server connections. None: decided by the probe (see _check_version).
@@ -126,7 +146,7 @@ class Connections:
     @property
     def engine(self) -> Engine:
         """The background worker (created on first use; its thread starts when needed)."""
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             self._after_fork()
         engine = self._engine
         if engine is None:
@@ -145,7 +165,7 @@ class Connections:
         of this face (and, for the async face, of this event loop) is open and the engine made. The
         flow then starts with its first call. None: the flow connects first."""
         engine = self._engine
-        if engine is None or self._pid != os.getpid():
+        if engine is None or self._pid != process_id():
             return None
         if asynchronous:
             if self._given_apool is None:
@@ -159,7 +179,7 @@ class Connections:
     def _after_fork(self) -> None:
         """A forked child must not use its parent's connections or wait on its parent's listener
         thread (which did not survive the fork): it starts afresh."""
-        self._pid = os.getpid()
+        self._pid = process_id()
         self._pool = None if self._owns_pool else self._pool
         self._apools = weakref.WeakKeyDictionary()
         self._owners = set()
@@ -169,7 +189,7 @@ class Connections:
     # ---- pools --------------------------------------------------------------------------------
 
     def pool(self) -> ConnectionPool[Any]:
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             self._after_fork()
         pool = self._pool
         if pool is not None:
@@ -189,7 +209,7 @@ class Connections:
             return self._pool
 
     async def apool(self) -> AsyncConnectionPool[Any]:
-        if self._pid != os.getpid():
+        if self._pid != process_id():
             self._after_fork()
         if self._given_apool is not None:
             return self._given_apool

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -168,6 +168,26 @@ _NAME_LISTS: dict[tuple[str, ...], NameList] = {}  # the names of recent request
 _DEFAULT_HOLDER: tuple[int, str] = (0, "")
 
 
+# Lease ids, made from the operating system's random bytes as uuid.uuid4() makes them, but 64 at
+# a time: one system call (during which other threads may take the GIL) for 64 acquires instead of
+# one each. A forked child drops its parent's unused ones, so that no two processes name a lease
+# alike. (list.pop and list.extend are single steps for threads.)
+_LEASE_IDS: list[uuid.UUID] = []
+_LEASE_IDS_AT_ONCE = 64
+
+
+def new_lease_id() -> uuid.UUID:
+    try:
+        return _LEASE_IDS.pop()
+    except IndexError:
+        random = os.urandom(16 * _LEASE_IDS_AT_ONCE)
+        _LEASE_IDS.extend(uuid.UUID(bytes=random[i : i + 16], version=4) for i in range(0, len(random), 16))
+        return _LEASE_IDS.pop()
+
+
+os.register_at_fork(after_in_child=_LEASE_IDS.clear)
+
+
 def holder_json(extra: dict[str, Any] | None) -> str:
     """Who holds a lease, as JSON text: this host and process, and what the caller added. Without
     additions the text is kept per process: an acquire sends it as it is."""
@@ -227,6 +247,28 @@ class Request:
         fairness_key: Any = None,
         fail_open: Any = None,
     ) -> Request | None:
+        given = (names, slots, timeout_seconds, max_retries, lease_seconds, strict, holder, priority, fairness_key, fail_open)
+        return _remembered(
+            ("concurrency", *given, *map(type, given)),
+            lambda: cls._checked_concurrency(
+                names, slots, timeout_seconds, max_retries, lease_seconds, strict, holder, priority, fairness_key, fail_open
+            ),
+        )
+
+    @classmethod
+    def _checked_concurrency(
+        cls,
+        names: Any,
+        slots: Any,
+        timeout_seconds: Any,
+        max_retries: Any,
+        lease_seconds: Any,
+        strict: bool,
+        holder: Any,
+        priority: Any,
+        fairness_key: Any,
+        fail_open: Any,
+    ) -> Request | None:
         wanted = _check_common(names, slots, timeout_seconds, priority, fairness_key, fail_open)
         check.number("max_retries", max_retries, minimum=0, integer=True, allow_none=True)
         check.number("lease_duration", lease_seconds, minimum=0, integer=False)
@@ -268,6 +310,16 @@ class Request:
         fail_open: Any = None,
         reserve: bool = False,
     ) -> Request | None:
+        given = (names, slots, timeout_seconds, strict, priority, fairness_key, fail_open, reserve)
+        return _remembered(
+            ("rate_limit", *given, *map(type, given)),
+            lambda: cls._checked_rate_limit(names, slots, timeout_seconds, strict, priority, fairness_key, fail_open, reserve),
+        )
+
+    @classmethod
+    def _checked_rate_limit(
+        cls, names: Any, slots: Any, timeout_seconds: Any, strict: bool, priority: Any, fairness_key: Any, fail_open: Any, reserve: bool
+    ) -> Request | None:
         wanted = _check_common(names, slots, timeout_seconds, priority, fairness_key, fail_open)
         if not wanted:
             return None
@@ -282,6 +334,34 @@ class Request:
             fairness_key=fairness_key,
             fail_open=fail_open,
         )
+
+
+# Checked requests by their arguments: a program asks with the same ones again and again, and
+# checking them and making a Request is a good part of a call's own cost. Keyed with the
+# arguments' types too (True == 1 and 1.0 == 1, and the checks refuse one and take the other); a
+# request with a list of names or a holder dict (neither can be a key) is checked each time. Only
+# requests that passed the checks are kept, so that a refused argument is refused every time. A
+# forked child starts afresh: a request's holder names its process.
+_REQUESTS: dict[tuple[Any, ...], Request | None] = {}
+_MAX_REQUESTS = 1024
+
+
+def _remembered(key: tuple[Any, ...], check_and_make: Callable[[], Request | None]) -> Request | None:
+    try:
+        return _REQUESTS[key]
+    except KeyError:
+        keep = True
+    except TypeError:
+        keep = False
+    found = check_and_make()  # out of the except blocks: a refusal is raised without a KeyError as its context
+    if keep:
+        if len(_REQUESTS) >= _MAX_REQUESTS:
+            _REQUESTS.clear()
+        _REQUESTS[key] = found
+    return found
+
+
+os.register_at_fork(after_in_child=_REQUESTS.clear)
 
 
 def _check_common(names: Any, slots: Any, timeout_seconds: Any, priority: Any, fairness_key: Any, fail_open: Any) -> tuple[str, ...]:
@@ -390,7 +470,7 @@ class Attempts:
             return (q.RESERVE if r.reserve else q.RATE_LIMIT), params
         if self.pending_lease is None:
             # Named up front, and kept while queued: a release may grant it to us directly.
-            self.pending_lease = uuid.uuid4()
+            self.pending_lease = new_lease_id()
         # The lease lives as long as this process's session (its engine keeps it alive), or until it
         # expires; in the caller's own transaction (no session) only until it expires.
         params.update(lease_seconds=r.lease_seconds, holder=r.holder_json, new_lease_id=self.pending_lease, session=self.session)

@@ -358,6 +358,9 @@ def configure(
 
 def default_client() -> Client:
     global _default
+    found = _default
+    if found is not None:
+        return found  # the hot path: no lock once it exists (configure() replaces it under the lock)
     with _default_lock:
         if _default is None:
             _default = Client()
