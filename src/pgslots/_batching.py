@@ -105,7 +105,9 @@ def give_back(db: Connections, kind: str, params: dict[str, Any], rows: Rows) ->
 
 def batcher(db: Connections) -> Batcher:
     loop = asyncio.get_running_loop()
-    per_loop = _BATCHERS.setdefault(loop, {})
+    per_loop = _BATCHERS.get(loop)
+    if per_loop is None:  # (setdefault would make a weak reference with a callback at every call)
+        per_loop = _BATCHERS.setdefault(loop, {})
     found = per_loop.get(id(db))
     if found is None or found.db is not db:
         found = per_loop[id(db)] = Batcher(db)

@@ -108,6 +108,9 @@ class Connections:
             weakref.WeakKeyDictionary()
         )
         self._owners: set[asyncio.Task[None]] = set()
+        # The open pool of the loop that used one last, found without a lookup by weak reference
+        # (every async statement asks for its loop's pool); forgotten as that loop ends.
+        self._last_apool: tuple[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] | None = None
         self._lock = threading.Lock()
         self._schema_checked = False
         self._engine: Engine | None = None
@@ -168,7 +171,8 @@ class Connections:
         if engine is None or self._pid != process_id():
             return None
         if asynchronous:
-            if self._given_apool is None:
+            last = self._last_apool
+            if self._given_apool is None and (last is None or last[0] is not asyncio.get_running_loop()):
                 opening = self._apools.get(asyncio.get_running_loop())
                 if opening is None or not opening.done() or opening.cancelled() or opening.exception() is not None:
                     return None
@@ -182,6 +186,7 @@ class Connections:
         self._pid = process_id()
         self._pool = None if self._owns_pool else self._pool
         self._apools = weakref.WeakKeyDictionary()
+        self._last_apool = None
         self._owners = set()
         self._lock = threading.Lock()
         self._engine = None
@@ -214,12 +219,17 @@ class Connections:
         if self._given_apool is not None:
             return self._given_apool
         loop = asyncio.get_running_loop()
+        last = self._last_apool
+        if last is not None and last[0] is loop:
+            return last[1]  # the hot path
         opening = self._apools.get(loop)
         if opening is None:
             # Stored before the first await: concurrent first calls share one pool.
             opening = self._apools[loop] = loop.create_task(self._open_apool())
         try:
-            return await asyncio.shield(opening) if not opening.done() else opening.result()
+            apool = await asyncio.shield(opening) if not opening.done() else opening.result()
+            self._last_apool = (loop, apool)
+            return apool
         except BaseException:
             if opening.done() and (opening.cancelled() or opening.exception() is not None):
                 self._apools.pop(loop, None)  # let a later call try again
@@ -257,6 +267,8 @@ class Connections:
             with contextlib.suppress(BaseException):
                 await apool.close(timeout=1)
             self._apools.pop(loop, None)  # the loop is ending: whatever it opened is closing
+            if self._last_apool is not None and self._last_apool[0] is loop:
+                self._last_apool = None
             self._owners.discard(asyncio.current_task())
 
     # ---- the schema probe ---------------------------------------------------------------------
@@ -378,6 +390,8 @@ class Connections:
         """Closes this event loop's pool now (it is also closed when the loop ends)."""
         loop = asyncio.get_running_loop()
         opening = self._apools.pop(loop, None)
+        if self._last_apool is not None and self._last_apool[0] is loop:
+            self._last_apool = None
         if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
             await opening.result().close()
 

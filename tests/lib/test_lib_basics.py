@@ -437,6 +437,19 @@ def test_a_finished_event_loop_is_not_kept(client: Client) -> None:
     assert sum(loop() is not None for loop in loops) < runs // 2
 
 
+def test_after_aclose_the_same_loop_opens_a_new_pool(client: Client) -> None:
+    client.create_limit("reopened", 1)
+
+    async def main() -> None:
+        async with pa.concurrency("reopened", client=client) as first:
+            assert first is not None
+        await client.aclose()
+        async with pa.concurrency("reopened", client=client) as second:  # not the closed pool
+            assert second is not None and second.lease_id != first.lease_id
+
+    asyncio.run(main())
+
+
 def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
     client.create_limit("first", 100)
     own = Client(psycopg.conninfo.make_conninfo(fresh_dsn, application_name="firstcheck"))
