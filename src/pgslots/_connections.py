@@ -171,9 +171,10 @@ class Connections:
         if engine is None or self._pid != process_id():
             return None
         if asynchronous:
+            loop = asyncio.get_running_loop()
             last = self._last_apool
-            if self._given_apool is None and (last is None or last[0] is not asyncio.get_running_loop()):
-                opening = self._apools.get(asyncio.get_running_loop())
+            if self._given_apool is None and (last is None or last[0] is not loop):
+                opening = self._apools.get(loop)
                 if opening is None or not opening.done() or opening.cancelled() or opening.exception() is not None:
                     return None
         elif self._pool is None:
@@ -266,10 +267,14 @@ class Connections:
                     conn.pgconn.finish()
             with contextlib.suppress(BaseException):
                 await apool.close(timeout=1)
-            self._apools.pop(loop, None)  # the loop is ending: whatever it opened is closing
-            if self._last_apool is not None and self._last_apool[0] is loop:
-                self._last_apool = None
+            self._forget_apool(loop)  # the loop is ending: whatever it opened is closing
             self._owners.discard(asyncio.current_task())
+
+    def _forget_apool(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[AsyncConnectionPool[Any]] | None:
+        """The loop's pool is closing: the next call in that loop (if any) opens another."""
+        if self._last_apool is not None and self._last_apool[0] is loop:
+            self._last_apool = None
+        return self._apools.pop(loop, None)
 
     # ---- the schema probe ---------------------------------------------------------------------
 
@@ -388,10 +393,7 @@ class Connections:
 
     async def aclose(self) -> None:
         """Closes this event loop's pool now (it is also closed when the loop ends)."""
-        loop = asyncio.get_running_loop()
-        opening = self._apools.pop(loop, None)
-        if self._last_apool is not None and self._last_apool[0] is loop:
-            self._last_apool = None
+        opening = self._forget_apool(asyncio.get_running_loop())
         if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
             await opening.result().close()
 
