@@ -76,6 +76,32 @@ class _NamesDumper(Dumper):
 psycopg.adapters.register_dumper(NameList, _NamesDumper)
 
 
+class _LoopPool:
+    """One event loop's pool, and the connection its last statement used (``kept``): kept out of
+    the pool while no other statement of the loop runs, the next statement takes it back without
+    the pool's get and put (see Connections.acall). Only the loop's own thread touches it."""
+
+    __slots__ = ("calls", "keeps", "kept", "loop", "pool", "uses")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, pool: AsyncConnectionPool[Any], keeps: bool) -> None:
+        self.loop, self.pool = loop, pool
+        self.keeps = keeps  # False for a pool the caller gave (its own code may wait for it) and once closing
+        self.kept: psycopg.AsyncConnection[Any] | None = None
+        self.calls = 0  # statements of this loop under way (waiting for a connection included)
+        self.uses = 0  # statements the kept connection has run since it left the pool
+
+    def give_back(self) -> psycopg.AsyncConnection[Any] | None:
+        """Stops keeping a connection (the pool closes, or the loop ends): the one kept, if any."""
+        self.keeps = False
+        kept, self.kept = self.kept, None
+        return kept
+
+
+# A kept connection goes back to the pool after this many statements, so that the pool's own upkeep
+# (replacing connections older than its max_lifetime) reaches it too.
+KEPT_USES = 1000
+
+
 class Connections:
     """Pools, probe and engine of one client. The DSN is resolved on first use: a client made with
     nothing configured raises ConfigurationError when it first connects, or, when its program opted
@@ -103,14 +129,12 @@ class Connections:
         self.max_connections = max_connections
         self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
         self._owns_pool = self._pool is None
-        self._given_apool = pool if isinstance(pool, AsyncConnectionPool) else None
-        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[AsyncConnectionPool[Any]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._given_apool = _LoopPool(None, pool, keeps=False) if isinstance(pool, AsyncConnectionPool) else None
+        self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[_LoopPool]] = weakref.WeakKeyDictionary()
         self._owners: set[asyncio.Task[None]] = set()
         # The open pool of the loop that used one last, found without a lookup by weak reference
         # (every async statement asks for its loop's pool); forgotten as that loop ends.
-        self._last_apool: tuple[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] | None = None
+        self._last_apool: _LoopPool | None = None
         self._lock = threading.Lock()
         self._schema_checked = False
         self._engine: Engine | None = None
@@ -173,7 +197,7 @@ class Connections:
         if asynchronous:
             loop = asyncio.get_running_loop()
             last = self._last_apool
-            if self._given_apool is None and (last is None or last[0] is not loop):
+            if self._given_apool is None and (last is None or last.loop is not loop):
                 opening = self._apools.get(loop)
                 if opening is None or not opening.done() or opening.cancelled() or opening.exception() is not None:
                     return None
@@ -215,28 +239,31 @@ class Connections:
             return self._pool
 
     async def apool(self) -> AsyncConnectionPool[Any]:
+        return (await self._loop_pool()).pool
+
+    async def _loop_pool(self) -> _LoopPool:
         if self._pid != process_id():
             self._after_fork()
         if self._given_apool is not None:
             return self._given_apool
         loop = asyncio.get_running_loop()
         last = self._last_apool
-        if last is not None and last[0] is loop:
-            return last[1]  # the hot path
+        if last is not None and last.loop is loop:
+            return last  # the hot path
         opening = self._apools.get(loop)
         if opening is None:
             # Stored before the first await: concurrent first calls share one pool.
             opening = self._apools[loop] = loop.create_task(self._open_apool())
         try:
-            apool = await asyncio.shield(opening) if not opening.done() else opening.result()
-            self._last_apool = (loop, apool)
-            return apool
+            here = await asyncio.shield(opening) if not opening.done() else opening.result()
+            self._last_apool = here
+            return here
         except BaseException:
             if opening.done() and (opening.cancelled() or opening.exception() is not None):
                 self._apools.pop(loop, None)  # let a later call try again
             raise
 
-    async def _open_apool(self) -> AsyncConnectionPool[Any]:
+    async def _open_apool(self) -> _LoopPool:
         dsn = await self.adsn()
         await self._aprobe()
         apool = AsyncConnectionPool(
@@ -249,20 +276,24 @@ class Connections:
             name="pgslots-async",
         )
         await apool.open()
-        self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(apool), name="pgslots-pool-owner"))
-        return apool
+        here = _LoopPool(asyncio.get_running_loop(), apool, keeps=True)
+        self._owners.add(asyncio.get_running_loop().create_task(self._own_apool(here), name="pgslots-pool-owner"))
+        return here
 
-    async def _own_apool(self, apool: AsyncConnectionPool[Any]) -> None:
+    async def _own_apool(self, here: _LoopPool) -> None:
         """Lives as long as the event loop: when asyncio.run() ends and cancels every task, this one
         closes the loop's connections, so none outlives its loop, and forgets the loop's pool (the
         task that opened it refers to the loop: kept, it would keep every finished loop alive)."""
         loop = asyncio.get_running_loop()
+        apool = here.pool
         try:
             await asyncio.Event().wait()
         finally:
             # The pool's own workers are being cancelled too, which stops AsyncConnectionPool.close()
-            # half-way; its idle connections are closed here first (libpq's finish is synchronous).
-            for conn in list(getattr(apool, "_pool", ())):
+            # half-way; its idle connections (and the one kept out of it) are closed here first
+            # (libpq's finish is synchronous).
+            kept = here.give_back()
+            for conn in [*getattr(apool, "_pool", ()), *([kept] if kept is not None else [])]:
                 with contextlib.suppress(Exception):
                     conn.pgconn.finish()
             with contextlib.suppress(BaseException):
@@ -270,9 +301,9 @@ class Connections:
             self._forget_apool(loop)  # the loop is ending: whatever it opened is closing
             self._owners.discard(asyncio.current_task())
 
-    def _forget_apool(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[AsyncConnectionPool[Any]] | None:
+    def _forget_apool(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[_LoopPool] | None:
         """The loop's pool is closing: the next call in that loop (if any) opens another."""
-        if self._last_apool is not None and self._last_apool[0] is loop:
+        if self._last_apool is not None and self._last_apool.loop is loop:
             self._last_apool = None
         return self._apools.pop(loop, None)
 
@@ -344,15 +375,40 @@ class Connections:
     async def acall(
         self, query: LiteralString, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> list[dict[str, Any]]:
+        """``call`` on this event loop's pool. A statement that runs alone in its loop keeps its
+        connection for the next one, out of the pool: most programs send their statements one
+        after another, and the pool's get and put cost more than the asyncio round of a statement.
+        A statement that finds the kept connection busy, or another statement under way, takes one
+        from the pool and puts it back, so a statement waiting for the pool is never kept waiting
+        by a connection nobody uses."""
         stmt = _wire.statement(query)
         try:
             with database_errors():
-                apool = await self.apool()
-                conn = await apool.getconn(timeout=timeout)  # see call()
+                here = self._last_apool
+                if here is None or here.loop is not asyncio.get_running_loop() or self._pid != process_id():
+                    here = await self._loop_pool()
+                here.calls += 1
+                kept = False
                 try:
-                    return await _wire.arun(conn, stmt, params)
+                    conn = here.kept
+                    if conn is not None:
+                        here.kept = None
+                    else:
+                        conn = await here.pool.getconn(timeout=timeout)  # see call()
+                        here.uses = 0
+                    try:
+                        rows = await _wire.arun(conn, stmt, params)
+                        here.uses += 1
+                        # Kept only while nothing else of the loop runs (or waits for a connection).
+                        kept = here.calls == 1 and here.keeps and here.kept is None and here.uses < KEPT_USES
+                        return rows
+                    finally:
+                        if kept:
+                            here.kept = conn
+                        else:
+                            await here.pool.putconn(conn)
                 finally:
-                    await apool.putconn(conn)
+                    here.calls -= 1
         except DatabaseUnavailableError as exc:
             if exc.pool_exhausted and await asyncio.to_thread(self._server_answers):
                 raise self._busy_pool(exc) from exc.__cause__
@@ -395,7 +451,11 @@ class Connections:
         """Closes this event loop's pool now (it is also closed when the loop ends)."""
         opening = self._forget_apool(asyncio.get_running_loop())
         if opening is not None and opening.done() and not opening.cancelled() and opening.exception() is None:
-            await opening.result().close()
+            here = opening.result()
+            kept = here.give_back()
+            if kept is not None:
+                await here.pool.putconn(kept)
+            await here.pool.close()
 
     def close(self) -> None:
         if self._engine is not None:

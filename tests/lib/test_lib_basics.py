@@ -450,6 +450,62 @@ def test_after_aclose_the_same_loop_opens_a_new_pool(client: Client) -> None:
     asyncio.run(main())
 
 
+def test_statements_one_after_another_keep_one_connection_out_of_the_pool(client: Client, fresh_dsn: str) -> None:
+    """A loop's statements sent one after another reuse the connection the last one used, without
+    the pool's get and put; it is closed with the pool, by aclose() or as the loop ends."""
+    client.create_limit("kept", 1)
+    own = Client(fresh_dsn)
+    db = connections_of(own)
+    kept: list[psycopg.AsyncConnection[Any] | None] = []
+
+    async def main(close: bool) -> int:
+        async with pa.concurrency("kept", client=own):
+            pass
+        pool = await db.apool()
+        before = pool.get_stats()["requests_num"]
+        for _ in range(50):
+            async with pa.concurrency("kept", client=own):
+                pass
+        asked = pool.get_stats()["requests_num"] - before
+        assert db._last_apool is not None
+        kept.append(db._last_apool.kept)
+        if close:
+            await own.aclose()
+            assert kept[-1] is not None and kept[-1].closed
+        return asked
+
+    try:
+        assert asyncio.run(main(close=False)) == 0  # 100 statements, none through the pool
+        assert kept[-1] is not None and kept[-1].closed  # closed as its loop ended
+        assert asyncio.run(main(close=True)) == 0
+    finally:
+        own.close()
+
+
+def test_a_kept_connection_never_keeps_a_statement_waiting_for_the_pool(client: Client, fresh_dsn: str) -> None:
+    """With one pooled connection, releases and acquires of many tasks overlap: a statement that
+    ends while another waits for a connection gives its connection back to the pool."""
+    client.create_limit("one-connection", 1000)
+    own = Client(fresh_dsn, max_connections=1)
+
+    async def main() -> float:
+        async def one(i: int) -> None:
+            for _ in range(5):
+                async with pa.concurrency("one-connection", client=own):
+                    await asyncio.sleep(0.001 * (i % 3))
+
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 20)
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        own.close()
+    assert took < 10, f"100 cycles of 20 tasks on one connection took {took:.1f} s"
+    assert held(client, "one-connection") == 0
+
+
 def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
     client.create_limit("first", 100)
     own = Client(psycopg.conninfo.make_conninfo(fresh_dsn, application_name="firstcheck"))
