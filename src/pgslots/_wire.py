@@ -6,19 +6,23 @@ counts to decide when to prepare, and drives the exchange through a chain of Pyt
 Measured on an acquire and release in one process, a cursor cost about 40 us of CPU per statement
 more than libpq alone; this path, which keeps psycopg's adapters, saves about half of that. Here
 each statement is converted once, prepared once per connection under a name of its own, and the
-exchange is psycopg's own (the C generator that sends and fetches, and the connection's wait,
-which cancels a statement interrupted by Ctrl-C).
+exchange is psycopg's own: the C generator that sends and fetches, and the connection's wait,
+which cancels a statement interrupted by Ctrl-C. On an async connection the wait to read the answer
+is done here (``_answer``), without the 0.1 s timer psycopg's arms at every wait; an interruption
+is answered as psycopg answers it.
 Parameters are sent as text, typed by the function they are passed to; rows come back as the
 cursor would give them (the same loaders, through a psycopg Transformer kept per connection).
 
 Of psycopg, this uses its libpq wrapper (``pgconn``) and ``Transformer``, which it documents, and
-``errors.error_from_result``, ``generators.execute`` and ``Connection.wait``, which its own cursors
-use (present since 3.0, not in its user guide): a psycopg that changed them would fail every
-statement, and so every test, at once.
+``errors.error_from_result``, ``generators.execute``, ``Connection.wait`` and the ``waiting``
+constants, which its own cursors use (present since 3.0, not in its user guide): a psycopg that
+changed them would fail every statement, and so every test, at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import Sequence
@@ -27,8 +31,9 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import errors as e
 from psycopg import generators, pq
-from psycopg.abc import Buffer
+from psycopg.abc import Buffer, PQGen
 from psycopg.adapt import PyFormat, Transformer
+from psycopg.waiting import READY_R, WAIT_R, Wait
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _TEXT = PyFormat.TEXT
@@ -155,13 +160,78 @@ async def arun(conn: psycopg.AsyncConnection[Any], stmt: Statement, params: dict
         if conn.prepare_threshold is not None:
             if stmt.prepared_as not in state.prepared:
                 pgconn.send_prepare(stmt.prepared_as, stmt.text)
-                _ready(conn, state, stmt, (await conn.wait(generators.execute(pgconn)))[-1])
+                _ready(conn, state, stmt, (await _answer(conn, generators.execute(pgconn)))[-1])
             pgconn.send_query_prepared(stmt.prepared_as, values)
-            res = (await conn.wait(generators.execute(pgconn)))[-1]
+            res = (await _answer(conn, generators.execute(pgconn)))[-1]
             if res.status in _ANSWERED or not _gone(res):
                 return _rows(conn, state, res)
             state.prepared.discard(stmt.prepared_as)
             pgconn.send_query_params(b"DEALLOCATE " + stmt.prepared_as, None)
-            await conn.wait(generators.execute(pgconn))
+            await _answer(conn, generators.execute(pgconn))
         pgconn.send_query_params(stmt.text, values)
-        return _rows(conn, state, (await conn.wait(generators.execute(pgconn)))[-1])
+        return _rows(conn, state, (await _answer(conn, generators.execute(pgconn)))[-1])
+
+
+Exchange = PQGen[list[pq.abc.PGresult]]
+_INTERRUPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> list[pq.abc.PGresult]:
+    """``conn.wait(exchange)``, with the waits to read done here: the socket's reader is added, the
+    task sleeps on a future it resolves, the reader is removed. psycopg's wait also arms a 0.1 s
+    timer at each (to notice Ctrl-C, which asyncio delivers by itself), which cost the async face
+    about 2% of its uncontended cycle. Any other wait (libpq's output to flush) goes on in psycopg's
+    wait. An interruption (a cancelled task) is answered as psycopg answers it: the statement is
+    cancelled on the server and its end read, so that the connection can serve again."""
+    loop = asyncio.get_running_loop()
+    fileno = conn.pgconn.socket
+    try:
+        wait = next(exchange)
+        while wait == WAIT_R:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fileno, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fileno)
+            wait = exchange.send(READY_R)
+    except StopIteration as done:
+        results: list[pq.abc.PGresult] = done.value
+        return results
+    except OSError as exc:
+        raise e.OperationalError("connection socket closed") from exc  # as psycopg's wait says it
+    except _INTERRUPTIONS:
+        if conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+            await _cancelled(conn, _resumed(WAIT_R, exchange))
+        raise
+    return await conn.wait(_resumed(wait, exchange))
+
+
+def _resumed(wait: Wait, exchange: Exchange) -> Exchange:
+    """The rest of an exchange whose last wait was `wait`, for psycopg's wait to go on with."""
+    while True:
+        ready = yield wait
+        try:
+            wait = exchange.send(ready)
+        except StopIteration as done:
+            results: list[pq.abc.PGresult] = done.value
+            return results
+
+
+async def _cancelled(conn: psycopg.AsyncConnection[Any], rest: Exchange) -> None:
+    """After an interruption: the statement is cancelled on the server and its end read. A
+    statement that does not end within 5 s, or a second interruption, closes the connection (its
+    state is unknown: the pool then replaces it)."""
+    try:
+        with contextlib.suppress(Exception):  # the statement may end anyway
+            await conn.cancel_safe(timeout=5.0)
+        await conn.wait(rest, timeout=5.0)
+    except BaseException as exc:
+        conn.pgconn.finish()
+        if not isinstance(exc, Exception):
+            raise

@@ -119,3 +119,42 @@ def test_async_prepared_once_and_again(fresh_dsn: str) -> None:
             assert await found.fetchone() == (1,)
 
     asyncio.run(main())
+
+
+def test_async_answers_that_take_many_reads_and_parameters_that_take_many_writes(fresh_dsn: str) -> None:
+    """The async wait reads an answer that comes in many pieces, and hands a send that fills libpq's
+    output buffer (a parameter of several megabytes) to psycopg's wait."""
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            many = _wire.statement("SELECT g AS n, repeat('x', 200) AS pad FROM generate_series(1, %(n)s) AS g")
+            rows = await _wire.arun(conn, many, {"n": 50_000})
+            assert len(rows) == 50_000 and rows[-1]["n"] == 50_000
+            big = "y" * 8_000_000
+            assert await _wire.arun(conn, _wire.statement("SELECT length(%(t)s::text) AS n"), {"t": big}) == [{"n": len(big)}]
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_task_cancels_its_statement_on_the_server(fresh_dsn: str) -> None:
+    """As psycopg does on an interrupted wait: the statement stops on the server, and the connection
+    serves the next statement."""
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            pid = conn.info.backend_pid
+            slow = asyncio.ensure_future(_wire.arun(conn, _wire.statement("SELECT pg_sleep(%(s)s) AS z"), {"s": 30}))
+            await asyncio.sleep(0.5)
+            started = asyncio.get_running_loop().time()
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            assert asyncio.get_running_loop().time() - started < 5
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert await _wire.arun(conn, _wire.statement("SELECT %(x)s::int + 1 AS y"), {"x": 1}) == [{"y": 2}]
+            with psycopg.connect(fresh_dsn) as other:
+                row = other.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+            assert row is not None and row[0] == "idle" and "pg_sleep" not in row[1]
+
+    asyncio.run(main())
