@@ -15,7 +15,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any, LiteralString
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from psycopg.adapt import Dumper
@@ -76,30 +76,64 @@ class _NamesDumper(Dumper):
 psycopg.adapters.register_dumper(NameList, _NamesDumper)
 
 
-class _LoopPool:
-    """One event loop's pool, and the connection its last statement used (``kept``): kept out of
-    the pool while no other statement of the loop runs, the next statement takes it back without
-    the pool's get and put (see Connections.acall). Only the loop's own thread touches it."""
+# A kept connection goes back to its pool after this many statements in a row, so that the pool's
+# own upkeep (replacing connections older than its max_lifetime) reaches it too.
+KEPT_USES = 1000
 
-    __slots__ = ("calls", "keeps", "kept", "loop", "pool", "uses")
+C = TypeVar("C", psycopg.Connection[Any], psycopg.AsyncConnection[Any])
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None, pool: AsyncConnectionPool[Any], keeps: bool) -> None:
-        self.loop, self.pool = loop, pool
+
+class _Keeper(Generic[C]):
+    """The connection the last statement used, kept out of its pool for the next statement while no
+    other statement runs or waits for a connection: statements mostly come one after another, and
+    a pool's get and put cost more than the rest of the library's Python around a statement. A
+    statement that finds another under way takes its connection from the pool and puts it back,
+    so a statement waiting for the pool is never kept waiting by a connection nobody uses. Not
+    locked: the async face's keeper belongs to one event loop; the sync face's is used under a lock."""
+
+    __slots__ = ("calls", "keeps", "kept", "uses")
+
+    def __init__(self, keeps: bool) -> None:
         self.keeps = keeps  # False for a pool the caller gave (its own code may wait for it) and once closing
-        self.kept: psycopg.AsyncConnection[Any] | None = None
-        self.calls = 0  # statements of this loop under way (waiting for a connection included)
-        self.uses = 0  # statements the kept connection has run since it left the pool
+        self.kept: C | None = None
+        self.calls = 0  # statements under way (waiting for a connection included)
+        self.uses = 0  # statements the kept connection has run in a row
 
-    def give_back(self) -> psycopg.AsyncConnection[Any] | None:
-        """Stops keeping a connection (the pool closes, or the loop ends): the one kept, if any."""
+    def take(self) -> C | None:
+        """A statement starts (it counts until done): the kept connection, or None (ask the pool)."""
+        self.calls += 1
+        kept = self.kept
+        if kept is not None:
+            self.kept = None
+            self.uses += 1
+        return kept
+
+    def done(self, conn: C | None, ok: bool) -> C | None:
+        """A statement that ran on `conn` ended (`ok`: it was answered): the connection for the pool,
+        or None when it is kept."""
+        self.calls -= 1
+        if ok and self.calls == 0 and self.keeps and self.kept is None:
+            if self.uses < KEPT_USES:
+                self.kept = conn
+                return None
+            self.uses = 0
+        return conn
+
+    def give_back(self) -> C | None:
+        """Stops keeping (the pool closes, or the loop ends): the connection kept, if any."""
         self.keeps = False
         kept, self.kept = self.kept, None
         return kept
 
 
-# A kept connection goes back to the pool after this many statements, so that the pool's own upkeep
-# (replacing connections older than its max_lifetime) reaches it too.
-KEPT_USES = 1000
+class _LoopPool(_Keeper[psycopg.AsyncConnection[Any]]):
+    """One event loop's pool, with its kept connection; only the loop's own thread touches it."""
+
+    __slots__ = ("loop", "pool")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, pool: AsyncConnectionPool[Any], keeps: bool) -> None:
+        super().__init__(keeps)
+        self.loop, self.pool = loop, pool
 
 
 class Connections:
@@ -129,6 +163,9 @@ class Connections:
         self.max_connections = max_connections
         self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
         self._owns_pool = self._pool is None
+        # The sync face's kept connection (see _Keeper), shared by the process's threads.
+        self._keeper: _Keeper[psycopg.Connection[Any]] = _Keeper(keeps=self._owns_pool)
+        self._keeper_lock = threading.Lock()
         self._given_apool = _LoopPool(None, pool, keeps=False) if isinstance(pool, AsyncConnectionPool) else None
         self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[_LoopPool]] = weakref.WeakKeyDictionary()
         self._owners: set[asyncio.Task[None]] = set()
@@ -210,6 +247,8 @@ class Connections:
         thread (which did not survive the fork): it starts afresh."""
         self._pid = process_id()
         self._pool = None if self._owns_pool else self._pool
+        self._keeper = _Keeper(keeps=self._owns_pool)
+        self._keeper_lock = threading.Lock()
         self._apools = weakref.WeakKeyDictionary()
         self._last_apool = None
         self._owners = set()
@@ -355,18 +394,29 @@ class Connections:
     # ---- running statements -------------------------------------------------------------------
 
     def call(self, query: LiteralString, params: dict[str, Any] | None = None, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Runs one statement of ``_queries.py`` on a pooled connection (see _wire.py)."""
+        """Runs one statement of ``_queries.py`` on a pooled connection (see _wire.py), the one the
+        last statement used when it is kept (see _Keeper)."""
         stmt = _wire.statement(query)
         try:
             with database_errors():
-                # getconn and putconn, not the pool's connection() context: the connection is in
-                # autocommit, so there is no transaction for it to end, and a statement costs less.
                 pool = self.pool()
-                conn = pool.getconn(timeout=timeout)
+                keeper = self._keeper
+                with self._keeper_lock:
+                    conn = keeper.take()
+                ok = False
                 try:
-                    return _wire.run(conn, stmt, params)
+                    if conn is None:
+                        # getconn and putconn, not the pool's connection() context: the connection is
+                        # in autocommit, so there is no transaction for it to end, and a statement costs less.
+                        conn = pool.getconn(timeout=timeout)
+                    rows = _wire.run(conn, stmt, params)
+                    ok = True
+                    return rows
                 finally:
-                    pool.putconn(conn)
+                    with self._keeper_lock:
+                        back = keeper.done(conn, ok)
+                    if back is not None:
+                        pool.putconn(back)
         except DatabaseUnavailableError as exc:
             if exc.pool_exhausted and self._server_answers():
                 raise self._busy_pool(exc) from exc.__cause__
@@ -375,40 +425,25 @@ class Connections:
     async def acall(
         self, query: LiteralString, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> list[dict[str, Any]]:
-        """``call`` on this event loop's pool. A statement that runs alone in its loop keeps its
-        connection for the next one, out of the pool: most programs send their statements one
-        after another, and the pool's get and put cost more than the asyncio round of a statement.
-        A statement that finds the kept connection busy, or another statement under way, takes one
-        from the pool and puts it back, so a statement waiting for the pool is never kept waiting
-        by a connection nobody uses."""
+        """``call`` on this event loop's pool, which keeps its own connection (see _Keeper)."""
         stmt = _wire.statement(query)
         try:
             with database_errors():
                 here = self._last_apool
                 if here is None or here.loop is not asyncio.get_running_loop() or self._pid != process_id():
                     here = await self._loop_pool()
-                here.calls += 1
-                kept = False
+                conn = here.take()
+                ok = False
                 try:
-                    conn = here.kept
-                    if conn is not None:
-                        here.kept = None
-                    else:
+                    if conn is None:
                         conn = await here.pool.getconn(timeout=timeout)  # see call()
-                        here.uses = 0
-                    try:
-                        rows = await _wire.arun(conn, stmt, params)
-                        here.uses += 1
-                        # Kept only while nothing else of the loop runs (or waits for a connection).
-                        kept = here.calls == 1 and here.keeps and here.kept is None and here.uses < KEPT_USES
-                        return rows
-                    finally:
-                        if kept:
-                            here.kept = conn
-                        else:
-                            await here.pool.putconn(conn)
+                    rows = await _wire.arun(conn, stmt, params)
+                    ok = True
+                    return rows
                 finally:
-                    here.calls -= 1
+                    back = here.done(conn, ok)
+                    if back is not None:
+                        await here.pool.putconn(back)
         except DatabaseUnavailableError as exc:
             if exc.pool_exhausted and await asyncio.to_thread(self._server_answers):
                 raise self._busy_pool(exc) from exc.__cause__
@@ -435,8 +470,17 @@ class Connections:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection inside one transaction, for several calls that must see one state."""
-        with database_errors(), self.pool().connection() as conn, conn.transaction():
-            yield conn
+        pool = self.pool()
+        with self._keeper_lock:  # counted as a statement under way: nothing is kept meanwhile
+            kept = self._keeper.take()
+        try:
+            if kept is not None:
+                pool.putconn(kept)  # to the pool, whose connection() gives it (or another) next
+            with database_errors(), pool.connection() as conn, conn.transaction():
+                yield conn
+        finally:
+            with self._keeper_lock:
+                self._keeper.done(None, False)
 
     @staticmethod
     def call_on(conn: psycopg.Connection[Any], query: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -460,10 +504,15 @@ class Connections:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.stop()
+        with self._keeper_lock:
+            kept = self._keeper.give_back()
         with self._lock:
             if self._pool is not None and self._owns_pool:
+                if kept is not None:
+                    self._pool.putconn(kept)
                 self._pool.close()
                 self._pool = None
+            self._keeper = _Keeper(keeps=self._owns_pool)  # the next pool keeps again
 
     def describe(self) -> str:
         if self._dsn is None:

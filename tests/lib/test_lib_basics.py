@@ -506,6 +506,61 @@ def test_a_kept_connection_never_keeps_a_statement_waiting_for_the_pool(client: 
     assert held(client, "one-connection") == 0
 
 
+def test_sync_statements_one_after_another_keep_one_connection_out_of_the_pool(client: Client, fresh_dsn: str) -> None:
+    """The sync face keeps the last statement's connection too; a transaction (apply) and close()
+    give it back, so neither waits for it."""
+    client.create_limit("kept-sync", 1)
+    own = Client(fresh_dsn, max_connections=1)
+    db = connections_of(own)
+    try:
+        with concurrency("kept-sync", client=own):
+            pass
+        pool = db.pool()
+        before = pool.get_stats()["requests_num"]
+        for _ in range(50):
+            with concurrency("kept-sync", client=own):
+                pass
+        assert pool.get_stats()["requests_num"] - before == 0  # 100 statements, none through the pool
+        kept = db._keeper.kept
+        assert kept is not None and not kept.closed
+        started = time.monotonic()
+        assert own.apply({"kept-sync": {"limit": 2}}).change  # its transaction takes the one connection
+        assert time.monotonic() - started < 5
+        with concurrency("kept-sync", client=own):
+            pass
+        kept = db._keeper.kept
+    finally:
+        own.close()
+    assert kept is not None and kept.closed
+
+
+def test_threads_on_one_pooled_connection_never_wait_for_a_kept_one(client: Client, fresh_dsn: str) -> None:
+    client.create_limit("one-connection-sync", 1000)
+    own = Client(fresh_dsn, max_connections=1)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            for _ in range(10):
+                with concurrency("one-connection-sync", client=own, timeout_seconds=20):
+                    time.sleep(0.001)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    started = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        own.close()
+    took = time.monotonic() - started
+    assert not errors and took < 10, f"{errors[:1]} after {took:.1f} s"
+    assert held(client, "one-connection-sync") == 0
+
+
 def test_concurrent_first_calls_share_one_pool(client: Client, fresh_dsn: str) -> None:
     client.create_limit("first", 100)
     own = Client(psycopg.conninfo.make_conninfo(fresh_dsn, application_name="firstcheck"))

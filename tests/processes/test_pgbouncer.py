@@ -172,9 +172,9 @@ def test_a_pooler_in_between_turns_prepared_statements_off(bouncer: dict[str, st
             for _ in range(8):
                 with concurrency("anything", client=client):
                     pass
-            with client._connections.pool().connection() as conn:
-                assert conn.prepare_threshold == expected
-                prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgslots\\_%'").fetchone()
-                assert prepared is not None and (prepared[0] > 0) == (expected is not None)
+            conn = client._connections._keeper.kept  # the connection that ran them, kept for the next statement
+            assert conn is not None and conn.prepare_threshold == expected
+            prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgslots\\_%'").fetchone()
+            assert prepared is not None and (prepared[0] > 0) == (expected is not None)
         finally:
             client.close()
