@@ -164,7 +164,7 @@ class Connections:
         self._pool: ConnectionPool[Any] | None = pool if isinstance(pool, ConnectionPool) else None
         self._owns_pool = self._pool is None
         # The sync face's kept connection (see _Keeper), shared by the process's threads.
-        self._keeper: _Keeper[psycopg.Connection[Any]] = _Keeper(keeps=self._owns_pool)
+        self._keeper: _Keeper[psycopg.Connection[Any]] = self._new_keeper()
         self._keeper_lock = threading.Lock()
         self._given_apool = _LoopPool(None, pool, keeps=False) if isinstance(pool, AsyncConnectionPool) else None
         self._apools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[_LoopPool]] = weakref.WeakKeyDictionary()
@@ -247,7 +247,7 @@ class Connections:
         thread (which did not survive the fork): it starts afresh."""
         self._pid = process_id()
         self._pool = None if self._owns_pool else self._pool
-        self._keeper = _Keeper(keeps=self._owns_pool)
+        self._keeper = self._new_keeper()
         self._keeper_lock = threading.Lock()
         self._apools = weakref.WeakKeyDictionary()
         self._last_apool = None
@@ -256,6 +256,9 @@ class Connections:
         self._engine = None
 
     # ---- pools --------------------------------------------------------------------------------
+
+    def _new_keeper(self) -> _Keeper[psycopg.Connection[Any]]:
+        return _Keeper(keeps=self._owns_pool)  # never from a pool the caller gave: its code may wait for it
 
     def pool(self) -> ConnectionPool[Any]:
         if self._pid != process_id():
@@ -332,9 +335,10 @@ class Connections:
             # half-way; its idle connections (and the one kept out of it) are closed here first
             # (libpq's finish is synchronous).
             kept = here.give_back()
-            for conn in [*getattr(apool, "_pool", ()), *([kept] if kept is not None else [])]:
-                with contextlib.suppress(Exception):
-                    conn.pgconn.finish()
+            for conn in [*getattr(apool, "_pool", ()), kept]:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.pgconn.finish()
             with contextlib.suppress(BaseException):
                 await apool.close(timeout=1)
             self._forget_apool(loop)  # the loop is ending: whatever it opened is closing
@@ -512,7 +516,7 @@ class Connections:
                     self._pool.putconn(kept)
                 self._pool.close()
                 self._pool = None
-            self._keeper = _Keeper(keeps=self._owns_pool)  # the next pool keeps again
+            self._keeper = self._new_keeper()  # the next pool keeps again
 
     def describe(self) -> str:
         if self._dsn is None:
