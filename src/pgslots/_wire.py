@@ -22,9 +22,13 @@ changed them would fail every statement, and so every test, at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import math
 import re
+import select
+import selectors
 from collections.abc import Sequence
 from typing import Any, LiteralString
 
@@ -76,11 +80,14 @@ class _State:
     """What a pooled connection keeps between statements: its adapters, and which statements it has
     prepared."""
 
-    __slots__ = ("prepared", "tx")
+    __slots__ = ("idle_loop", "idle_poll", "prepared", "tx")
 
     def __init__(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
         self.tx = Transformer(conn)
         self.prepared: set[bytes] = set()
+        # An async connection's wait while its event loop has nothing else to do (see _idle_wait).
+        self.idle_loop: asyncio.AbstractEventLoop | None = None
+        self.idle_poll: select.poll | None = None
 
 
 def _state(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> _State:
@@ -190,9 +197,13 @@ async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> lis
     cancelled on the server and its end read, so that the connection can serve again."""
     loop = asyncio.get_running_loop()
     fileno = conn.pgconn.socket
+    state = _state(conn)
     try:
         wait = next(exchange)
         while wait == WAIT_R:
+            if _idle_wait(loop, state, fileno):
+                wait = exchange.send(READY_R)
+                continue
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(fileno, _wake, ready)
             try:
@@ -210,6 +221,54 @@ async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> lis
             await _cancelled(conn, _resumed(WAIT_R, exchange))
         raise
     return await conn.wait(_resumed(wait, exchange))
+
+
+def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> bool:
+    """True when the answer can be read now, waited for without a pass of the event loop: only when
+    the loop has nothing else to do. The wait then ends as soon as the loop would have woken for
+    anything else: the loop's own epoll descriptor is watched beside the connection's socket (it
+    becomes readable when any of the loop's sockets is, including the one a thread or a signal
+    wakes it through), and the wait lasts no longer than the loop's next timer. False when the
+    loop has work (the statement's answer is then awaited as any other) or is not asyncio's own
+    loop on epoll (uvloop, another platform's selector).
+
+    A pass of the loop for each statement (a reader added and removed, a future, a task step, a
+    second poll) cost the async face about a fifth of its CPU per uncontended cycle. This reads
+    three private parts of asyncio's loop (``_selector``, ``_ready``, ``_scheduled``), present and
+    unchanged since Python 3.4; their types are checked once per connection and loop, and a loop
+    without them is waited on as before."""
+    if state.idle_loop is not loop:
+        state.idle_loop, state.idle_poll = loop, _idle_poller(loop, fileno)
+    poller = state.idle_poll
+    if poller is None:
+        return False
+    for callback in loop._ready:  # type: ignore[attr-defined]
+        if not callback.cancelled():  # a cancelled one is dropped by the loop's next pass
+            return False
+    timeout_ms = -1  # no timer: until the socket or the loop has something
+    timers = loop._scheduled  # type: ignore[attr-defined]
+    if timers:
+        left = timers[0].when() - loop.time()
+        if left <= 0:
+            return False
+        timeout_ms = math.ceil(left * 1000)  # as the loop's own wait rounds
+    return any(fd == fileno for fd, _ in poller.poll(timeout_ms))
+
+
+def _idle_poller(loop: asyncio.AbstractEventLoop, fileno: int) -> select.poll | None:
+    """A poll of the connection's socket and the loop's epoll descriptor, if the loop is asyncio's
+    own on epoll."""
+    selector = getattr(loop, "_selector", None)
+    if not (
+        isinstance(selector, selectors.EpollSelector)
+        and isinstance(getattr(loop, "_ready", None), collections.deque)
+        and isinstance(getattr(loop, "_scheduled", None), list)
+    ):
+        return None
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    poller.register(selector.fileno(), select.POLLIN)
+    return poller
 
 
 def _resumed(wait: Wait, exchange: Exchange) -> Exchange:

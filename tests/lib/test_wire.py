@@ -5,8 +5,16 @@ the connection says not to; errors and rows as a psycopg cursor gives them. Agai
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -14,6 +22,8 @@ import pytest
 from pgslots import _queries as q
 from pgslots import _wire
 from pgslots._wire import Statement
+
+T = TypeVar("T")
 
 LOOKUP = "SELECT * FROM wire_t(%(x)s, %(label)s, %(x)s)"
 
@@ -158,3 +168,172 @@ def test_a_cancelled_task_cancels_its_statement_on_the_server(fresh_dsn: str) ->
             assert row is not None and row[0] == "idle" and "pg_sleep" not in row[1]
 
     asyncio.run(main())
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """asyncio's own loop, counting the readers added for each socket."""
+
+    def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
+        super().__init__(selector)
+        self.readers: collections.Counter[int] = collections.Counter()
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:  # type: ignore[override]
+        self.readers[fd] += 1
+        super().add_reader(fd, callback, *args)
+
+
+def _run_counting(main: Callable[[], Coroutine[Any, Any, T]], selector: selectors.BaseSelector | None = None) -> T:
+    with asyncio.Runner(loop_factory=lambda: _CountingLoop(selector)) as runner:
+        return runner.run(main())
+
+
+def test_an_idle_loop_waits_for_the_answer_in_the_task(fresh_dsn: str) -> None:
+    """With nothing else to do, the loop is not passed through for each statement (no reader is
+    added for the connection's socket); with other work ready, or on a loop that is not asyncio's
+    own on epoll, each answer is awaited through the loop."""
+    plus = _wire.statement("SELECT %(x)s::int + 1 AS y")
+
+    async def statements(busy: bool) -> tuple[int, list[int]]:
+        """The readers added for the statements (psycopg's own connect adds some), and the answers."""
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _CountingLoop)
+            before = loop.readers[conn.pgconn.socket]
+            done = False
+
+            async def spin() -> None:
+                while not done:
+                    await asyncio.sleep(0)
+
+            spinner = asyncio.ensure_future(spin()) if busy else None
+            answers = [(await _wire.arun(conn, plus, {"x": n}))[0]["y"] for n in range(20)]
+            done = True
+            if spinner is not None:
+                await spinner
+            return loop.readers[conn.pgconn.socket] - before, answers
+
+    for busy, selector, through_the_loop in (
+        (False, None, False),
+        (True, None, True),
+        (False, selectors.PollSelector(), True),
+    ):
+        readers, answers = _run_counting(lambda busy=busy: statements(busy), selector)  # type: ignore[misc]
+        assert answers == list(range(1, 21))
+        assert readers >= 20 if through_the_loop else readers == 0, (busy, selector, readers)
+
+
+def test_the_loop_is_not_held_up_while_a_statement_waits(fresh_dsn: str) -> None:
+    """While a statement waits in its task (the loop otherwise idle), the loop still serves, on
+    time, a timer, a callback from another thread, and another socket that becomes readable."""
+    slow = _wire.statement("SELECT pg_sleep(%(s)s) AS z")
+    Other = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], Awaitable[float]]
+
+    async def late_by(other: Other) -> tuple[float, list[bool]]:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _CountingLoop)
+            await asyncio.sleep(0.15)  # the loop drops the timer connect cancelled
+            sock, before = conn.pgconn.socket, loop.readers[conn.pgconn.socket]
+            in_the_task: list[bool] = []  # whether the statement waited in its task when the thread acted
+
+            def on_the_way() -> None:
+                in_the_task.append(loop.readers[sock] == before)
+
+            waiting = asyncio.ensure_future(other(loop, on_the_way))
+            await asyncio.sleep(0)  # it waits now
+            await _wire.arun(conn, slow, {"s": 0.6})
+            return await waiting, in_the_task
+
+    async def timer(loop: asyncio.AbstractEventLoop, on_the_way: Callable[[], None]) -> float:
+        due = loop.time() + 0.1
+        await asyncio.sleep(0.1)
+        return loop.time() - due
+
+    async def from_a_thread(loop: asyncio.AbstractEventLoop, on_the_way: Callable[[], None]) -> float:
+        called: asyncio.Future[float] = loop.create_future()
+        at: list[float] = []
+
+        def send() -> None:
+            time.sleep(0.1)
+            on_the_way()
+            at.append(time.monotonic())
+            loop.call_soon_threadsafe(lambda: called.set_result(time.monotonic()))
+
+        threading.Thread(target=send).start()
+        return await called - at[0]
+
+    async def a_socket(loop: asyncio.AbstractEventLoop, on_the_way: Callable[[], None]) -> float:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        at: list[float] = []
+
+        def send() -> None:
+            time.sleep(0.1)
+            on_the_way()
+            at.append(time.monotonic())
+            theirs.send(b"x")
+
+        threading.Thread(target=send).start()
+        try:
+            assert await loop.sock_recv(ours, 1) == b"x"
+            return time.monotonic() - at[0]
+        finally:
+            ours.close()
+            theirs.close()
+
+    for other, acted in ((timer, []), (from_a_thread, [True]), (a_socket, [True])):
+        lateness, in_the_task = _run_counting(lambda other=other: late_by(other))  # type: ignore[misc]
+        assert in_the_task == acted, other.__name__
+        assert lateness < 0.1, (other.__name__, lateness)  # held up until the statement's end: 0.5 s
+
+
+def test_ctrl_c_while_a_statement_waits_on_an_idle_loop(fresh_dsn: str) -> None:
+    """Ctrl-C during a statement that waits in the task (no reader added): under asyncio's runner
+    the main task is cancelled; with Python's own handler, KeyboardInterrupt comes out of the wait.
+    Either way the statement stops on the server, within seconds."""
+    slow = _wire.statement("SELECT pg_sleep(%(s)s) AS z")
+    assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    seen: list[tuple[int, int]] = []  # (backend pid, readers added for the statement before Ctrl-C)
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _CountingLoop)
+            await asyncio.sleep(0.2)  # the loop drops the timer connect cancelled: nothing else is due
+            sock, before = conn.pgconn.socket, loop.readers[conn.pgconn.socket]
+
+            def ctrl_c() -> None:
+                seen.append((conn.info.backend_pid, loop.readers[sock] - before))
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Timer(0.5, ctrl_c).start()
+            await _wire.arun(conn, slow, {"s": 30})
+
+    def under_the_runner() -> None:
+        with asyncio.Runner(loop_factory=_CountingLoop) as runner:  # handles SIGINT: cancels main()
+            runner.run(main())
+
+    def with_pythons_handler() -> None:
+        loop = _CountingLoop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    def stopped(pid: int) -> bool:
+        with psycopg.connect(fresh_dsn) as other:
+            row = other.execute("SELECT query FROM pg_stat_activity WHERE pid = %s AND state = 'active'", [pid]).fetchone()
+        return row is None or "pg_sleep" not in row[0]
+
+    for run in (under_the_runner, with_pythons_handler):
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        assert time.monotonic() - started < 10
+        pid, readers = seen[-1]
+        assert readers == 0, (run.__name__, "the statement waited through the loop")
+        deadline = time.monotonic() + 5
+        while not stopped(pid):
+            assert time.monotonic() < deadline, f"the interrupted statement still runs on the server ({run.__name__})"
+            time.sleep(0.05)
