@@ -229,8 +229,8 @@ def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> b
     anything else: the loop's own epoll descriptor is watched beside the connection's socket (it
     becomes readable when any of the loop's sockets is, including the one a thread or a signal
     wakes it through), and the wait lasts no longer than the loop's next timer. False when the
-    loop has work (the statement's answer is then awaited as any other) or is not asyncio's own
-    loop on epoll (uvloop, another platform's selector).
+    loop has work (the statement's answer is then awaited as any other), runs in debug mode, or is
+    not asyncio's own loop on epoll (uvloop, another platform's selector).
 
     A pass of the loop for each statement (a reader added and removed, a future, a task step, a
     second poll) cost the async face about a fifth of its CPU per uncontended cycle. This reads
@@ -240,7 +240,7 @@ def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> b
     if state.idle_loop is not loop:
         state.idle_loop, state.idle_poll = loop, _idle_poller(loop, fileno)
     poller = state.idle_poll
-    if poller is None:
+    if poller is None or loop.get_debug():  # in debug mode, such a wait would be reported as a slow callback
         return False
     for callback in loop._ready:  # type: ignore[attr-defined]
         if not callback.cancelled():  # a cancelled one is dropped by the loop's next pass

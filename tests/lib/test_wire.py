@@ -189,15 +189,17 @@ def _run_counting(main: Callable[[], Coroutine[Any, Any, T]], selector: selector
 
 def test_an_idle_loop_waits_for_the_answer_in_the_task(fresh_dsn: str) -> None:
     """With nothing else to do, the loop is not passed through for each statement (no reader is
-    added for the connection's socket); with other work ready, or on a loop that is not asyncio's
-    own on epoll, each answer is awaited through the loop."""
+    added for the connection's socket); with other work ready, in debug mode, or on a loop that is
+    not asyncio's own on epoll, each answer is awaited through the loop."""
     plus = _wire.statement("SELECT %(x)s::int + 1 AS y")
 
-    async def statements(busy: bool) -> tuple[int, list[int]]:
+    async def statements(busy: bool, debug: bool) -> tuple[int, list[int]]:
         """The readers added for the statements (psycopg's own connect adds some), and the answers."""
         async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
             loop = asyncio.get_running_loop()
             assert isinstance(loop, _CountingLoop)
+            if debug:
+                loop.set_debug(True)  # (which schedules a callback: the first statement may go through the loop)
             before = loop.readers[conn.pgconn.socket]
             done = False
 
@@ -212,14 +214,15 @@ def test_an_idle_loop_waits_for_the_answer_in_the_task(fresh_dsn: str) -> None:
                 await spinner
             return loop.readers[conn.pgconn.socket] - before, answers
 
-    for busy, selector, through_the_loop in (
-        (False, None, False),
-        (True, None, True),
-        (False, selectors.PollSelector(), True),
+    for busy, debug, selector, through_the_loop in (
+        (False, False, None, False),
+        (True, False, None, True),
+        (False, True, None, True),
+        (False, False, selectors.PollSelector(), True),
     ):
-        readers, answers = _run_counting(lambda busy=busy: statements(busy), selector)  # type: ignore[misc]
+        readers, answers = _run_counting(lambda busy=busy, debug=debug: statements(busy, debug), selector)  # type: ignore[misc]
         assert answers == list(range(1, 21))
-        assert readers >= 20 if through_the_loop else readers == 0, (busy, selector, readers)
+        assert readers >= 20 if through_the_loop else readers == 0, (busy, debug, selector, readers)
 
 
 def test_the_loop_is_not_held_up_while_a_statement_waits(fresh_dsn: str) -> None:
