@@ -223,6 +223,9 @@ async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> lis
     return await conn.wait(_resumed(wait, exchange))
 
 
+_LONGEST_IDLE_WAIT_MS = 24 * 3600 * 1000  # as asyncio bounds its own (poll takes a C int of milliseconds)
+
+
 def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> bool:
     """True when the answer can be read now, waited for without a pass of the event loop: only when
     the loop has nothing else to do. The wait then ends as soon as the loop would have woken for
@@ -251,7 +254,7 @@ def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> b
         left = timers[0].when() - loop.time()
         if left <= 0:
             return False
-        timeout_ms = math.ceil(left * 1000)  # as the loop's own wait rounds
+        timeout_ms = min(math.ceil(left * 1000), _LONGEST_IDLE_WAIT_MS)  # rounded up, as the loop's own wait
     return any(fd == fileno for fd, _ in poller.poll(timeout_ms))
 
 

@@ -198,6 +198,8 @@ def test_an_idle_loop_waits_for_the_answer_in_the_task(fresh_dsn: str) -> None:
         async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as conn:
             loop = asyncio.get_running_loop()
             assert isinstance(loop, _CountingLoop)
+            far = loop.call_later(40 * 86400, lambda: None)  # a timer 40 days away bounds no wait
+            await asyncio.sleep(0.15)  # the loop drops the timer connect cancelled
             if debug:
                 loop.set_debug(True)  # (which schedules a callback: the first statement may go through the loop)
             before = loop.readers[conn.pgconn.socket]
@@ -212,6 +214,7 @@ def test_an_idle_loop_waits_for_the_answer_in_the_task(fresh_dsn: str) -> None:
             done = True
             if spinner is not None:
                 await spinner
+            far.cancel()
             return loop.readers[conn.pgconn.socket] - before, answers
 
     for busy, debug, selector, through_the_loop in (
