@@ -189,8 +189,9 @@ def _wake(ready: asyncio.Future[None]) -> None:
 
 
 async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> list[pq.abc.PGresult]:
-    """``conn.wait(exchange)``, with the waits to read done here: the socket's reader is added, the
-    task sleeps on a future it resolves, the reader is removed. psycopg's wait also arms a 0.1 s
+    """``conn.wait(exchange)``, with the waits to read done here: in the task itself while the loop
+    has nothing else to do (see _idle_wait), else the socket's reader is added, the task sleeps on
+    a future it resolves, and the reader is removed. psycopg's wait also arms a 0.1 s
     timer at each (to notice Ctrl-C, which asyncio delivers by itself), which cost the async face
     about 2% of its uncontended cycle. Any other wait (libpq's output to flush) goes on in psycopg's
     wait. An interruption (a cancelled task) is answered as psycopg answers it: the statement is
@@ -237,8 +238,8 @@ def _idle_wait(loop: asyncio.AbstractEventLoop, state: _State, fileno: int) -> b
 
     A pass of the loop for each statement (a reader added and removed, a future, a task step, a
     second poll) cost the async face about a fifth of its CPU per uncontended cycle. This reads
-    three private parts of asyncio's loop (``_selector``, ``_ready``, ``_scheduled``), present and
-    unchanged since Python 3.4; their types are checked once per connection and loop, and a loop
+    three private parts of asyncio's loop (``_selector``, ``_ready``, ``_scheduled``), there since
+    asyncio's first release; their types are checked once per connection and loop, and a loop
     without them is waited on as before."""
     if state.idle_loop is not loop:
         state.idle_loop, state.idle_poll = loop, _idle_poller(loop, fileno)
