@@ -433,7 +433,7 @@ class Connections:
         stmt = _wire.statement(query)
         try:
             with database_errors():
-                here = self._last_apool
+                here = self._last_apool  # _loop_pool's hot path, without awaiting a coroutine for it
                 if here is None or here.loop is not asyncio.get_running_loop() or self._pid != process_id():
                     here = await self._loop_pool()
                 conn = here.take()

@@ -167,16 +167,16 @@ async def arun(conn: psycopg.AsyncConnection[Any], stmt: Statement, params: dict
         if conn.prepare_threshold is not None:
             if stmt.prepared_as not in state.prepared:
                 pgconn.send_prepare(stmt.prepared_as, stmt.text)
-                _ready(conn, state, stmt, (await _answer(conn, generators.execute(pgconn)))[-1])
+                _ready(conn, state, stmt, (await _answer(conn, state, generators.execute(pgconn)))[-1])
             pgconn.send_query_prepared(stmt.prepared_as, values)
-            res = (await _answer(conn, generators.execute(pgconn)))[-1]
+            res = (await _answer(conn, state, generators.execute(pgconn)))[-1]
             if res.status in _ANSWERED or not _gone(res):
                 return _rows(conn, state, res)
             state.prepared.discard(stmt.prepared_as)
             pgconn.send_query_params(b"DEALLOCATE " + stmt.prepared_as, None)
-            await _answer(conn, generators.execute(pgconn))
+            await _answer(conn, state, generators.execute(pgconn))
         pgconn.send_query_params(stmt.text, values)
-        return _rows(conn, state, (await _answer(conn, generators.execute(pgconn)))[-1])
+        return _rows(conn, state, (await _answer(conn, state, generators.execute(pgconn)))[-1])
 
 
 Exchange = PQGen[list[pq.abc.PGresult]]
@@ -188,7 +188,7 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> list[pq.abc.PGresult]:
+async def _answer(conn: psycopg.AsyncConnection[Any], state: _State, exchange: Exchange) -> list[pq.abc.PGresult]:
     """``conn.wait(exchange)``, with the waits to read done here: in the task itself while the loop
     has nothing else to do (see _idle_wait), else the socket's reader is added, the task sleeps on
     a future it resolves, and the reader is removed. psycopg's wait also arms a 0.1 s
@@ -198,7 +198,6 @@ async def _answer(conn: psycopg.AsyncConnection[Any], exchange: Exchange) -> lis
     cancelled on the server and its end read, so that the connection can serve again."""
     loop = asyncio.get_running_loop()
     fileno = conn.pgconn.socket
-    state = _state(conn)
     try:
         wait = next(exchange)
         while wait == WAIT_R:
