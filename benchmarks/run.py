@@ -574,6 +574,40 @@ def idle(server: Server, seconds: float = 20.0) -> dict[str, Any]:
     return result
 
 
+def idle_listeners(server: Server, processes: int = 16, notifies: int = 10000) -> dict[str, Any]:
+    """What idle processes cost a busy database: the server's CPU per NOTIFY (each hand-off sends
+    one) with `processes` processes that used a limit once and now idle, against the same database
+    with none. PostgreSQL wakes every backend LISTENing in the database for each NOTIFY."""
+    name = "bench_listeners"
+    dsn = fresh(server, name)
+    c = Client(dsn)
+    c.create_limit("db", 5)
+    c.close()
+
+    def per_notify() -> float:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+
+            def send() -> int:
+                for _ in range(notifies):
+                    conn.execute("NOTIFY bench_nobody_listens")
+                return notifies
+
+            spent, _ = _cpu_of(dsn, send)
+        return spent / notifies
+
+    alone = per_notify()
+    procs = [CTX.Process(target=_idle_process, args=(dsn, "sync", 60.0)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    time.sleep(5)  # each has used the limit and gone idle
+    with_idle = per_notify()
+    for proc in procs:
+        proc.kill()
+        proc.join(10)
+    server.drop(name)
+    return {"processes": processes, "notify_us_alone": alone * 1e6, "notify_us_with_idle": with_idle * 1e6, "ratio": with_idle / alone}
+
+
 def batching(dsn: str, seconds: float, tasks: int = 200, limit: int = 50, body: float = 0.001) -> dict[str, Any]:
     """Many tasks of one process on one limit: `tasks` asyncio tasks cycling on a limit of `limit`
     with a `body` s body, in alternating rounds against the raw two-UPDATE semaphore used by as many
@@ -1462,6 +1496,17 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             ("idle chatter: transactions/s of a process holding nothing (async)", idle_["async_transactions_per_s"], "<= 1", _at_most(1)),
             ("idle chatter: transactions/s of a process holding one lease", idle_["holding_transactions_per_s"], "(reported)", None),
         ]
+    listeners = r.get("idle_listeners")
+    if listeners:
+        rows.append(
+            (
+                f"idle processes: server CPU per NOTIFY (a hand-off's) with {listeners['processes']} processes that used a limit "
+                "once and idle vs none",
+                listeners["ratio"],
+                "(reported)",
+                None,
+            )
+        )
     return [{"metric": m, "value": v, "target": t, "met": None if f is None else bool(f(v))} for m, v, t, f in rows]
 
 
@@ -1519,6 +1564,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"cycles/s vs {r['fairness']['fifo_cycles_per_s']:,.0f} first-come-first-served (alternating rounds); wait p99 "
         f"{r['fairness']['fair_wait_p99_ms']} ms vs {r['fairness']['fifo_wait_p99_ms']} ms |",
     ]
+    if r.get("idle_listeners"):
+        heard = r["idle_listeners"]
+        lines.append(
+            f"| {heard['processes']} idle processes that used a limit once | a NOTIFY (one per hand-off) costs the server "
+            f"{heard['notify_us_with_idle']:.0f} us of CPU, {heard['notify_us_alone']:.0f} us without them |"
+        )
     if r.get("comparison"):
         lines += comparison_lines(r["comparison"])
     lines += ["", "## Findings of this run", "", *[f"- {n}" for n in findings(r)]]
@@ -1773,6 +1824,7 @@ def main() -> None:
         ("thread_batching", lambda: thread_batching(fresh(server, "bench_threads"), s)),
         ("server_cpu", lambda: server_cpu(server, s)),
         ("idle", lambda: idle(server)),
+        ("idle_listeners", lambda: idle_listeners(server)),
     ]
     if args.only:
         wanted = {"ceiling", *args.only.split(",")}

@@ -14,6 +14,8 @@ import contextlib
 import ctypes
 import logging
 import random
+import select
+import socket
 import threading
 import time
 import uuid
@@ -36,6 +38,9 @@ from .types import Lease
 logger = logging.getLogger("pgslots")
 
 IDLE_POLL_SECONDS = 0.25  # longest the worker sleeps before looking at new work
+# A process LISTENs only from its first wait, and stops this long after its last waiter left: on
+# PostgreSQL, every NOTIFY of a database wakes every backend listening in it, whatever the channel.
+LISTEN_IDLE_SECONDS = 60.0
 EXIT_SECONDS = 5.0  # at interpreter exit, how long pending releases may still take
 WATCHDOG_SECONDS = 0.2  # how often the watchdog looks at the time since the last keep-alive
 # The worker's connection gives up on a server that does not answer, unless the DSN says otherwise.
@@ -49,6 +54,40 @@ def connection_timeouts(dsn: str) -> dict[str, int]:
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+class _Sleep:
+    """The worker's sleep while it does not LISTEN: until nudged (a waiter wants wake-ups, or the
+    engine stops), until the server sends something on the connection (it closed it, say; a
+    listening worker notices that in notifies()), or until the timeout."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def nudge(self) -> None:
+        with contextlib.suppress(OSError):  # full (a nudge is pending anyway), or closed with the worker
+            self._writer.send(b"\0")
+
+    def until(self, fileno: int, timeout: float) -> bool:
+        """Sleeps; True when the connection has something to read."""
+        fds = [fileno, self._reader.fileno()]
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+        else:  # Windows
+            ready = set(select.select(fds, [], [], timeout)[0])
+        if self._reader.fileno() in ready:
+            with contextlib.suppress(OSError):
+                self._reader.recv(4096)
+        return fileno in ready
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
 
 
 @atexit.register
@@ -122,7 +161,12 @@ def interrupt_later(thread_id: int) -> None:
 class Engine:
     """One process's background worker: a thread and one connection that LISTEN for its waiters'
     wake-ups and heartbeat them (_wakeups), renew its leases (_renewals), keep its session alive and
-    watch for silence (_liveness), and run the calls its callers could not wait for (_cleanup)."""
+    watch for silence (_liveness), and run the calls its callers could not wait for (_cleanup).
+
+    The connection LISTENs only while the process may wait: from the first waiter's ``Listen``
+    (ensure_listening) until no waiter has been seen for LISTEN_IDLE_SECONDS. Every NOTIFY in the
+    database wakes every listening backend, so a process that never waits costs a busy server
+    nothing when others hand slots over."""
 
     def __init__(self, dsn: str, connect_kwargs: dict[str, Any], listen: bool = True, bind_session: bool = True) -> None:
         self.dsn = dsn
@@ -137,7 +181,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
+        self._sleep: _Sleep | None = None  # while the worker runs
         self._listening = threading.Event()
+        self._want_listen = False  # a waiter asked for wake-ups; the worker LISTENs
+        self._waiters_seen = 0.0  # monotonic time a waiter last relied on wake-ups
         self._links = (Link(self.session_id, False, listen), Link(self.session_id, True, listen))
         self._conn: psycopg.Connection[Any] | None = None
         _engines.add(self)
@@ -167,8 +214,21 @@ class Engine:
         """Starts the worker and waits until it LISTENs; False when listening is off or failed."""
         if not self.listen:
             return False
+        self._want_wakeups()
         self.start()
         return self._listening.wait(timeout)
+
+    def _want_wakeups(self) -> None:
+        self._waiters_seen = time.monotonic()
+        if not self._listening.is_set():
+            self._want_listen = True
+            self._nudge()
+
+    def _nudge(self) -> None:
+        """Wakes the worker from a sleep without LISTEN."""
+        sleep = self._sleep
+        if sleep is not None:
+            sleep.nudge()
 
     @property
     def listening(self) -> bool:
@@ -176,11 +236,18 @@ class Engine:
 
     def link(self) -> Link:
         """This engine as a flow sees it (see _flow.Connect)."""
-        return self._links[self.listening]
+        if self._listening.is_set():
+            self._waiters_seen = time.monotonic()  # a flow may queue on it: keep listening a while
+            return self._links[self.listen]
+        return self._links[False]
 
     def register(self, ticket: int, wake: Waker) -> None:
         """Calls wake (from the worker) when the ticket is notified, with the lease if it was handed one."""
         self.wakeups.register(ticket, wake)
+        if self.listen:
+            # Queued while the worker stopped listening: it LISTENs again, then every waiter looks
+            # again (a notification sent meanwhile was lost).
+            self._want_wakeups()
 
     def unregister(self, ticket: int) -> None:
         self.wakeups.unregister(ticket)
@@ -216,6 +283,7 @@ class Engine:
         if thread is not None and thread is not threading.current_thread() and thread.is_alive():
             self.finish(deadline)
         self._stop.set()
+        self._nudge()
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
 
@@ -241,6 +309,14 @@ class Engine:
     # ---- the worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._sleep = _Sleep()
+        try:
+            self._keep_serving()
+        finally:
+            sleep, self._sleep = self._sleep, None
+            sleep.close()
+
+    def _keep_serving(self) -> None:
         backoff = 0.1
         while True:
             try:
@@ -258,18 +334,36 @@ class Engine:
                 backoff = min(backoff * 2, 2.0)
 
     def _connection(self) -> psycopg.Connection[Any]:
-        """The worker's connection, (re)connected and listening."""
+        """The worker's connection, (re)connected, and listening if a waiter wants wake-ups."""
         if self._conn is not None and not self._conn.closed:
             return self._conn
         self._disconnect()
         self._conn = psycopg.connect(self.dsn, autocommit=True, **{**connection_timeouts(self.dsn), **self.connect_kwargs})
-        if self.listen:
-            self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.session_id}")))
-            reconnected = self._listening.is_set()
-            self._listening.set()
-            if reconnected:
-                self.wakeups.wake_all()  # notifications may have been lost while we were away
+        if self._listening.is_set():
+            self._want_listen = True  # it listened before the connection was lost
+            self._listening.clear()
+        self._listen(self._conn)
         return self._conn
+
+    def _listen(self, conn: psycopg.Connection[Any]) -> None:
+        """LISTENs when a waiter wants wake-ups; stops once none has for LISTEN_IDLE_SECONDS."""
+        if self._want_listen and not self._listening.is_set():
+            conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(f"pgslots:{self.session_id}")))
+            self._want_listen = False
+            self._listening.set()
+            self.wakeups.wake_all()  # anyone queued before this LISTEN looks again
+        elif self._listening.is_set() and self._unheard():
+            # Cleared first, then looked at again: a flow that saw it listening has said so by now.
+            self._listening.clear()
+            if self._unheard():
+                conn.execute(q.UNLISTEN)
+            else:
+                self._want_listen = False  # still listening: whoever asked meanwhile is heard
+                self._listening.set()
+
+    def _unheard(self) -> bool:
+        """No waiter now, and none relied on wake-ups for LISTEN_IDLE_SECONDS."""
+        return not self.wakeups.waiting() and time.monotonic() - self._waiters_seen > LISTEN_IDLE_SECONDS
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -293,12 +387,14 @@ class Engine:
                 row = conn.execute(q.HEARTBEAT, {"queue_client": self.session_id, "tickets": tickets}).fetchone()
                 self.wakeups.heard(row[0] if row else None)
             self.liveness.keep_alive(conn)
+            self._listen(conn)
             timeout = self._sleep_budget()
-            if self.listen:
+            if self._listening.is_set():
                 for note in conn.notifies(timeout=timeout):
                     self.wakeups.deliver(parse_notification(note.payload))
-            else:
-                self._stop.wait(timeout)
+            elif self._sleep is not None and self._sleep.until(conn.fileno(), timeout):
+                for note in conn.notifies(timeout=0):  # reads what came; raises if the server closed it
+                    self.wakeups.deliver(parse_notification(note.payload))
 
     def _sleep_budget(self) -> float:
         budget = IDLE_POLL_SECONDS

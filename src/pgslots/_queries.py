@@ -60,6 +60,7 @@ SCHEMA_VERSION: LiteralString = "SELECT pgslots.schema_version()"
 PROBE: LiteralString = "SELECT pgslots.schema_version(), current_setting('port')::integer"
 # Each client listens on its own channel, named after its queue_client id (see migration 0003).
 LISTEN: LiteralString = "LISTEN {}"
+UNLISTEN: LiteralString = "UNLISTEN *"
 # Only for acquires inside the caller's transaction: undo a refused attempt, keep a granted one.
 SAVEPOINT: LiteralString = "SAVEPOINT pgslots_acquire"
 ROLLBACK_TO_SAVEPOINT: LiteralString = "ROLLBACK TO SAVEPOINT pgslots_acquire"

@@ -79,6 +79,10 @@ class WakeUps:
         with self._lock:
             self._wakers.pop(ticket, None)
 
+    def waiting(self) -> bool:
+        """Whether any waiter of this process is registered."""
+        return bool(self._wakers)
+
     def deliver(self, woken: list[tuple[int, Grant | None]]) -> None:
         now = time.monotonic()
         with self._lock:

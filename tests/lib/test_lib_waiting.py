@@ -11,6 +11,7 @@ import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -207,6 +208,79 @@ def test_a_lost_hand_off_notification_costs_one_heartbeat(client: Client, monkey
     assert listed.lease_id == got["lease"].lease_id
     assert (listed.expires_at - listed.acquired_at).total_seconds() > 30  # renewed to the full 60 s
     assert client.read_limit("lost").active_slots == 0
+
+
+def _woken(pid: int) -> int:
+    """How often a server process has gone to sleep and been woken (voluntary context switches)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches:")))
+
+
+def _woken_by_notifies(dsn: str, pid: int, notifies: int = 200) -> int:
+    """How often the server process `pid` was woken while another session sent `notifies` NOTIFYs on
+    a channel nobody listens to: PostgreSQL wakes every backend listening in the database for each."""
+    before = _woken(pid)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(notifies):
+            conn.execute("NOTIFY pgslots_test_nobody")
+    time.sleep(0.2)
+    return _woken(pid) - before
+
+
+def _served_after_release(client: Client, name: str) -> float:
+    """Seconds from a release to the waiter it hands the slot to (queued in a thread of this process)."""
+    got: dict[str, float] = {}
+
+    def waiter() -> None:
+        with concurrency(name, client=client):
+            got["at"] = time.monotonic()
+
+    with concurrency(name, client=client):
+        thread = _queue_behind(client, name, waiter)
+        released_at = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive()
+    return got["at"] - released_at
+
+
+def test_a_process_listens_only_while_it_may_wait(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that holds and releases without waiting does not LISTEN, so the NOTIFYs of other
+    processes' hand-offs do not wake its backend; its first wait LISTENs, hand-offs reach it at once,
+    and once no waiter has been seen for LISTEN_IDLE_SECONDS it stops listening again."""
+    import pgslots._engine
+
+    monkeypatch.setattr(pgslots._engine, "LISTEN_IDLE_SECONDS", 1.0)
+    client.create_limit("heard", 1)
+    engine = client._connections.engine
+    with concurrency("heard", client=client):
+        deadline = time.monotonic() + 10
+        while engine._conn is None:  # the worker connects to renew the lease
+            assert time.monotonic() < deadline, "the worker never connected"
+            time.sleep(0.01)
+    pid = engine._conn.info.backend_pid
+    assert not engine.listening
+    assert _woken_by_notifies(client.dsn, pid) < 50
+
+    assert _served_after_release(client, "heard") < 0.5
+    assert engine.listening
+    assert _woken_by_notifies(client.dsn, pid) >= 100
+
+    deadline = time.monotonic() + 10
+    while engine.listening:
+        assert time.monotonic() < deadline, "the worker kept listening with nobody waiting"
+        time.sleep(0.05)
+    assert engine._conn is not None and engine._conn.info.backend_pid == pid
+    assert _woken_by_notifies(client.dsn, pid) < 50
+
+    # The worker sleeping without LISTEN is woken for the next waiter, not left to its sleep's end.
+    monkeypatch.setattr(pgslots._engine, "IDLE_POLL_SECONDS", 5.0)
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert engine.ensure_listening()
+    assert time.monotonic() - started < 1.0
+    monkeypatch.setattr(pgslots._engine, "LISTEN_IDLE_SECONDS", 60.0)
+    assert _served_after_release(client, "heard") < 0.5
+    assert client.read_limit("heard").active_slots == 0
 
 
 # ---- connections while waiting --------------------------------------------------------------
