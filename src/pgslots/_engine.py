@@ -238,7 +238,7 @@ class Engine:
         """This engine as a flow sees it (see _flow.Connect)."""
         if self._listening.is_set():
             self._waiters_seen = time.monotonic()  # a flow may queue on it: keep listening a while
-            return self._links[self.listen]
+            return self._links[True]  # set only when listen is
         return self._links[False]
 
     def register(self, ticket: int, wake: Waker) -> None:
@@ -309,20 +309,20 @@ class Engine:
     # ---- the worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._sleep = _Sleep()
+        sleep = self._sleep = _Sleep()  # the attribute for _nudge, from other threads
         try:
-            self._keep_serving()
+            self._keep_serving(sleep)
         finally:
-            sleep, self._sleep = self._sleep, None
+            self._sleep = None
             sleep.close()
 
-    def _keep_serving(self) -> None:
+    def _keep_serving(self, sleep: _Sleep) -> None:
         backoff = 0.1
         while True:
             try:
                 self._connection()
                 backoff = 0.1
-                self._serve()
+                self._serve(sleep)
                 return
             except psycopg.Error as exc:
                 logger.debug("pgslots engine connection lost: %s", exc)
@@ -371,7 +371,7 @@ class Engine:
                 self._conn.close()
         self._conn = None
 
-    def _serve(self) -> None:
+    def _serve(self, sleep: _Sleep) -> None:
         while True:
             self.cleanup.run(self._connection())
             if self._stop.is_set():
@@ -392,7 +392,7 @@ class Engine:
             if self._listening.is_set():
                 for note in conn.notifies(timeout=timeout):
                     self.wakeups.deliver(parse_notification(note.payload))
-            elif self._sleep is not None and self._sleep.until(conn.fileno(), timeout):
+            elif sleep.until(conn.fileno(), timeout):
                 for note in conn.notifies(timeout=0):  # reads what came; raises if the server closed it
                     self.wakeups.deliver(parse_notification(note.payload))
 
