@@ -85,6 +85,17 @@ CREATE FUNCTION pgslots._fits(shortfall float8) RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT shortfall <= 1e-9 $$;
 
+-- Whether stage 1 of admission (20_admission.sql) may grant `slots` on limit row l by itself: an
+-- enabled, unpaused plain limit (not a template, a retiring key, a shadow or a window limit) with
+-- room for them before the queue is counted. Inlined into the UPDATE that grants, as the pieces
+-- above are.
+CREATE FUNCTION pgslots._fast_open(l pgslots.limits, at timestamptz, slots integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT l.active AND NOT l.is_template AND NOT l.retiring AND NOT l.shadow AND l.window_seconds = 0
+           AND NOT pgslots._paused(l.paused_until, at) AND pgslots._fits(pgslots._short(l, at, 0, slots))
+$$;
+
 -- Seconds until a refused request may fit. Exact for a decaying limit whose leases leave room (the
 -- slots of waiters ahead decay too); otherwise estimated from the average time a slot is held,
 -- between 0.1 s and 30 s.
@@ -105,7 +116,7 @@ $$;
 CREATE FUNCTION pgslots._occupancy_after(average float8, held_seconds float8, capacity integer)
 RETURNS float8
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT greatest(0.1::float8, average + (held_seconds - average) / (2.0 * greatest(capacity, 1))) $$;
+AS $$ SELECT greatest(0.1::float8, average + (held_seconds - average) / (2.0::float8 * greatest(capacity, 1))) $$;
 
 -- Holder columns of a lease: where the holder said it runs, else what the connection shows.
 CREATE FUNCTION pgslots._holder_host(holder jsonb) RETURNS text

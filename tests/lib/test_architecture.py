@@ -97,9 +97,10 @@ def test_sql_files_keep_one_subject_each_and_acquire_is_a_short_pipeline() -> No
     for path in sorted(SQL.glob("*.sql")):
         assert len(path.read_text().splitlines()) <= 300, f"{path.name} has grown past 300 lines: split it by subject"
     # acquire is a short pipeline of stages; only the first stage's grant, the hot path, is written
-    # out in it (its lease row and answer: every nested call there costs each acquire microseconds).
+    # out in it (its UPDATE for a limit nobody waits on, its lease row and answer: every nested call
+    # there costs each acquire microseconds).
     acquire = _body("acquire")
-    assert len(acquire) <= 55 and _depth(acquire) <= 2, (len(acquire), _depth(acquire))
+    assert len(acquire) <= 62 and _depth(acquire) <= 2, (len(acquire), _depth(acquire))
     # The lock-wait bound is written once: every function that takes wait_seconds calls the pair.
     for path in sorted(SQL.glob("*.sql")):
         text = path.read_text()
