@@ -1,13 +1,16 @@
 -- Rate slots: rate_limit and reserve (one decision, _admit, for rate slots; a reservation also
 -- leaves the row that settle needs), and settle, which makes a reservation's cost final.
 
+-- rate_limit and reserve answer declared row types, not OUT parameters (migrations 0020 and 0021),
+-- and so does _rate, the decision both call: rate_limit takes its answer in an assignment, not a
+-- statement.
 CREATE FUNCTION pgslots._rate(names text[], slots integer, strict boolean, ticket bigint, queue_client uuid,
-                              wait_seconds float8, priority integer, fairness_key text, reserving boolean,
-                              OUT granted boolean, OUT retry_after float8, OUT missing text[],
-                              OUT blocked_by text[], OUT waiter bigint, OUT reservation_id uuid)
+                              wait_seconds float8, priority integer, fairness_key text, reserving boolean)
+RETURNS pgslots.reserved
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    a pgslots.reserved;   -- the answer
     prior text := pgslots._bound_waits(wait_seconds);
     d pgslots.decision;
     cfg pgslots.settings;
@@ -17,7 +20,7 @@ BEGIN
         PERFORM pgslots._check_queue_args(priority, fairness_key);
     END IF;
     IF reserving THEN
-        reservation_id := gen_random_uuid();
+        a.reservation_id := gen_random_uuid();
     END IF;
     -- Stage 1 of admission (20_admission.sql): one decay limit with room, or a template's new key.
     IF ticket IS NULL AND cardinality(names) = 1 AND slots > 0 THEN
@@ -33,30 +36,27 @@ BEGIN
     END IF;
     IF d.granted IS NULL THEN
         d := pgslots._admit(names, slots, NULL, NULL, strict, ticket, queue_client, true, NULL, NULL,
-                            coalesce(priority, 0), fairness_key, reservation_id);
+                            coalesce(priority, 0), fairness_key, a.reservation_id);
     END IF;
-    granted := d.granted;
-    retry_after := d.retry_after;
-    missing := d.missing;
-    blocked_by := d.blocked_by;
-    waiter := d.waiter;
+    a := (d.granted, d.retry_after, d.missing, d.blocked_by, d.waiter, a.reservation_id)::pgslots.reserved;
     -- A reservation that counted on no limit (its names have none, or none is active) has nothing
     -- to settle: nothing is stored, and reservation_id is NULL.
-    IF reserving AND granted AND cardinality(d.lease_limits) > 0 THEN
+    IF reserving AND a.granted AND cardinality(d.lease_limits) > 0 THEN
         IF at IS NULL THEN
             SELECT * INTO cfg FROM pgslots.settings;
             at := pgslots._clock(cfg.clock_offset);
         END IF;
         INSERT INTO pgslots.reservations (id, limit_ids, slots, reserved_at, expires_at, owner, held, held_at, shard)
-        VALUES (reservation_id, d.lease_limits, slots, at, at + make_interval(secs => cfg.reservation_seconds), session_user,
+        VALUES (a.reservation_id, d.lease_limits, slots, at, at + make_interval(secs => cfg.reservation_seconds), session_user,
                 array_fill(slots::float8, ARRAY[cardinality(d.lease_limits)]), at, pg_backend_pid() % 16);
-        PERFORM pgslots._count_reservation(reservation_id, at, cfg);
+        PERFORM pgslots._count_reservation(a.reservation_id, at, cfg);
     ELSE
-        reservation_id := NULL;
+        a.reservation_id := NULL;
     END IF;
     IF prior IS NOT NULL THEN
         PERFORM pgslots._unbound_waits(prior);
     END IF;
+    RETURN a;
 END
 $$;
 
@@ -68,18 +68,18 @@ CREATE FUNCTION pgslots.rate_limit(
     queue_client uuid DEFAULT NULL,
     wait_seconds float8 DEFAULT NULL,
     priority integer DEFAULT 0,
-    fairness_key text DEFAULT NULL,
-    OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
-    OUT waiter bigint)
+    fairness_key text DEFAULT NULL)
+RETURNS pgslots.rated
 LANGUAGE plpgsql   -- not sql: PL/pgSQL keeps its plan across calls
 SET search_path = pg_catalog, pgslots, pg_temp
 SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
 SET jit = off
 AS $$
+DECLARE
+    r pgslots.reserved := pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority,
+                                        fairness_key, false);
 BEGIN
-    SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter
-    INTO granted, retry_after, missing, blocked_by, waiter
-    FROM pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority, fairness_key, false) r;
+    RETURN (r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter)::pgslots.rated;
 END
 $$;
 COMMENT ON FUNCTION pgslots.rate_limit(text[], integer, boolean, bigint, uuid, float8, integer, text) IS
@@ -97,18 +97,15 @@ CREATE FUNCTION pgslots.reserve(
     queue_client uuid DEFAULT NULL,
     wait_seconds float8 DEFAULT NULL,
     priority integer DEFAULT 0,
-    fairness_key text DEFAULT NULL,
-    OUT granted boolean, OUT retry_after float8, OUT missing text[], OUT blocked_by text[],
-    OUT waiter bigint, OUT reservation_id uuid)
+    fairness_key text DEFAULT NULL)
+RETURNS pgslots.reserved
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgslots, pg_temp
 SET enable_seqscan = off   -- keyed lookups whatever the statistics say: see the top of 30_slots.sql
 SET jit = off
 AS $$
 BEGIN
-    SELECT r.granted, r.retry_after, r.missing, r.blocked_by, r.waiter, r.reservation_id
-    INTO granted, retry_after, missing, blocked_by, waiter, reservation_id
-    FROM pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority, fairness_key, true) r;
+    RETURN pgslots._rate(names, slots, strict, ticket, queue_client, wait_seconds, priority, fairness_key, true);
 END
 $$;
 COMMENT ON FUNCTION pgslots.reserve(text[], integer, boolean, bigint, uuid, float8, integer, text) IS

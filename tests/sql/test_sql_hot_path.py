@@ -1,6 +1,7 @@
-"""SQL API: the shape of an uncontended acquire. It answers a declared row type (migration 0020),
-and grants on a limit nobody waits on without calling another PL/pgSQL function; with waiters, it
-takes stage 1's second statement (in _fast_grant) and still never overtakes them."""
+"""SQL API: the shape of an uncontended acquire. It answers a declared row type (migration 0020;
+rate_limit and reserve too, 0021), and grants on a limit nobody waits on without calling another
+PL/pgSQL function; with waiters, it takes stage 1's second statement (in _fast_grant) and still
+never overtakes them."""
 
 from __future__ import annotations
 
@@ -43,15 +44,34 @@ def _pl_calls(conn: Conn, call: str, params: Any) -> tuple[dict[str, Any], dict[
     return answer, {name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
 
 
-def test_acquire_answers_the_declared_row_type_with_its_nine_columns(fresh_dsn: str) -> None:
+RATED = [ANSWER[0], *ANSWER[4:8]]  # rate_limit's answer; reserve's adds reservation_id
+
+
+def _declared(conn: Conn, function: str) -> tuple[str, list[tuple[str, str]]]:
+    """The result type a function of the schema answers, and that type's columns."""
+    result = one(conn, "SELECT pg_get_function_result(%s::regproc) AS r", [f"pgslots.{function}"])["r"]
+    columns = rows(
+        conn,
+        "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type FROM pg_attribute a"
+        " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        [result],
+    )
+    return result, [(r["name"], r["type"]) for r in columns]
+
+
+def test_acquire_rate_limit_and_reserve_answer_declared_row_types(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
-        assert one(conn, "SELECT pg_get_function_result('pgslots.acquire'::regproc) AS r")["r"] == "pgslots.acquired"
-        declared = rows(
-            conn,
-            "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type FROM pg_attribute a"
-            " WHERE a.attrelid = 'pgslots.acquired'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        )
-        assert [(r["name"], r["type"]) for r in declared] == ANSWER
+        assert _declared(conn, "acquire") == ("pgslots.acquired", ANSWER)
+        assert _declared(conn, "rate_limit") == ("pgslots.rated", RATED)
+        assert _declared(conn, "reserve") == ("pgslots.reserved", [*RATED, ("reservation_id", "uuid")])
+        create(conn, "calls", 2, decay=1)
+        rated = one(conn, "SELECT * FROM pgslots.rate_limit('{calls}')")
+        assert list(rated) == [name for name, _ in RATED] and rated["granted"] is True and rated["missing"] == []
+        reserved = one(conn, "SELECT * FROM pgslots.reserve('{calls}', 1)")
+        assert reserved["granted"] is True and reserved["reservation_id"] is not None
+        assert one(conn, "SELECT pgslots.settle(%s, 0) AS s", [reserved["reservation_id"]])["s"] is True
+        refused = one(conn, "SELECT * FROM pgslots.reserve('{calls}', 2)")
+        assert refused["granted"] is False and refused["reservation_id"] is None and refused["retry_after"] > 0
         create(conn, "shape", 1)
         cur = conn.execute("SELECT * FROM pgslots.acquire('{shape}', session => %s)", [uuid.uuid4()])
         assert cur.description is not None
