@@ -46,9 +46,10 @@ _PREPARE = (
 # Objects a migration or a code file creates resolve names against this path, whatever the session's.
 _PIN_SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pgslots, pg_temp"
 
-# Drops every trigger, view and function of the schema. Objects that others depend on go in a later pass;
-# an object outside the schema that depends on one (a view of yours over pgslots.status, say)
-# stops the migration with PostgreSQL's own message naming it, rather than being dropped with it.
+# Drops every trigger, view and routine (function, procedure, aggregate) of the schema. Objects that
+# others depend on go in a later pass; an object outside the schema that depends on one (a view of
+# yours over pgslots.status, say) stops the migration with PostgreSQL's own message naming it,
+# rather than being dropped with it.
 _DROP_CODE = """
 DO $drop$
 DECLARE
@@ -71,7 +72,7 @@ BEGIN
                  FROM pg_catalog.pg_class c
                  WHERE c.relnamespace = 'pgslots'::regnamespace AND c.relkind = 'v'
                  UNION ALL
-                 SELECT format('DROP FUNCTION %s', p.oid::regprocedure)
+                 SELECT format('DROP ROUTINE %s', p.oid::regprocedure)   -- a function, a procedure or an aggregate
                  FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pgslots'::regnamespace LOOP
             BEGIN
                 EXECUTE o.stmt;

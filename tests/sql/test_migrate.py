@@ -167,6 +167,8 @@ def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
         triggers = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgslots.limits'::regclass AND NOT tgisinternal"
         assert conn.execute(triggers).fetchall() == [("limits_rules",)]
         conn.execute("CREATE FUNCTION pgslots.leftover() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        # A procedure is a routine DROP FUNCTION refuses: it once stopped the migration.
+        conn.execute("CREATE PROCEDURE pgslots.leftover_loop(n int) LANGUAGE sql AS 'SELECT 1'")
     todo = pgslots.migration_plan(fresh_dsn)
     assert not todo.migrations and todo.changed_code == ("functions/30_slots.sql",)
     assert "CREATE FUNCTION pgslots.release" in todo.script()
@@ -174,6 +176,7 @@ def test_changed_functions_are_reapplied_and_reported(fresh_dsn: str) -> None:
     assert pgslots.migration_plan(fresh_dsn).up_to_date
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT to_regproc('pgslots.leftover')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regproc('pgslots.leftover_loop')").fetchone() == (None,)
         # The trigger that runs a pgslots function is dropped and created again with it.
         assert conn.execute(triggers).fetchall() == [("limits_rules",)]
         definer = conn.execute("SELECT prosecdef FROM pg_proc WHERE oid = 'pgslots.release'::regproc").fetchone()
